@@ -1,33 +1,222 @@
-"""Evaluate an SAE checkpoint the way §4 of the paper does.
+"""Evaluate any checkpoint the way §4 of the paper does.
 
-Held-out documents only (model.py holds out every 10th document of any dataset).
+    python evaluate.py out/L15R-8x-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
+    python evaluate.py out/L15R-8x-TopK-JumpReLU.safetensors --mode topk   # §C: does folding hurt?
+
+Everything comes from the file: model, layer, site, normalization, the massive-activation limit. Only
+held-out documents are read (model.py: every 10th document of any dataset). Reported:
+- L0; explained variance, eq. 6 (`explained_variance` = 1 - sum ||x - x_hat||^2 / sum ||x||^2 over all
+  tokens) and the variance-based one peers use (`explained_variance_centered`, denominator
+  sum ||x - mean x||^2); `mse` per element in the SAE's normalized training space;
+- CE loss clean, with the reconstruction spliced in at the site (TC: in place of the MLP output), their
+  difference `delta_lm_loss`, and with the site zero-ablated, for scale (§4.1). Special tokens and
+  massive-activation tokens keep their original activation and their predictions are not scored;
+- firing frequencies (§4.4): `dead_frac` never fires, `ultra_active_frac` fires on > 10% of tokens.
 """
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
 import torch
+import torch.nn.functional as F
+
+import model
+from sae import load_checkpoint
+
+KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
+        "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "dead_frac", "ultra_active_frac"]
+
+
+class Metrics:
+    """Running sums over evaluated rows, in the SAE's normalized space (EV is scale-free anyway)."""
+
+    def __init__(self, sae):
+        self.sae, self.n, self.err, self.sq = sae, 0, 0.0, 0.0
+        self.sum_y = torch.zeros(sae.d_model, dtype=torch.float64)
+        self.counts = torch.zeros(sae.n_features, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, x_in, x_out, s_out):
+        """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space."""
+        sae, d = self.sae, self.sae.d_model
+        x_hat = reconstruct(sae, x_in, self.counts)
+        err, y = (x_hat - x_out.to(x_hat.dtype)).double() * s_out, x_out.double() * s_out
+        self.err += err.pow(2).sum().item()
+        self.sq += y.pow(2).sum().item()
+        self.sum_y += y.sum(0).cpu()
+        self.n += len(y)
+
+    def result(self):
+        freq = self.counts / max(self.n, 1)
+        centred = self.sq - self.sum_y.pow(2).sum().item() / self.n
+        return {"n_tokens": self.n, "l0": freq.sum().item(), "mse": self.err / (self.n * self.sae.d_model),
+                "explained_variance": 1 - self.err / self.sq,
+                "explained_variance_centered": 1 - self.err / centred,
+                "dead_frac": (freq == 0).double().mean().item(),
+                "ultra_active_frac": (freq > 0.1).double().mean().item(), "freq": freq}
+
+
+def reconstruct(sae, x_in, counts=None):
+    """Raw x_in (N, D) -> raw x_hat (N, D); adds each feature's firing count to counts (F,)."""
+    s_in, s_out = sae.scales()
+    x_hat, f = sae(x_in.to(sae.W_enc.dtype) * s_in)
+    if counts is not None:
+        if isinstance(f, tuple):
+            vals, idx = f
+            counts += torch.bincount(idx[vals > 0], minlength=sae.n_features).double().cpu()
+        else:
+            counts += (f > 0).double().sum(0).cpu()
+    return x_hat / s_out
+
+
+def reconstruction_metrics(sae, rows, chunk=4096):
+    """Metrics from raw rows (N, D), or (N, 2D) = input | target for a transcoder."""
+    m, d = Metrics(sae), sae.d_model
+    s_out = math.sqrt(d) / sae.norm_out.item()
+    for r in rows.split(chunk):
+        m.add(r[:, :d], r[:, -d:], s_out)
+    out = m.result()
+    del out["freq"]
+    return out
+
+
+def _keep(input_ids, mask, specials, x_in, x_out, limit):
+    """(B, T) bool: positions whose activation the SAE replaces (and whose prediction is scored)."""
+    keep = mask.bool() & ~torch.isin(input_ids, specials)
+    if limit is not None:
+        keep &= (x_in.float().norm(dim=-1) <= limit[0]) & (x_out.float().norm(dim=-1) <= limit[1])
+    return keep
+
+
+def _ce(logits, input_ids, mask, scored):
+    """Summed CE of predicting token t+1 at the scored positions t, and their count."""
+    ok = scored[:, :-1] & mask[:, 1:].bool()
+    ce = F.cross_entropy(logits[:, :-1][ok].float(), input_ids[:, 1:][ok], reduction="sum")
+    return ce.item(), ok.sum().item()
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae, rows, chunk=4096):
-    """L0, EV (eq. 6: 1 - sum ||x - x_hat||^2 / sum ||x||^2 over all tokens), the variance-based EV,
-    MSE in the SAE's normalized space, and firing frequencies, from raw rows (N, D) or (N, 2D)."""
-    d = sae.d_model
-    s_in, s_out = sae.scales()
-    err = sq = l0 = 0.0
-    n, sum_y = 0, torch.zeros(d, dtype=torch.float64)
-    counts = torch.zeros(sae.n_features, dtype=torch.float64)
-    for rows_c in rows.split(chunk):
-        x = rows_c[:, :d].to(sae.W_enc.dtype) * s_in
-        y = rows_c[:, -d:].to(sae.W_enc.dtype) * s_out
-        x_hat, f = sae(x)
-        active = torch.zeros(len(x), sae.n_features, device=x.device).scatter_(
-            1, f[1], (f[0] > 0).float()) if isinstance(f, tuple) else (f > 0).float()
-        err += (x_hat - y).double().pow(2).sum().item()
-        sq += y.double().pow(2).sum().item()
-        sum_y += y.double().sum(0).cpu()
-        counts += active.double().sum(0).cpu()
-        n += len(x)
-    freq = counts / n
-    return {"n_tokens": n, "l0": freq.sum().item(), "mse": err / (n * d),
-            "explained_variance": 1 - err / sq,
-            "explained_variance_centered": 1 - err / (sq - sum_y.pow(2).sum().item() / n),
-            "dead_frac": (freq == 0).double().mean().item(),
-            "ultra_active_frac": (freq > 0.1).double().mean().item()}
+def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8):
+    """One held-out pass: each batch runs the LM clean (capturing the site), with the SAE spliced
+    in, and with the site zero-ablated. Returns (metrics dict, firing frequencies (F,))."""
+    layer, site, d = config["layer"], config["site"], sae.d_model
+    limit = config.get("outlier_norm_limit")
+    device = next(lm.parameters()).device
+    specials = torch.tensor(model.special_ids(tok), device=device)
+    docs = model.iter_documents(dataset, "eval", epochs=1)
+    metrics = Metrics(sae)
+    s_out = math.sqrt(d) / config["dataset_average_activation_norm"]["out"]
+    ce = {"ce_loss": [0.0, 0], "ce_loss_with_sae": [0.0, 0], "ce_loss_ablated": [0.0, 0]}
+    for input_ids, mask in model.token_batches(tok, docs, config["context_size"], lm_batch_size):
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        seen = {}
+
+        def clean(x_in, x_out):
+            seen["keep"] = _keep(input_ids, mask, specials, x_in, x_out, limit)
+            seen["x"] = x_in[seen["keep"]], x_out[seen["keep"]]
+            return x_out
+
+        def spliced(x_in, x_out):
+            x_hat = reconstruct(sae, x_in.flatten(0, 1)).view_as(x_out)
+            return torch.where(seen["keep"][..., None], x_hat.to(x_out.dtype), x_out)
+
+        def ablated(x_in, x_out):
+            return torch.where(seen["keep"][..., None], torch.zeros_like(x_out), x_out)
+        for name, fn in zip(ce, (clean, spliced, ablated)):
+            with model.splice(lm, layer, site, fn):
+                logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            total, count = _ce(logits, input_ids, mask, seen["keep"])
+            ce[name][0] += total
+            ce[name][1] += count
+        metrics.add(*seen["x"], s_out)
+        if metrics.n >= n_tokens:
+            break
+    out = metrics.result()
+    out.update({name: total / max(count, 1) for name, (total, count) in ce.items()})
+    out["delta_lm_loss"] = out["ce_loss_with_sae"] - out["ce_loss"]
+    return out
+
+
+def plot_firing(freq, path, title):
+    """The paper's Fig. 4: histogram of log10 firing frequency; never-firing features counted apart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fired = freq[freq > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(torch.log10(fired).numpy(), bins=60)
+    ax.axvline(-1, color="r", ls="--", lw=1, label="10% (ultra-active)")
+    ax.set(xlabel="log10 firing frequency", ylabel="features",
+           title=f"{title}: {int((freq == 0).sum())} of {len(freq)} never fire")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate an SAE checkpoint (§4)")
+    p.add_argument("checkpoint", help="a train.py or postprocess.py checkpoint (.safetensors)")
+    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--tokens", type=int, default=10_000, help="held-out tokens to evaluate")
+    p.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
+                   help="inference of a folded TopK SAE (default: what the file says)")
+    p.add_argument("--activations", default=None,
+                   help="evaluate on a safetensors file of `activations` [+ `targets`] (no CE)")
+    p.add_argument("--plot", default=None, help="folder for the firing-frequency histogram PNG")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        die(f"checkpoint {args.checkpoint}: no such file")
+    sae, config = load_checkpoint(args.checkpoint, args.device)
+    if args.mode == "jumprelu" and sae.threshold is None:
+        die(f"--mode jumprelu needs a post-processed checkpoint (postprocess.py), got act_fn "
+            f"{config['act_fn']}")
+    if args.mode:
+        sae.act = args.mode
+    name = os.path.basename(args.checkpoint).removesuffix(".safetensors")
+    t0 = time.time()
+    if args.activations:
+        from buffer import load_activations
+        x, y = load_activations(args.activations)
+        rows = x[:args.tokens] if y is None else torch.cat([x, y], -1)[:args.tokens]
+        m = Metrics(sae)
+        for r in rows.split(4096):
+            m.add(r[:, :sae.d_model], r[:, -sae.d_model:],
+                  math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"])
+        out = m.result()
+    else:
+        if not config.get("model_name"):
+            die("this SAE was trained on --activations: evaluate it with --activations FILE")
+        lm, tok = model.load_model(config["model_name"], args.device)
+        out = lm_metrics(lm, tok, sae.to(args.device), config, args.tokens,
+                         args.dataset or config["dataset_path"])
+    freq = out.pop("freq")
+    out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint)
+    print(f"{name} ({sae.act}, {out['n_tokens']:,} held-out tokens, {out['time_s']:.0f}s)")
+    for key in KEYS:
+        if key in out:
+            print(f"  {key:<28} {out[key]:.4f}" if isinstance(out[key], float) else
+                  f"  {key:<28} {out[key]}")
+    if args.plot:
+        os.makedirs(args.plot, exist_ok=True)
+        path = os.path.join(args.plot, f"{name}-firing.png")
+        plot_firing(freq, path, name)
+        print(f"plotted {path}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -55,10 +55,11 @@ class SAE(torch.nn.Module):
     dataset average norms `norm_in`, `norm_out` (0 until `set_norms_` sees data)."""
 
     def __init__(self, d_model, n_features, act="topk", k=50, transcoder=False,
-                 init_decoder_norm=None, rank_by_decoder_norm=True):
+                 init_decoder_norm=None, rank_by_decoder_norm=True, threshold=None):
         super().__init__()
-        assert act in ("topk", "vanilla")
+        assert act in ("topk", "vanilla", "jumprelu")
         self.d_model, self.n_features, self.act, self.k = d_model, n_features, act, k
+        self.threshold = threshold  # JumpReLU inference (postprocess.py): f_i = h_i if h_i > theta
         self.transcoder, self.rank_by_decoder_norm = transcoder, rank_by_decoder_norm
         self.W_enc = torch.nn.Parameter(torch.empty(n_features, d_model))
         self.b_enc = torch.nn.Parameter(torch.zeros(n_features))
@@ -97,9 +98,12 @@ class SAE(torch.nn.Module):
         return self.W_dec.detach().norm(dim=1)
 
     def encode(self, x, k=None):
-        """(values, indices), each (N, K), for TopK; dense f (N, F) for Vanilla."""
+        """(values, indices), each (N, K), for TopK; dense f (N, F) for Vanilla and JumpReLU."""
         if self.act == "vanilla":
             return F.relu(F.linear(x, self.W_enc, self.b_enc))
+        if self.act == "jumprelu":
+            h = F.linear(x, self.W_enc, self.b_enc)
+            return h * (h > self.threshold)
         return TopKEncode.apply(x, self.W_enc, self.b_enc, self.rank_scale(), k or self.k)
 
     def decode(self, f):
@@ -133,11 +137,11 @@ class SAE(torch.nn.Module):
         out = {"mse": mse.detach(),
                "ev": 1 - (x_hat - y).pow(2).sum().detach() / y.pow(2).sum(),  # eq. 6, batch total
                "fired": active_features(f, self.n_features)}
-        if self.act == "vanilla":
-            l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
-            out["loss"], out["l0"] = mse + l1_coef * l1, (f > 0).float().sum(-1).mean()
-        else:
-            out["loss"], out["l0"] = mse, (f[0] > 0).float().sum(-1).mean()
+        active = (f[0] if isinstance(f, tuple) else f) > 0
+        out["l0"] = active.float().sum(-1).mean()
+        out["loss"] = mse
+        if self.act == "vanilla":  # L1 on f_i * ||W_dec[i]|| (§4.2 baseline)
+            out["loss"] = mse + l1_coef * (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         return out
 
 
@@ -177,9 +181,10 @@ def save_checkpoint(sae, config, path):
                "decoder.weight": sae.W_dec.T, "decoder.bias": sae.b_dec}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     config = dict(config, d_model=sae.d_model, d_sae=sae.n_features, top_k=sae.k,
-                  sparsity_include_decoder_norm=sae.rank_by_decoder_norm,
-                  dataset_average_activation_norm={"in": sae.norm_in.item(),
-                                                   "out": sae.norm_out.item()})
+                  sparsity_include_decoder_norm=sae.rank_by_decoder_norm)
+    if not config.get("folded"):  # a folded SAE keeps the norms it was trained with, for reference
+        config["dataset_average_activation_norm"] = {"in": sae.norm_in.item(),
+                                                     "out": sae.norm_out.item()}
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata={"config": json.dumps(config)})
     with open(tmp, "rb") as f:
@@ -188,18 +193,21 @@ def save_checkpoint(sae, config, path):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(sae, config) from a file written by save_checkpoint."""
+    """(sae, config) from a file written by save_checkpoint. A folded file (postprocess.py) maps
+    raw activations to raw targets: its normalization scales are 1."""
     with safe_open(path, "pt", device=str(device)) as f:
         config = json.loads(f.metadata()["config"])
         t = {k: f.get_tensor(k) for k in f.keys()}
-    sae = SAE(config["d_model"], config["d_sae"], act="vanilla" if config["act_fn"] == "relu"
-              else "topk", k=config["top_k"], transcoder=config["site"] == "TC",
+    act = {"relu": "vanilla", "topk": "topk", "jumprelu": "jumprelu"}[config["act_fn"]]
+    sae = SAE(config["d_model"], config["d_sae"], act=act, k=config["top_k"],
+              transcoder=config["site"] == "TC", threshold=config.get("jump_relu_threshold"),
               rank_by_decoder_norm=config["sparsity_include_decoder_norm"]).to(device)
     with torch.no_grad():
         sae.W_enc.copy_(t["encoder.weight"])
         sae.b_enc.copy_(t["encoder.bias"])
         sae.W_dec.copy_(t["decoder.weight"].T)
         sae.b_dec.copy_(t["decoder.bias"])
-        sae.norm_in.fill_(config["dataset_average_activation_norm"]["in"])
-        sae.norm_out.fill_(config["dataset_average_activation_norm"]["out"])
+        norms = config["dataset_average_activation_norm"]
+        sae.norm_in.fill_(math.sqrt(sae.d_model) if config.get("folded") else norms["in"])
+        sae.norm_out.fill_(math.sqrt(sae.d_model) if config.get("folded") else norms["out"])
     return sae, config

@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import buffer
+import evaluate
 import model
+import postprocess
 import sae as sae_lib
 from sae import SAE, k_at, lr_at
 
@@ -258,13 +260,20 @@ def planted(tmp_path, n=60_000, d=64, n_true=128, active=3, seed=0):
     return path, dirs
 
 
-def test_training_recovers_planted_features(tmp_path):
-    path, dirs = planted(tmp_path)
+@pytest.fixture(scope="module")
+def planted_sae(tmp_path_factory):
+    """An SAE trained by train.py --activations on planted features: (checkpoint, directions)."""
+    tmp = tmp_path_factory.mktemp("planted")
+    path, dirs = planted(tmp)
     code, out, err = run_train("--activations", path, "--expansion", "8", "--k", "3",
                                "--total-tokens", "800000", "--buffer-size", "16384",
-                               "--batch-size", "1024", "--lr", "3e-3", "--out", str(tmp_path))
+                               "--batch-size", "1024", "--lr", "3e-3", "--out", str(tmp))
     assert code == 0, err
-    ckpt = out.strip().splitlines()[-1].removeprefix("saved ")
+    return out.strip().splitlines()[-1].removeprefix("saved "), dirs, path
+
+
+def test_training_recovers_planted_features(planted_sae):
+    ckpt, dirs, _ = planted_sae
     sae, config = sae_lib.load_checkpoint(ckpt)
     cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ dirs.T  # (F, n_true)
     recovered = (cos.max(dim=0).values > 0.9).float().mean().item()
@@ -329,3 +338,100 @@ def test_embedded_train_cli_writes_a_self_describing_checkpoint(site, tmp_path):
     assert config["d_model"] == 576 and config["d_sae"] == 1152 and config["n_training_tokens"] == 4096
     assert config["dataset_average_activation_norm"]["in"] > 0 and config["heldout"]["n_tokens"] > 0
     assert json.loads(json.dumps(config["train_args"]))["site"] == [site]
+
+
+# ----------------------------------------------------------------------------- postprocess.py
+
+def trained_like(transcoder, seed=0):
+    """A float64 SAE with uneven decoder norms, biases and S_in != S_out, plus raw data (N, D) x 2."""
+    torch.manual_seed(seed)
+    sae = SAE(32, 256, k=8, transcoder=transcoder).double()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(256, 1, dtype=torch.float64) * 2 + 0.1)
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+    x = torch.randn(400, 32, dtype=torch.float64) * 40 + 5
+    y = torch.randn(400, 32, dtype=torch.float64) * 3 if transcoder else x
+    sae.set_norms_(x, y)
+    return sae, x, y
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_folding_is_exact(transcoder):
+    sae, x, y = trained_like(transcoder)
+    s_in, s_out = sae.scales()
+    assert transcoder == (abs(s_in - s_out) > 1e-3)
+    before = sae(x * s_in)[0] / s_out  # the trained SAE's raw-space reconstruction
+    postprocess.fold_norm_(sae)
+    postprocess.unit_decoder_(sae)
+    after = sae(x)[0]  # the folded SAE on raw inputs
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256, dtype=torch.float64))
+
+
+def test_jumprelu_threshold_gives_k_per_token_exactly():
+    sae, x, _ = trained_like(False)
+    postprocess.postprocess(sae, {"act_fn": "topk"}, x)
+    assert sae.act == "jumprelu" and sae.threshold > 0
+    l0 = (sae.encode(x) > 0).float().sum(1).mean().item()
+    assert l0 == pytest.approx(8, abs=1e-9)
+
+
+def test_jumprelu_matches_topk_on_training_like_data(planted_sae, tmp_path):
+    ckpt, dirs, acts = planted_sae
+    out = str(tmp_path / "folded.safetensors")
+    postprocess.main([ckpt, "--out", out, "--activations", acts, "--tokens", "20000"])
+    held_path = str(tmp_path / "held.safetensors")
+    g = torch.Generator().manual_seed(7)  # fresh rows on the SAME planted directions
+    idx = torch.rand(20_000, 128, generator=g).argsort(dim=1)[:, :3]
+    coef = torch.zeros(20_000, 128).scatter_(1, idx, 0.5 + torch.rand(20_000, 3, generator=g))
+    save_file({"activations": coef @ dirs}, held_path)
+    jump = evaluate.main([out, "--activations", held_path, "--mode", "jumprelu"])
+    topk = evaluate.main([out, "--activations", held_path, "--mode", "topk"])
+    raw = evaluate.main([ckpt, "--activations", held_path])
+    assert abs(jump["l0"] - 3) <= 0.3, jump["l0"]  # within 10% of K
+    assert abs(jump["explained_variance"] - topk["explained_variance"]) <= 0.02
+    assert topk["explained_variance"] == pytest.approx(raw["explained_variance"], abs=1e-5)
+
+
+def test_postprocess_never_overwrites_its_input(planted_sae, tmp_path):
+    ckpt, _, acts = planted_sae
+    p = subprocess.run([sys.executable, "postprocess.py", ckpt, "--out", ckpt, "--activations",
+                        acts], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 2 and "would overwrite the input" in p.stderr
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+@pytest.fixture(scope="module")
+def embedded_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("embedded")
+    code, out, err = run_train("--layer", "3", "--site", "R", "--expansion", "2",
+                               "--total-tokens", "8192", "--buffer-size", "4096",
+                               "--batch-size", "1024", "--eval-tokens", "1000", "--out", str(tmp))
+    assert code == 0, err
+    return out.strip().splitlines()[-1].removeprefix("saved ")
+
+
+def test_identity_splice_has_zero_delta_lm_loss(smollm, monkeypatch):
+    lm, tok = smollm
+    sae = SAE(576, 1152)
+    sae.set_norms_(torch.ones(1, 576), torch.ones(1, 576))
+    monkeypatch.setattr(evaluate, "reconstruct", lambda sae, x_in, counts=None: x_in)
+    config = {"layer": 5, "site": "R", "context_size": 1024, "outlier_norm_limit": None,
+              "dataset_average_activation_norm": {"in": 1.0, "out": 1.0}}
+    m = evaluate.lm_metrics(lm, tok, sae, config, 200, model.EMBEDDED_DATASET)
+    assert m["ce_loss_with_sae"] == pytest.approx(m["ce_loss"], abs=1e-6)
+    assert m["ce_loss_ablated"] > m["ce_loss"] + 1
+
+
+def test_evaluate_cli_reports_every_key(embedded_ckpt, tmp_path):
+    path = str(tmp_path / "m.json")
+    p = subprocess.run([sys.executable, "evaluate.py", embedded_ckpt, "--tokens", "300", "--json",
+                        path], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    m = json.load(open(path))
+    assert set(evaluate.KEYS) <= set(m) and m["n_tokens"] >= 300
+    assert m["ce_loss_ablated"] > m["ce_loss_with_sae"] > m["ce_loss"] > 0
+    assert m["delta_lm_loss"] == pytest.approx(m["ce_loss_with_sae"] - m["ce_loss"])
+    assert 0 < m["explained_variance"] < 1 and m["l0"] == pytest.approx(50, abs=1e-6)

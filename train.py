@@ -291,7 +291,7 @@ def train(args):
         layer, site = run.key
         hook_in, hook_out = model.hook_names(layer, site)
         config = dict(
-            model_name=args.model, layer=layer, site=site, hook_point_in=hook_in,
+            model_name=None if args.activations else args.model, layer=layer, site=site, hook_point_in=hook_in,
             hook_point_out=hook_out, expansion_factor=run.sae.n_features / d_model,
             act_fn="topk" if args.act == "topk" else "relu", k_warmup_steps=sched["anneal"],
             init_decoder_norm=args.init_decoder_norm or math.sqrt(2 * d_model / run.sae.n_features),
