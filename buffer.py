@@ -10,6 +10,7 @@ The producer is any iterator of (n, C) tensors (n may vary, C fixed): the LM (mo
 activations (App. A.3, `file_producer`). This file never imports model.py.
 """
 import collections
+import sys
 
 import torch
 from safetensors import safe_open
@@ -80,22 +81,41 @@ class ActivationBuffer:
         while (batch := self.next_batch()) is not None:
             yield batch
 
+    def state_dict(self):
+        """Everything needed to continue exactly: rows, read pointer, pending rows, RNG state."""
+        pending = torch.cat(self.pending) if self.pending else self.data[:0]
+        return {"data": self.data, "pending": pending, "generator": self.generator.get_state(),
+                "read": self.read, "remaining": self.remaining, "exhausted": self.exhausted}
 
-def fan_out(producer, keys):
-    """{key: iterator of rows} over one producer of {key: rows} dicts, so that one LM forward feeds
-    the buffers of every hooked site. Each key queues what it has not consumed yet."""
-    producer, queues = iter(producer), {key: collections.deque() for key in keys}
+    def load_state_dict(self, state):
+        self.data, self.read = state["data"].to(self.device), state["read"]
+        self.pending = [state["pending"].to(self.device)] if len(state["pending"]) else []
+        self.generator.set_state(state["generator"])
+        self.remaining, self.exhausted = state["remaining"], state["exhausted"]
 
-    def rows(key):
+
+class FanOut:
+    """One iterator per key over a producer of {key: rows} dicts, so that one LM forward feeds the
+    buffers of every hooked site. Each key queues what it has not consumed yet; `made` counts the
+    producer's items, which is all a resumed run needs to skip to the same place."""
+
+    def __init__(self, producer, keys, made=0):
+        self.producer, self.made = iter(producer), made
+        self.queues = {key: collections.deque() for key in keys}
+
+    def rows(self, key):
         while True:
-            if not queues[key]:
-                made = next(producer, None)
-                if made is None:
+            if not self.queues[key]:
+                out = next(self.producer, None)
+                if out is None:
                     return
-                for k in keys:
-                    queues[k].append(made[k])
-            yield queues[key].popleft()
-    return {key: rows(key) for key in keys}
+                self.made += 1
+                for k, q in self.queues.items():
+                    q.append(out[k])
+            yield self.queues[key].popleft()
+
+    def __getitem__(self, key):
+        return self.rows(key)
 
 
 def keep_rows(rows, max_norm, d_model):
@@ -110,17 +130,25 @@ def keep_rows(rows, max_norm, d_model):
     return rows[ok]
 
 
+def _bad(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load_activations(path):
     """(x, target) from a safetensors file with `activations` (N, D) and optional `targets` (N, D)."""
-    with safe_open(path, "pt") as f:
-        keys = set(f.keys())
-        if "activations" not in keys:
-            raise SystemExit(f"error: {path}: no tensor named 'activations' (found: {sorted(keys)})")
-        x = f.get_tensor("activations")
-        y = f.get_tensor("targets") if "targets" in keys else None
-    if x.ndim != 2 or (y is not None and y.shape != x.shape):
-        raise SystemExit(f"error: {path}: need activations (N, D) and targets of the same shape, "
-                         f"got {tuple(x.shape)} and {None if y is None else tuple(y.shape)}")
+    try:
+        with safe_open(path, "pt") as f:
+            keys = set(f.keys())
+            x = f.get_tensor("activations") if "activations" in keys else None
+            y = f.get_tensor("targets") if "targets" in keys else None
+    except Exception as e:
+        _bad(f"--activations {path}: not a readable safetensors file ({type(e).__name__})")
+    if x is None:
+        _bad(f"--activations {path}: no tensor named `activations` (found: {sorted(keys)})")
+    if x.ndim != 2 or len(x) == 0 or (y is not None and y.shape != x.shape):
+        _bad(f"--activations {path}: need `activations` (N, D) with N > 0 and `targets` of the same "
+             f"shape, got {tuple(x.shape)} and {None if y is None else tuple(y.shape)}")
     return x, y
 
 

@@ -175,8 +175,6 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="folder for the firing-frequency histogram PNG")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        die(f"checkpoint {args.checkpoint}: no such file")
     sae, config = load_checkpoint(args.checkpoint, args.device)
     if args.mode == "jumprelu" and sae.threshold is None:
         die(f"--mode jumprelu needs a post-processed checkpoint (postprocess.py), got act_fn "
@@ -197,6 +195,10 @@ def main(argv=None):
     else:
         if not config.get("model_name"):
             die("this SAE was trained on --activations: evaluate it with --activations FILE")
+        width = model.load_config(config["model_name"])["hidden_size"]
+        if width != config["d_model"]:
+            die(f"checkpoint d_model {config['d_model']} does not match {config['model_name']} "
+                f"(hidden size {width})")
         lm, tok = model.load_model(config["model_name"], args.device)
         out = lm_metrics(lm, tok, sae.to(args.device), config, args.tokens,
                          args.dataset or config["dataset_path"])

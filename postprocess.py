@@ -60,13 +60,13 @@ def training_rows(config, n_tokens, lm_batch_size=16):
     """n_tokens rows of the SAE's input from the documents it was trained on (train split), with the
     same special-token and massive-activation rules as training."""
     import model
-    from buffer import fan_out, keep_rows
+    from buffer import FanOut, keep_rows
     lm, tok = model.load_model(config["model_name"])
     key = (config["layer"], config["site"])
     docs = model.iter_documents(config["dataset_path"], "train", epochs=1)
     batches = model.token_batches(tok, docs, config["context_size"], lm_batch_size)
     rows, have = [], 0
-    for r in fan_out(model.activation_producer(lm, tok, [key], batches), [key])[key]:
+    for r in FanOut(model.activation_producer(lm, tok, [key], batches), [key])[key]:
         rows.append(keep_rows(r, config.get("outlier_norm_limit"), config["d_model"]))
         have += len(rows[-1])
         if have >= n_tokens:
@@ -95,9 +95,6 @@ def main(argv=None):
     p.add_argument("--activations", default=None,
                    help="fit theta on a safetensors file of `activations` instead of LM tokens")
     args = p.parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        print(f"error: checkpoint {args.checkpoint}: no such file", file=sys.stderr)
-        sys.exit(2)
     sae, config = load_checkpoint(args.checkpoint)
     if config.get("folded"):
         print(f"error: {args.checkpoint} is already post-processed", file=sys.stderr)

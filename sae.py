@@ -6,6 +6,7 @@ files in train.py. Shapes: N rows, D model width, F features, K active features.
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,17 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals, grad_idx):
         x, idx, vals = ctx.saved_tensors
-        N, K = idx.shape
-        g = (grad_vals * (vals > 0)).flatten()  # (N*K,) ReLU'; zero entries stay in the pattern
-        feats = idx.flatten()
-        rows = torch.arange(N, device=x.device).repeat_interleave(K)
-        sparse = torch.sparse_coo_tensor(torch.stack([feats, rows]), g.float(), (ctx.n_features, N),
-                                         check_invariants=False)  # (F, N), N*K entries
-        grad_W = torch.sparse.mm(sparse, x.float()).to(x.dtype)  # (F, D): K terms per row, in fp32
-        grad_b = torch.zeros(ctx.n_features, device=x.device, dtype=g.dtype).index_add_(0, feats, g)
+        g = grad_vals * (vals > 0)  # (N, K): ReLU'
+        # grad W_enc[i] = sum of g_nk x_n over the (n, k) where feature i is active: the same form as
+        # the gradient embedding_bag gives its weight, so its fused CPU/GPU kernel computes it
+        # (about 2x faster than a sparse COO matmul here); x takes the place of the output gradient.
+        with torch.enable_grad():
+            W = torch.zeros(ctx.n_features, x.shape[1], device=x.device, dtype=x.dtype,
+                            requires_grad=True)
+            out = F.embedding_bag(idx, W, per_sample_weights=g, mode="sum")
+            grad_W, = torch.autograd.grad(out, W, grad_outputs=x)  # (F, D)
+        grad_b = torch.zeros(ctx.n_features, device=x.device, dtype=g.dtype)
+        grad_b.index_add_(0, idx.flatten(), g.flatten())  # (F,)
         return None, grad_W, grad_b, None, None
 
 
@@ -192,12 +196,46 @@ def save_checkpoint(sae, config, path):
     os.replace(tmp, path)
 
 
+def bad_input(msg):
+    """One line on stderr and exit code 2: the scripts' answer to a bad file or flag."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def read_checkpoint(path):
+    """(config, tensors) of one of our checkpoints, validated before use. Only safetensors and JSON
+    are read: a checkpoint can never execute code."""
+    if not os.path.isfile(path):
+        bad_input(f"checkpoint {path}: no such file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated, not safetensors at all, unreadable
+        bad_input(f"checkpoint {path}: not a readable safetensors file ({type(e).__name__}: {e})")
+    try:
+        config = json.loads(meta["config"])
+        D, F, norms = config["d_model"], config["d_sae"], config["dataset_average_activation_norm"]
+        ok = (isinstance(D, int) and isinstance(F, int) and D > 0 and F > 0
+              and config["act_fn"] in ("topk", "relu", "jumprelu") and isinstance(config["top_k"], int)
+              and config["site"] in ("R", "A", "M", "TC") and isinstance(config["layer"], int)
+              and all(isinstance(norms[k], (int, float)) and norms[k] > 0 for k in ("in", "out")))
+    except (KeyError, TypeError, ValueError) as e:
+        bad_input(f"checkpoint {path}: not a Llama Scope checkpoint of this project "
+                  f"(metadata `config` missing or incomplete: {type(e).__name__} {e})")
+    want = {"encoder.weight": (F, D), "encoder.bias": (F,), "decoder.weight": (D, F),
+            "decoder.bias": (D,)}
+    shapes = {k: tuple(v.shape) for k, v in t.items()}
+    if not ok or any(shapes.get(k) != v for k, v in want.items()):
+        bad_input(f"checkpoint {path}: tensors {shapes} or config do not match d_model {D}, "
+                  f"d_sae {F}")
+    return config, t
+
+
 def load_checkpoint(path, device="cpu"):
     """(sae, config) from a file written by save_checkpoint. A folded file (postprocess.py) maps
     raw activations to raw targets: its normalization scales are 1."""
-    with safe_open(path, "pt", device=str(device)) as f:
-        config = json.loads(f.metadata()["config"])
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    config, t = read_checkpoint(path)
+    t = {k: v.to(device) for k, v in t.items()}
     act = {"relu": "vanilla", "topk": "topk", "jumprelu": "jumprelu"}[config["act_fn"]]
     sae = SAE(config["d_model"], config["d_sae"], act=act, k=config["top_k"],
               transcoder=config["site"] == "TC", threshold=config.get("jump_relu_threshold"),

@@ -17,6 +17,7 @@ import evaluate
 import model
 import postprocess
 import sae as sae_lib
+import train
 from sae import SAE, k_at, lr_at
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -159,9 +160,9 @@ def test_fan_out_runs_the_producer_once_for_every_key():
         for i in range(3):
             calls.append(i)
             yield {"a": torch.full((2, 1), i), "b": torch.full((3, 1), -i)}
-    streams = buffer.fan_out(producer(), ["a", "b"])
+    streams = buffer.FanOut(producer(), ["a", "b"])
     a, b = list(streams["a"]), list(streams["b"])
-    assert calls == [0, 1, 2] and [x[0, 0].item() for x in a] == [0, 1, 2]
+    assert calls == [0, 1, 2] and [x[0, 0].item() for x in a] == [0, 1, 2] and streams.made == 3
     assert [x.shape[0] for x in b] == [3, 3, 3]
 
 
@@ -435,3 +436,119 @@ def test_evaluate_cli_reports_every_key(embedded_ckpt, tmp_path):
     assert m["ce_loss_ablated"] > m["ce_loss_with_sae"] > m["ce_loss"] > 0
     assert m["delta_lm_loss"] == pytest.approx(m["ce_loss_with_sae"] - m["ce_loss"])
     assert 0 < m["explained_variance"] < 1 and m["l0"] == pytest.approx(50, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- reliability
+
+def one_line_error(capsys, fn, *args):
+    """Run fn(*args) expecting exit code 2 with exactly one line on stderr; return that line."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+BAD_FLAGS = [
+    (["--layer", "30"], "--layer 30 is out of range: smollm2-135m-instruct has 30 layers, allowed 0-29"),
+    (["--site", "R,X"], "--site X is unknown; allowed: R, A, M, TC"),
+    (["--expansion", "0"], "--expansion 0 must be positive"),
+    (["--n-features", "-5"], "--n-features -5 must be positive"),
+    (["--k", "0"], "--k 0 must be at least 1"),
+    (["--k", "4608"], "--k 4608 must be less than the number of features (4608)"),
+    (["--batch-size", "4096", "--buffer-size", "4096"], "--batch-size 4096 must be in 1..2048"),
+    (["--context-size", "100000"], "--context-size 100000 is out of range: allowed 2-8192"),
+    (["--activations", "nope.safetensors"], "--activations nope.safetensors: no such file"),
+    (["--resume", "nope.safetensors"], "--resume nope.safetensors: no such file"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS)
+def test_bad_flags_fail_in_one_line_before_the_model_loads(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    assert message in one_line_error(capsys, train.train, train.get_args(flags))
+
+
+def test_bad_checkpoints_are_rejected_cleanly(tmp_path, capsys):
+    good = str(tmp_path / "good.safetensors")
+    sae = SAE(32, 64)
+    sae.set_norms_(torch.ones(2, 32), torch.ones(2, 32))
+    sae_lib.save_checkpoint(sae, {"site": "R", "layer": 1, "act_fn": "topk",
+                                  "model_name": model.EMBEDDED_MODEL}, good)
+    data = open(good, "rb").read()
+    cases = {"truncated": data[:len(data) // 2], "text": b"hello, not safetensors"}
+    for name, content in cases.items():
+        open(tmp_path / name, "wb").write(content)
+    save_file({"encoder.weight": torch.zeros(64, 32)}, str(tmp_path / "foreign"))
+    config = json.dumps(sae_lib.read_checkpoint(good)[0])
+    save_file({"encoder.weight": torch.zeros(64, 31)}, str(tmp_path / "shapes"),
+              metadata={"config": config})  # our config, but tensors of the wrong shapes
+    expect = {"missing": "no such file", "truncated": "not a readable safetensors file",
+              "text": "not a readable safetensors file", "foreign": "not a Llama Scope checkpoint",
+              "shapes": "do not match d_model 32"}
+    for name, message in expect.items():
+        assert message in one_line_error(capsys, evaluate.main, [str(tmp_path / name)]), name
+        assert message in one_line_error(capsys, postprocess.main, [str(tmp_path / name)]), name
+    # a well-formed checkpoint of the wrong width for its model: refused before the model loads
+    err = one_line_error(capsys, evaluate.main, [good])
+    assert "checkpoint d_model 32 does not match smollm2-135m-instruct (hidden size 576)" in err
+    assert open(good, "rb").read() == data  # nothing on disk was touched
+
+
+def test_bad_data_is_rejected(tmp_path, capsys):
+    save_file({"acts": torch.zeros(10, 8)}, str(tmp_path / "a.safetensors"))
+    err = one_line_error(capsys, train.train, train.get_args(
+        ["--activations", str(tmp_path / "a.safetensors")]))
+    assert "no tensor named `activations` (found: ['acts'])" in err
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    err = one_line_error(capsys, train.train, train.get_args(
+        ["--dataset", str(tmp_path / "empty.txt"), "--layer", "1", "--out", str(tmp_path)]))
+    assert "no text in its train split" in err
+
+
+def test_nan_stops_training_and_names_the_step(tmp_path, capsys):
+    x = torch.randn(8192, 16)
+    x[5000] = float("nan")
+    save_file({"activations": x}, str(tmp_path / "nan.safetensors"))
+    err = one_line_error(capsys, train.train, train.get_args(
+        ["--activations", str(tmp_path / "nan.safetensors"), "--expansion", "4", "--k", "4",
+         "--max-norm-ratio", "0", "--batch-size", "1024", "--buffer-size", "8192",
+         "--total-tokens", "8192", "--out", str(tmp_path)]))
+    assert err.startswith("error: step ") and "NaN" in err
+    assert not os.path.exists(tmp_path / "L15R-4x-TopK.safetensors")
+
+
+RESUMABLE = ["--layer", "1", "--expansion", "2", "--total-tokens", "16384", "--buffer-size", "4096",
+             "--batch-size", "512", "--save-every", "2048", "--eval-tokens", "0"]
+
+
+def tensors(path):
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def test_kill_9_then_resume_ends_bit_identical(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "train.py", *RESUMABLE, "--out", str(a)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+    while not (a / "resume.safetensors").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.kill()  # SIGKILL, mid-run
+    assert proc.wait() == -9, "the run ended before it could be killed"
+    assert not (a / "L1R-2x-TopK.safetensors").exists()
+    assert tensors(str(a / "resume.safetensors"))  # the resume file is complete: it loads
+    code, out, err = run_train(*RESUMABLE, "--out", str(a), "--resume", "auto")
+    assert code == 0 and "resuming at step" in out, err
+    code, out, err = run_train(*RESUMABLE, "--out", str(b))
+    assert code == 0, err
+    ta, tb = tensors(str(a / "L1R-2x-TopK.safetensors")), tensors(str(b / "L1R-2x-TopK.safetensors"))
+    assert all(torch.equal(ta[k], tb[k]) for k in tb)
+    # determinism: the same seed and flags give the same bits
+    code, out, err = run_train(*RESUMABLE, "--out", str(tmp_path / "c"))
+    tc = tensors(str(tmp_path / "c" / "L1R-2x-TopK.safetensors"))
+    assert all(torch.equal(tc[k], tb[k]) for k in tb)
+    # a resume checkpoint refuses a different configuration
+    code, out, err = run_train(*RESUMABLE, "--lr", "1e-3", "--out", str(a), "--resume", "auto")
+    assert code == 2 and "from a different configuration: --lr was 0.0008, now 0.001" in err

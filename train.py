@@ -18,7 +18,10 @@ import time
 import torch
 
 import model
-from buffer import ActivationBuffer, fan_out, file_producer, keep_rows, load_activations
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from buffer import ActivationBuffer, FanOut, file_producer, keep_rows, load_activations
 from sae import SAE, k_at, lr_at, save_checkpoint
 
 PAPER_STEPS = 800_000_000 // 2048  # the released 8x runs: 390,625 steps of 2048 tokens
@@ -84,6 +87,11 @@ def get_args(argv=None):
                    help="LM, buffer and SAE (default: bfloat16 on GPU as in the paper, float32 on CPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="out", help="folder for checkpoints")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="tokens between resumable checkpoints (<out>/resume.safetensors); 0 = off")
+    g.add_argument("--resume", default=None,
+                   help="continue from a resumable checkpoint; `auto` = <out>/resume.safetensors "
+                        "if it exists")
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, default=0, help="steps between log lines; 0 = ~40 lines")
     g.add_argument("--eval-tokens", type=int, default=20_000,
@@ -114,7 +122,7 @@ def check_args(args):
             die(f"--context-size {args.context_size} is out of range: allowed 2-{max_pos}")
     sizes = args.n_features or args.expansion
     if min(sizes) <= 0:
-        die(f"--{'n-features' if args.n_features else 'expansion'} {min(sizes)} must be positive")
+        die(f"--{'n-features' if args.n_features else 'expansion'} {min(sizes):g} must be positive")
     if args.batch_size < 1 or args.batch_size > args.buffer_size // 2:
         die(f"--batch-size {args.batch_size} must be in 1..{args.buffer_size // 2} "
             f"(half of --buffer-size {args.buffer_size})")
@@ -122,6 +130,14 @@ def check_args(args):
         die(f"--total-tokens {args.total_tokens} is less than one batch ({args.batch_size})")
     if args.k < 1:
         die(f"--k {args.k} must be at least 1")
+    if d_model:
+        n_min = min(args.n_features or [round(e * d_model) for e in args.expansion])
+        if args.k >= n_min:
+            die(f"--k {args.k} must be less than the number of features ({n_min})")
+        if args.k_init is not None and not args.k <= args.k_init <= n_min:
+            die(f"--k-init {args.k_init} must be in {args.k}..{n_min}")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        die(f"--resume {args.resume}: no such file (give a path or `auto`)")
     for name in ("decay_frac", "k_anneal_frac"):
         if not 0 <= getattr(args, name) <= 1:
             die(f"--{name.replace('_', '-')} {getattr(args, name)} must be in [0, 1]")
@@ -142,11 +158,13 @@ def run_name(layer, site, n_features, d_model, act):
 
 # ----------------------------------------------------------------------------- data
 
-def lm_producers(args, lm, tok, sites, split="train", epochs=None):
-    """{(layer, site): iterator of (N, C) rows} from one early-stopped LM pass per batch of docs."""
+def lm_producers(args, lm, tok, sites, split="train", epochs=None, skip=0):
+    """FanOut of (N, C) rows per site from one early-stopped LM pass per batch of documents.
+    skip: LM batches already made by the run being resumed (tokenized again, not run)."""
     docs = model.iter_documents(args.dataset, split, seed=args.seed, epochs=epochs)
     batches = model.token_batches(tok, docs, args.context_size, args.lm_batch_size)
-    return fan_out(model.activation_producer(lm, tok, sites, batches), sites)
+    batches = itertools.islice(batches, skip, None)
+    return FanOut(model.activation_producer(lm, tok, sites, batches), sites, made=skip)
 
 
 def first_fill(rows, n):
@@ -212,12 +230,84 @@ class Run:
                 f"dead {100 * dead:.1f}%")
 
 
+RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device"}  # may change
+
+
+def save_resume(path, args, step, tokens, data, buffers, runs, limits):
+    """Everything to continue bit-identically, as safetensors + JSON (never pickle), atomically."""
+    t = {"rng.torch": torch.get_rng_state()}
+    for key, buf in buffers.items():
+        name = f"{key[0]}{key[1]}"
+        state = buf.state_dict()
+        t.update({f"buffer.{name}.data": state["data"], f"buffer.{name}.pending": state["pending"],
+                  f"buffer.{name}.generator": state["generator"]})
+        queued = list(data.queues[key])
+        t[f"queue.{name}"] = torch.cat(queued) if queued else state["data"][:0]
+        t[f"queue.{name}.sizes"] = torch.tensor([len(q) for q in queued], dtype=torch.long)
+    for run in [r for rs in runs.values() for r in rs]:
+        t.update({f"{run.name}.{k}": v for k, v in run.sae.state_dict().items()})
+        t[f"{run.name}.last_fired"] = run.last_fired
+        for i, st in run.opt.state_dict()["state"].items():
+            t.update({f"{run.name}.adam.{i}.{k}": v.reshape(-1) if k == "step" else v
+                      for k, v in st.items()})
+    meta = {"args": {k: v for k, v in vars(args).items() if k not in RESUME_FREE}, "step": step,
+            "tokens": tokens, "made": data.made if data else 0,
+            "limits": {f"{k[0]}{k[1]}": v for k, v in limits.items()},
+            "buffers": {f"{k[0]}{k[1]}": {"read": b.read, "remaining": b.remaining,
+                                          "exhausted": b.exhausted} for k, b in buffers.items()}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in t.items()}, tmp,
+              metadata={"resume": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_resume(path, args):
+    """(meta, tensors) of a resumable checkpoint made by the same configuration."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["resume"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        die(f"--resume {path}: not a resumable checkpoint ({type(e).__name__}: {e})")
+    now = {k: v for k, v in json.loads(json.dumps(vars(args))).items() if k not in RESUME_FREE}
+    diff = [k for k in now if now[k] != meta["args"].get(k)]
+    if diff:
+        k = diff[0]
+        die(f"--resume {path} is from a different configuration: --{k.replace('_', '-')} was "
+            f"{meta['args'].get(k)}, now {now[k]}")
+    return meta, tensors
+
+
+def restore_(meta, t, buffers, runs):
+    torch.set_rng_state(t["rng.torch"])
+    for key, buf in buffers.items():
+        name = f"{key[0]}{key[1]}"
+        buf.load_state_dict(dict(meta["buffers"][name], data=t[f"buffer.{name}.data"],
+                                 pending=t[f"buffer.{name}.pending"],
+                                 generator=t[f"buffer.{name}.generator"]))
+    for run in [r for rs in runs.values() for r in rs]:
+        run.sae.load_state_dict({k: t[f"{run.name}.{k}"] for k in run.sae.state_dict()})
+        run.last_fired.copy_(t[f"{run.name}.last_fired"])
+        state = run.opt.state_dict()
+        for i in range(len(state["param_groups"][0]["params"])):
+            st = {k.rsplit(".", 1)[1]: v for k, v in t.items() if k.startswith(f"{run.name}.adam.{i}.")}
+            state["state"][i] = dict(st, step=st["step"].reshape(()))
+        run.opt.load_state_dict(state)
+
+
 def train(args):
     d_model, n_layers = check_args(args)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     sites = list(dict.fromkeys(itertools.product(args.layer, args.site)))
     sched = schedule(args)
+    resume_path = os.path.join(args.out, "resume.safetensors") if args.resume == "auto" \
+        else args.resume
+    meta, saved = read_resume(resume_path, args) if resume_path and os.path.isfile(resume_path) \
+        else (None, None)
+    skip = meta["made"] if meta else 0
     t0 = time.time()
 
     # data: one producer of rows per site; the LM runs once per batch of documents for all sites
@@ -227,31 +317,40 @@ def train(args):
             die(f"--activations {args.activations}: a file with `targets` trains one TC site, "
                 f"a file without trains R, A or M (got --site {','.join(args.site)})")
         d_model, lm, tok = x.shape[1], None, None
-        producers = {sites[0]: file_producer(x.to(dtype), None if y is None else y.to(dtype),
-                                             seed=args.seed)}
+        rows = file_producer(x.to(dtype), None if y is None else y.to(dtype), seed=args.seed)
+        data = FanOut(({sites[0]: r} for r in itertools.islice(rows, skip, None)), sites, skip)
     else:
         lm, tok = model.load_model(args.model, args.device, dtype)
-        producers = lm_producers(args, lm, tok, sites)
-    print(f"loaded in {time.time() - t0:.1f}s; filling {len(sites)} buffer(s) of "
-          f"{args.buffer_size:,} rows")
+        data = lm_producers(args, lm, tok, sites, skip=skip)
+    print(f"loaded in {time.time() - t0:.1f}s; {'resuming at step ' + str(meta['step']) if meta else 'filling'}"
+          f" {len(sites)} buffer(s) of {args.buffer_size:,} rows")
 
     buffers, limits, runs = {}, {}, {}
+    widths = args.n_features or [round(e * d_model) for e in args.expansion]
     for key in sites:
-        first = first_fill(producers[key], args.buffer_size)  # (size, C)
-        limits[key] = outlier_limits(first, d_model, args.max_norm_ratio)
-        kept = keep_rows(first, limits[key], d_model)
-        rest = (keep_rows(r, limits[key], d_model) for r in producers[key])
-        buffers[key] = ActivationBuffer(itertools.chain([kept], rest), args.buffer_size,
+        runs[key] = [Run(args, key, n, d_model, dtype) for n in widths]
+        if meta:  # norms, limits, buffer contents and weights come from the checkpoint
+            limits[key] = meta["limits"][f"{key[0]}{key[1]}"]
+            queued = saved[f"queue.{key[0]}{key[1]}"].split(saved[f"queue.{key[0]}{key[1]}.sizes"].tolist())
+            data.queues[key].extend(queued)
+            first = []
+        else:
+            first = first_fill(data[key], args.buffer_size)  # (size, C)
+            if not torch.isfinite(first).all():
+                die(f"step 0 (the first buffer fill): NaN or Inf in the activations of site {key}")
+            limits[key] = outlier_limits(first, d_model, args.max_norm_ratio)
+            first = [keep_rows(first, limits[key], d_model)]
+            for run in runs[key]:  # S_in, S_out from the first fill (§3.3.3)
+                run.sae.set_norms_(first[0][:, :d_model], first[0][:, -d_model:])
+        rest = (keep_rows(r, limits[key], d_model) for r in data[key])
+        buffers[key] = ActivationBuffer(itertools.chain(first, rest), args.buffer_size,
                                         args.batch_size, seed=args.seed, device=args.device,
                                         limit=sched["steps"] * args.batch_size)
-        widths = args.n_features or [round(e * d_model) for e in args.expansion]
-        runs[key] = [Run(args, key, n, d_model, dtype) for n in widths]
-        for run in runs[key]:  # S_in, S_out from the first fill (§3.3.3)
-            run.sae.set_norms_(kept[:, :d_model], kept[:, -d_model:])
-        dropped = 1 - len(kept) / len(first)
-        print(f"{key}: norms in {runs[key][0].sae.norm_in.item():.2f} out "
-              f"{runs[key][0].sae.norm_out.item():.2f}; outlier limit "
-              f"{limits[key] and round(limits[key][0], 1)}, dropped {100 * dropped:.3f}% of rows")
+        sae0 = runs[key][0].sae
+        print(f"{key}: norms in {sae0.norm_in.item():.2f} out {sae0.norm_out.item():.2f}; outlier "
+              f"limit {limits[key] and round(limits[key][0], 1)}")
+    if meta:
+        restore_(meta, saved, buffers, runs)
 
     k_init = args.k_init or d_model
     every = args.log_every or max(1, sched["steps"] // 40)
@@ -263,8 +362,10 @@ def train(args):
           f"lr {args.lr:g}, decay to {args.lr_end:g} over the last {sched['decay']} steps")
 
     # the loop: every SAE takes one minibatch from its site's buffer per step
-    t_train, tokens = time.time(), 0
-    for step in range(sched["steps"]):
+    os.makedirs(args.out, exist_ok=True)
+    start, tokens = (meta["step"], meta["tokens"]) if meta else (0, 0)
+    t_train, step = time.time(), start
+    for step in range(start, sched["steps"]):
         lr = lr_at(step, sched["steps"], args.lr, sched["warmup"], sched["decay"], args.lr_end)
         k = k_at(step, args.k, k_init, sched["anneal"])
         batches = {key: buf.next_batch() for key, buf in buffers.items()}
@@ -273,34 +374,44 @@ def train(args):
             break
         tokens += args.batch_size
         for key, rows in batches.items():
+            if not torch.isfinite(rows).all():
+                die(f"step {step + 1}: NaN or Inf in the activations of site {key}; stopping "
+                    f"(the last resumable checkpoint, if any, is kept)")
             for run in runs[key]:
                 run.step(rows, k, lr, args, tokens)
+                if not math.isfinite(run.log["loss"][-1]):
+                    die(f"step {step + 1}: {run.name} loss is {run.log['loss'][-1]} (NaN or Inf); stopping "
+                        f"(the last resumable checkpoint, if any, is kept)")
         if (step + 1) % every == 0 or step + 1 == sched["steps"]:
             dt = time.time() - t_train
-            eta = dt / (step + 1) * (sched["steps"] - step - 1)
+            eta = dt / (step + 1 - start) * (sched["steps"] - step - 1)
             for run in all_runs:
                 print(f"{run.name} step {step + 1}/{sched['steps']} | {run.log_line(tokens)} | "
-                      f"k {k} | lr {lr:.1e} | {tokens / dt / 1e3:.1f}k tok/s | eta {eta:.0f}s",
-                      flush=True)
+                      f"k {k} | lr {lr:.1e} | {(tokens - start * args.batch_size) / dt / 1e3:.1f}k "
+                      f"tok/s | eta {eta:.0f}s", flush=True)
+        if args.save_every and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
+            save_resume(os.path.join(args.out, "resume.safetensors"), args, step + 1, tokens,
+                        data, buffers, runs, limits)
+    step += 1
     print(f"trained {tokens:,} tokens in {time.time() - t_train:.0f}s")
 
     heldout = heldout_metrics(args, lm, tok, runs, limits) if lm is not None else {}
-    os.makedirs(args.out, exist_ok=True)
     paths = []
     for run in all_runs:
         layer, site = run.key
         hook_in, hook_out = model.hook_names(layer, site)
         config = dict(
-            model_name=None if args.activations else args.model, layer=layer, site=site, hook_point_in=hook_in,
-            hook_point_out=hook_out, expansion_factor=run.sae.n_features / d_model,
+            model_name=None if args.activations else args.model, layer=layer, site=site,
+            hook_point_in=hook_in, hook_point_out=hook_out,
+            expansion_factor=run.sae.n_features / d_model,
             act_fn="topk" if args.act == "topk" else "relu", k_warmup_steps=sched["anneal"],
             init_decoder_norm=args.init_decoder_norm or math.sqrt(2 * d_model / run.sae.n_features),
             use_batch_norm_mse=args.loss == "batch-norm-mse", norm_activation="dataset-wise",
             apply_decoder_bias_to_pre_encoder=False, use_decoder_bias=True, lr=args.lr,
             l1_coefficient=args.l1_coef, context_size=args.context_size, dataset_path=args.dataset,
             prepend_bos=True, outlier_norm_limit=limits[run.key], n_training_tokens=tokens,
-            step=step + 1, folded=False, jump_relu_threshold=None, heldout=heldout.get(run.name),
-            train_args=vars(args))
+            step=step, folded=False, jump_relu_threshold=None, heldout=heldout.get(run.name),
+            train_args={k: v for k, v in vars(args).items() if k not in RESUME_FREE})
         path = os.path.join(args.out, f"{run.name}.safetensors")
         save_checkpoint(run.sae, config, path)
         paths.append(path)

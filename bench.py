@@ -1,0 +1,151 @@
+"""Benchmark the two costs of SAE training, in one process: the SAE step and the LM forward.
+
+    python bench.py [--json bench.json]       # defaults run in about 3 minutes on 2 CPU cores
+
+- `sae_step_ms`: forward + backward + Adam of one TopK step; `encoder_matmul_ms`: the one dense product
+  x W_enc^T that any SAE step must do (the floor); `step_over_floor` = their ratio. The same for the
+  dense reference (`SAE.forward_dense`), for the record. Also at Llama-3.1-8B 8x shapes, fewer rows.
+- `lm_tok_s`: tokens/s of the early-stopped LM forward for several layers and the full depth.
+- `multi_sae`: seconds per token of training S SAEs at one layer from one LM forward, S = 1 and 4.
+- `peak_rss_mb`: peak memory of a short run with the default flags.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from sae import SAE
+
+
+def timed(fn, repeat):
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t) / repeat * 1e3
+
+
+def sae_step(d, f, k, rows, repeat, dtype, device):
+    """ms of one TopK training step (sparse and dense) and of the encoder matmul alone."""
+    torch.manual_seed(0)
+    sae = SAE(d, f, k=k).to(device, dtype)
+    sae.set_norms_(torch.ones(1, d), torch.ones(1, d))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    x = torch.randn(rows, d, device=device, dtype=dtype) * d ** 0.5 / d ** 0.5
+
+    def step(forward):
+        def run():
+            x_hat, _ = forward(x)
+            loss = (x_hat - x).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sync(device)
+        return run
+    with torch.no_grad():
+        matmul = timed(lambda: (torch.addmm(sae.b_enc, x, sae.W_enc.T), sync(device)), repeat)
+    sparse = timed(step(sae.forward), repeat)
+    dense = timed(step(sae.forward_dense), max(1, repeat // 2))
+    return {"d_model": d, "n_features": f, "k": k, "rows": rows, "encoder_matmul_ms": matmul,
+            "sae_step_ms": sparse, "step_over_floor": sparse / matmul,
+            "dense_step_ms": dense, "dense_step_over_floor": dense / matmul}
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def lm_speed(layers, tokens, lm_batch_size, device, dtype):
+    """tokens/s of the early-stopped forward on embedded text, per deepest layer."""
+    import model
+    lm, tok = model.load_model(device=device, dtype=dtype)
+    docs = list(model.iter_documents(split="train", epochs=1))[:2000]
+    batches = list(model.token_batches(tok, docs, 1024, lm_batch_size))
+    out = {}
+    for layer in layers:
+        n, t = 0, time.perf_counter()
+        for ids, mask in batches:
+            model.capture(lm, ids.to(device), mask.to(device), [(layer, "R")])
+            n += int(mask.sum())
+            if n >= tokens:
+                break
+        sync(device)
+        out[layer] = n / (time.perf_counter() - t)
+    return out, lm.config.num_hidden_layers
+
+
+def multi_sae(counts, tokens, device, dtype):
+    """Seconds per token of a short train.py-style run of S SAEs at layer 15 from one LM pass."""
+    import train
+    out = {}
+    for s in counts:
+        sizes = ",".join(["8"] * 1 if s == 1 else ["4", "8", "16", "32"][:s])
+        args = train.get_args(["--expansion", sizes, "--total-tokens", str(tokens), "--buffer-size",
+                               "8192", "--eval-tokens", "0", "--out", "/tmp/bench_out",
+                               "--device", str(device)])
+        t = time.perf_counter()
+        with open(os.devnull, "w") as null:
+            stdout, sys.stdout = sys.stdout, null
+            try:
+                train.train(args)
+            finally:
+                sys.stdout = stdout
+        out[s] = (time.perf_counter() - t) / tokens
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=4096, help="rows per SAE step (small shapes)")
+    p.add_argument("--big-rows", type=int, default=512, help="rows per step at 8B shapes; 0 = skip")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--lm-tokens", type=int, default=6000, help="tokens per LM speed point; 0 = skip")
+    p.add_argument("--multi-tokens", type=int, default=16384, help="tokens per multi-SAE run; 0 = skip")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    res = {"device": args.device, "dtype": str(dtype), "threads": torch.get_num_threads()}
+    res["sae_small"] = sae_step(576, 4608, 50, args.rows, args.repeat, dtype, args.device)
+    if args.big_rows:
+        res["sae_llama8b_8x"] = sae_step(4096, 32768, 50, args.big_rows, 2, dtype, args.device)
+    for key in ("sae_small", "sae_llama8b_8x"):
+        if key in res:
+            r = res[key]
+            print(f"SAE step D={r['d_model']} F={r['n_features']} K={r['k']} rows={r['rows']}: "
+                  f"step {r['sae_step_ms']:.1f} ms | encoder matmul {r['encoder_matmul_ms']:.1f} ms"
+                  f" | step_over_floor {r['step_over_floor']:.2f} | dense reference "
+                  f"{r['dense_step_over_floor']:.2f}")
+    if args.lm_tokens:
+        speeds, n_layers = lm_speed([7, 15, 23, 29], args.lm_tokens, 32, args.device, dtype)
+        full = speeds[n_layers - 1]
+        res["lm_tok_s"] = {str(k): v for k, v in speeds.items()}
+        for layer, v in speeds.items():
+            target = 0.9 * n_layers / (layer + 1) * full
+            print(f"LM to layer {layer:>2}: {v:8.0f} tok/s | target >= {target:.0f} "
+                  f"(0.9 x {n_layers}/{layer + 1} x full depth)")
+    if args.multi_tokens:
+        per_tok = multi_sae([1, 4], args.multi_tokens, args.device, dtype)
+        res["multi_sae_s_per_token"] = {str(k): v for k, v in per_tok.items()}
+        res["multi_sae_4_over_1"] = per_tok[4] / per_tok[1]
+        print(f"S SAEs from one forward: S=1 {per_tok[1] * 1e3:.2f} ms/token, S=4 "
+              f"{per_tok[4] * 1e3:.2f} ms/token, ratio {res['multi_sae_4_over_1']:.2f}")
+        cmd = [sys.executable, "train.py", "--total-tokens", "70000", "--eval-tokens", "0",
+               "--out", "/tmp/bench_out", "--device", str(args.device)]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__) or ".")
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"peak memory of a default run (70K tokens): {res['peak_rss_mb']:.0f} MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
