@@ -81,14 +81,14 @@ def lm_speed(layers, tokens, lm_batch_size, device, dtype):
 
 
 def multi_sae(counts, tokens, device, dtype):
-    """Seconds per token of a short train.py-style run of S SAEs at layer 15 from one LM pass."""
+    """Seconds per token of a short train.py run of S 8x SAEs at layer 15 (sites R, A, M, TC in
+    turn), all fed by one LM pass per batch of documents."""
     import train
     out = {}
     for s in counts:
-        sizes = ",".join(["8"] * 1 if s == 1 else ["4", "8", "16", "32"][:s])
-        args = train.get_args(["--expansion", sizes, "--total-tokens", str(tokens), "--buffer-size",
-                               "8192", "--eval-tokens", "0", "--out", "/tmp/bench_out",
-                               "--device", str(device)])
+        args = train.get_args(["--site", ",".join(["R", "A", "M", "TC"][:s]), "--total-tokens",
+                               str(tokens), "--buffer-size", "8192", "--eval-tokens", "0",
+                               "--out", "/tmp/bench_out", "--device", str(device)])
         t = time.perf_counter()
         with open(os.devnull, "w") as null:
             stdout, sys.stdout = sys.stdout, null
