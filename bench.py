@@ -2,9 +2,10 @@
 
     python bench.py [--json bench.json]       # defaults run in about 3 minutes on 2 CPU cores
 
-- `sae_step_ms`: forward + backward + Adam of one TopK step; `encoder_matmul_ms`: the one dense product
-  x W_enc^T that any SAE step must do (the floor); `step_over_floor` = their ratio. The same for the
-  dense reference (`SAE.forward_dense`), for the record. Also at Llama-3.1-8B 8x shapes, fewer rows.
+- `sae_step_ms`: forward + backward + Adam of one TopK step; `encoder_matmul_ms`: the one dense
+  product x W_enc^T that any SAE step must do (the floor); `step_over_floor` = their ratio. The
+  same for the dense reference (`SAE.forward_dense`), for the record. Also at Llama-3.1-8B 8x
+  shapes, fewer rows.
 - `lm_tok_s`: tokens/s of the early-stopped LM forward for several layers and the full depth.
 - `multi_sae`: seconds per token of training S SAEs at one layer from one LM forward, S = 1 and 4.
 - `peak_rss_mb`: peak memory of a short run with the default flags.
@@ -103,15 +104,19 @@ def multi_sae(counts, tokens, device, dtype):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4096, help="rows per SAE step (small shapes)")
-    p.add_argument("--big-rows", type=int, default=512, help="rows per step at 8B shapes; 0 = skip")
+    p.add_argument("--big-rows", type=int, default=512,
+                   help="rows per step at 8B shapes; 0 = skip")
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--lm-tokens", type=int, default=6000, help="tokens per LM speed point; 0 = skip")
-    p.add_argument("--multi-tokens", type=int, default=16384, help="tokens per multi-SAE run; 0 = skip")
+    p.add_argument("--lm-tokens", type=int, default=6000,
+                   help="tokens per LM speed point; 0 = skip")
+    p.add_argument("--multi-tokens", type=int, default=16384,
+                   help="tokens per multi-SAE run; 0 = skip")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda")
+                                          else "float32"))
     res = {"device": args.device, "dtype": str(dtype), "threads": torch.get_num_threads()}
     res["sae_small"] = sae_step(576, 4608, 50, args.rows, args.repeat, dtype, args.device)
     if args.big_rows:
@@ -120,7 +125,8 @@ def main():
         if key in res:
             r = res[key]
             print(f"SAE step D={r['d_model']} F={r['n_features']} K={r['k']} rows={r['rows']}: "
-                  f"step {r['sae_step_ms']:.1f} ms | encoder matmul {r['encoder_matmul_ms']:.1f} ms"
+                  f"step {r['sae_step_ms']:.1f} ms | encoder matmul "
+                  f"{r['encoder_matmul_ms']:.1f} ms"
                   f" | step_over_floor {r['step_over_floor']:.2f} | dense reference "
                   f"{r['dense_step_over_floor']:.2f}")
     if args.lm_tokens:

@@ -1,13 +1,14 @@
 """The producer/consumer activation buffer of App. A.1.
 
-Activations of neighbouring positions in one document are highly correlated (§3.1), so the SAE must see
-them in random order, yet holding a whole dataset of activations is impossible at scale. The buffer
-holds `size` rows. Training starts when it is full; each minibatch takes the next unread rows; when half
-of the buffer has been read, the producer refills the read half and the WHOLE buffer is shuffled, so
-new rows mix with the unread old ones. Every produced row is served exactly once.
+Activations of neighbouring positions in one document are highly correlated (§3.1), so the SAE must
+see them in random order, yet holding a whole dataset of activations is impossible at scale. The
+buffer holds `size` rows. Training starts when it is full; each minibatch takes the next unread
+rows; when half of the buffer has been read, the producer refills the read half and the WHOLE
+buffer is shuffled, so new rows mix with the unread old ones. Every produced row is served exactly
+once.
 
-The producer is any iterator of (n, C) tensors (n may vary, C fixed): the LM (model.py), or pre-saved
-activations (App. A.3, `file_producer`). This file never imports model.py.
+The producer is any iterator of (n, C) tensors (n may vary, C fixed): the LM (model.py), or
+pre-saved activations (App. A.3, `file_producer`). This file never imports model.py.
 """
 import collections
 import sys
@@ -136,7 +137,8 @@ def _bad(msg):
 
 
 def load_activations(path):
-    """(x, target) from a safetensors file with `activations` (N, D) and optional `targets` (N, D)."""
+    """(x, target) from a safetensors file with `activations` (N, D) and optional
+    `targets` (N, D)."""
     try:
         with safe_open(path, "pt") as f:
             keys = set(f.keys())
@@ -147,8 +149,8 @@ def load_activations(path):
     if x is None:
         _bad(f"--activations {path}: no tensor named `activations` (found: {sorted(keys)})")
     if x.ndim != 2 or len(x) == 0 or (y is not None and y.shape != x.shape):
-        _bad(f"--activations {path}: need `activations` (N, D) with N > 0 and `targets` of the same "
-             f"shape, got {tuple(x.shape)} and {None if y is None else tuple(y.shape)}")
+        _bad(f"--activations {path}: need `activations` (N, D) with N > 0 and `targets` of the "
+             f"same shape, got {tuple(x.shape)} and {None if y is None else tuple(y.shape)}")
     return x, y
 
 

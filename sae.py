@@ -15,10 +15,11 @@ from safetensors.torch import save_file
 
 
 class TopKEncode(torch.autograd.Function):
-    """(values, indices), each (N, K): the K features with the largest h_i * s_i, h = ReLU(W_enc x + b_enc)
-    and s_i the rank scale (the decoder norm). Same result as `SAE.forward_dense`, but the backward
-    touches only the N*K selected entries: no (N, F) gradient is ever made (2*N*K*D flops, not 2*N*F*D).
-    Scaling the encoder rows by s > 0 before the matmul ranks h_i * s_i without an (N, F) multiply."""
+    """(values, indices), each (N, K): the K features with the largest h_i * s_i,
+    h = ReLU(W_enc x + b_enc) and s_i the rank scale (the decoder norm). Same result as
+    `SAE.forward_dense`, but the backward touches only the N*K selected entries: no (N, F) gradient
+    is ever made (2*N*K*D flops, not 2*N*F*D). Scaling the encoder rows by s > 0 before the matmul
+    ranks h_i * s_i without an (N, F) multiply."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, scale, k):
@@ -33,9 +34,10 @@ class TopKEncode(torch.autograd.Function):
     def backward(ctx, grad_vals, grad_idx):
         x, idx, vals = ctx.saved_tensors
         g = grad_vals * (vals > 0)  # (N, K): ReLU'
-        # grad W_enc[i] = sum of g_nk x_n over the (n, k) where feature i is active: the same form as
-        # the gradient embedding_bag gives its weight, so its fused CPU/GPU kernel computes it
-        # (about 2x faster than a sparse COO matmul here); x takes the place of the output gradient.
+        # grad W_enc[i] = sum of g_nk x_n over the (n, k) where feature i is active: the same form
+        # as the gradient embedding_bag gives its weight, so its fused CPU/GPU kernel computes it
+        # (about 2x faster than a sparse COO matmul here); x takes the place of the output
+        # gradient.
         with torch.enable_grad():
             W = torch.zeros(ctx.n_features, x.shape[1], device=x.device, dtype=x.dtype,
                             requires_grad=True)
@@ -47,7 +49,8 @@ class TopKEncode(torch.autograd.Function):
 
 
 class SAE(torch.nn.Module):
-    """TopK:    h = ReLU(W_enc x + b_enc); keep the K largest h_i * ||W_dec[i]||, f = h there, 0 elsewhere
+    """TopK:    h = ReLU(W_enc x + b_enc); keep the K largest h_i * ||W_dec[i]||, f = h there,
+                0 elsewhere
        Vanilla: f = ReLU(W_enc x + b_enc), loss adds l1_coef * sum_i f_i * ||W_dec[i]||
        x_hat = W_dec^T f + b_dec, trained on normalized data: x * S_in in, target * S_out out.
 
@@ -114,7 +117,8 @@ class SAE(torch.nn.Module):
         """x_hat (N, D) from (values, indices) or from dense f (N, F)."""
         if isinstance(f, tuple):
             vals, idx = f  # only the K active rows of W_dec are read (and get gradient)
-            return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
+            return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals,
+                                   mode="sum") + self.b_dec
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x, k=None):
@@ -179,8 +183,9 @@ def lr_at(step, total, lr, warmup, decay_steps, lr_end=0.0):
 
 def save_checkpoint(sae, config, path):
     """One self-describing .safetensors file: the released Llama Scope tensor names and layouts
-    (`decoder.weight` is (D, F)) and, under the metadata key "config", a JSON string with everything
-    needed to use it. Written aside, fsynced, then renamed: never a half-written file at `path`."""
+    (`decoder.weight` is (D, F)) and, under the metadata key "config", a JSON string with
+    everything needed to use it. Written aside, fsynced, then renamed: never a half-written file at
+    `path`."""
     tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc,
                "decoder.weight": sae.W_dec.T, "decoder.bias": sae.b_dec}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -216,7 +221,8 @@ def read_checkpoint(path):
         config = json.loads(meta["config"])
         D, F, norms = config["d_model"], config["d_sae"], config["dataset_average_activation_norm"]
         ok = (isinstance(D, int) and isinstance(F, int) and D > 0 and F > 0
-              and config["act_fn"] in ("topk", "relu", "jumprelu") and isinstance(config["top_k"], int)
+              and config["act_fn"] in ("topk", "relu", "jumprelu")
+              and isinstance(config["top_k"], int)
               and config["site"] in ("R", "A", "M", "TC") and isinstance(config["layer"], int)
               and all(isinstance(norms[k], (int, float)) and norms[k] > 0 for k in ("in", "out")))
     except (KeyError, TypeError, ValueError) as e:

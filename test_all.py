@@ -1,5 +1,6 @@
-"""Tests: pytest test_all.py (CPU, a few minutes). Most use a tiny random Llama built from a config;
-the ones marked "embedded" use the real SmolLM2-135M that the package ships (dequantized once)."""
+"""Tests: pytest test_all.py (CPU, a few minutes). Most use a tiny random Llama built from a
+config; the ones marked "embedded" use the real SmolLM2-135M that the package ships (dequantized
+once)."""
 import json
 import math
 import os
@@ -34,7 +35,8 @@ def tiny_llama(n_layers=4, d=64, seed=0):
 
 def run_train(*flags, cwd=HERE):
     """train.py as a user runs it; returns (exit code, stdout, stderr)."""
-    p = subprocess.run([sys.executable, "train.py", *flags], cwd=cwd, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "train.py", *flags], cwd=cwd, capture_output=True,
+                       text=True)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -49,7 +51,8 @@ def test_sites_match_an_independent_block_computation():
     block = lm.model.layers[L]
     h = full.hidden_states[L]  # the block's input
     pos = lm.model.rotary_emb(h, torch.arange(12)[None])
-    attn = block.self_attn(block.input_layernorm(h), position_embeddings=pos, attention_mask=None)[0]
+    attn = block.self_attn(block.input_layernorm(h), position_embeddings=pos,
+                           attention_mask=None)[0]
     mid = h + attn
     mlp_in = block.post_attention_layernorm(mid)
     mlp_out = block.mlp(mlp_in)
@@ -128,7 +131,8 @@ def counting_producer(log, chunk=37, n=None):
 
 def test_buffer_waits_refills_at_half_serves_once_and_shuffles():
     log = []
-    buf = buffer.ActivationBuffer(counting_producer(log, n=5000), size=1000, batch_size=100, seed=0)
+    buf = buffer.ActivationBuffer(counting_producer(log, n=5000), size=1000, batch_size=100,
+                                  seed=0)
     assert log == []  # nothing is made before the first batch is asked for
     served, made_before = [], []
     while (b := buf.next_batch()) is not None:
@@ -178,7 +182,8 @@ def test_topk_matches_brute_force_with_uneven_decoder_norms():
     torch.manual_seed(0)
     sae = SAE(16, 128, k=6).double()
     with torch.no_grad():  # decoder norms spread over three orders of magnitude
-        sae.W_dec.mul_(torch.logspace(-1.5, 1.5, 128, dtype=torch.float64)[torch.randperm(128), None])
+        sae.W_dec.mul_(torch.logspace(-1.5, 1.5, 128,
+                                      dtype=torch.float64)[torch.randperm(128), None])
         sae.b_enc.normal_()
     x = torch.randn(64, 16, dtype=torch.float64)
     vals, idx = sae.encode(x)
@@ -220,12 +225,14 @@ def test_init_norms():
     torch.testing.assert_close(tc.W_dec.norm(dim=1), torch.full((2048,), 0.5))
     torch.testing.assert_close(tc.W_enc.norm(dim=1), torch.full((2048,), 0.5))
     assert not torch.equal(tc.W_enc, tc.W_dec)  # transcoders: encoder not tied
-    assert math.isclose(SAE(64, 2048).W_dec.norm(dim=1).mean().item(), math.sqrt(2 / 32), rel_tol=1e-5)
+    assert math.isclose(SAE(64, 2048).W_dec.norm(dim=1).mean().item(), math.sqrt(2 / 32),
+                        rel_tol=1e-5)
 
 
 def test_k_annealing_and_lr_schedule():
     assert k_at(0, 50, 4096, 100) == 4096 and k_at(100, 50, 4096, 100) == 50
-    assert k_at(50, 50, 4096, 100) == math.ceil((4096 + 50) / 2) and k_at(10**6, 50, 4096, 100) == 50
+    assert k_at(50, 50, 4096, 100) == math.ceil((4096 + 50) / 2) \
+        and k_at(10**6, 50, 4096, 100) == 50
     D, K, W = 4096, 50, 1000  # the released formula with m0 = D / 2K
     m0 = D / (2 * K)
     for t in (0, 1, 333, 999, 1000):
@@ -244,14 +251,16 @@ def test_normalization_and_loss_are_scale_invariant():
     sae.set_norms_(x, x)
     s_in, s_out = sae.scales()
     assert math.isclose((x * s_in).norm(dim=1).mean().item(), math.sqrt(32), rel_tol=1e-5)
-    a, b = sae.loss(x, x), sae.loss(100 * x, 100 * x) if not sae.set_norms_(100 * x, 100 * x) else 0
+    a, b = sae.loss(x, x), sae.loss(100 * x, 100 * x) if not sae.set_norms_(100 * x, 100 * x) \
+        else 0
     torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- train.py
 
 def planted(tmp_path, n=60_000, d=64, n_true=128, active=3, seed=0):
-    """Activations that are sparse nonnegative mixes of unit directions, saved for --activations."""
+    """Activations that are sparse nonnegative mixes of unit directions, saved for
+    --activations."""
     g = torch.Generator().manual_seed(seed)
     dirs = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=1)
     idx = torch.rand(n, n_true, generator=g).argsort(dim=1)[:, :active]
@@ -336,15 +345,18 @@ def test_embedded_train_cli_writes_a_self_describing_checkpoint(site, tmp_path):
     sae, config = sae_lib.load_checkpoint(last.removeprefix("saved "))
     assert config["hook_point_out"] == "blocks.3.hook_mlp_out" if site == "TC" else \
         config["hook_point_in"] == "blocks.3.hook_resid_post"
-    assert config["d_model"] == 576 and config["d_sae"] == 1152 and config["n_training_tokens"] == 4096
-    assert config["dataset_average_activation_norm"]["in"] > 0 and config["heldout"]["n_tokens"] > 0
+    assert config["d_model"] == 576 and config["d_sae"] == 1152 \
+        and config["n_training_tokens"] == 4096
+    assert config["dataset_average_activation_norm"]["in"] > 0 \
+        and config["heldout"]["n_tokens"] > 0
     assert json.loads(json.dumps(config["train_args"]))["site"] == [site]
 
 
 # ----------------------------------------------------------------------------- postprocess.py
 
 def trained_like(transcoder, seed=0):
-    """A float64 SAE with uneven decoder norms, biases and S_in != S_out, plus raw data (N, D) x 2."""
+    """A float64 SAE with uneven decoder norms, biases and S_in != S_out, plus raw data
+    (N, D) x 2."""
     torch.manual_seed(seed)
     sae = SAE(32, 256, k=8, transcoder=transcoder).double()
     with torch.no_grad():
@@ -450,7 +462,8 @@ def one_line_error(capsys, fn, *args):
 
 
 BAD_FLAGS = [
-    (["--layer", "30"], "--layer 30 is out of range: smollm2-135m-instruct has 30 layers, allowed 0-29"),
+    (["--layer", "30"],
+     "--layer 30 is out of range: smollm2-135m-instruct has 30 layers, allowed 0-29"),
     (["--site", "R,X"], "--site X is unknown; allowed: R, A, M, TC"),
     (["--expansion", "0"], "--expansion 0 must be positive"),
     (["--n-features", "-5"], "--n-features -5 must be positive"),
@@ -518,8 +531,9 @@ def test_nan_stops_training_and_names_the_step(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "L15R-4x-TopK.safetensors")
 
 
-RESUMABLE = ["--layer", "1", "--expansion", "2", "--total-tokens", "16384", "--buffer-size", "4096",
-             "--batch-size", "512", "--save-every", "2048", "--eval-tokens", "0"]
+RESUMABLE = ["--layer", "1", "--expansion", "2", "--total-tokens", "16384",
+             "--buffer-size", "4096", "--batch-size", "512", "--save-every", "2048",
+             "--eval-tokens", "0"]
 
 
 def tensors(path):
@@ -543,7 +557,8 @@ def test_kill_9_then_resume_ends_bit_identical(tmp_path):
     assert code == 0 and "resuming at step" in out, err
     code, out, err = run_train(*RESUMABLE, "--out", str(b))
     assert code == 0, err
-    ta, tb = tensors(str(a / "L1R-2x-TopK.safetensors")), tensors(str(b / "L1R-2x-TopK.safetensors"))
+    ta, tb = tensors(str(a / "L1R-2x-TopK.safetensors")), tensors(
+        str(b / "L1R-2x-TopK.safetensors"))
     assert all(torch.equal(ta[k], tb[k]) for k in tb)
     # determinism: the same seed and flags give the same bits
     code, out, err = run_train(*RESUMABLE, "--out", str(tmp_path / "c"))

@@ -1,11 +1,11 @@
 """Train Llama Scope TopK SAEs and transcoders (§3) on activations made on the fly.
 
-    python train.py                                    # L15R-8x-TopK, embedded SmolLM2, ~10 min on CPU
+    python train.py                                # L15R-8x-TopK, embedded SmolLM2, ~10 min on CPU
     python train.py --layer 23 --site A --expansion 32
     python train.py --layer 7,15 --site R,TC --expansion 8,32   # 8 SAEs fed by one LM pass
 
-Reads top to bottom: flags, checks, schedule, data (LM -> per-site buffers), SAEs, the loop, a check
-on held-out documents, checkpoints. The last line printed is `saved <path>` for each SAE.
+Reads top to bottom: flags, checks, schedule, data (LM -> per-site buffers), SAEs, the loop, a
+check on held-out documents, checkpoints. The last line printed is `saved <path>` for each SAE.
 """
 import argparse
 import itertools
@@ -25,7 +25,8 @@ from buffer import ActivationBuffer, FanOut, file_producer, keep_rows, load_acti
 from sae import SAE, k_at, lr_at, save_checkpoint
 
 PAPER_STEPS = 800_000_000 // 2048  # the released 8x runs: 390,625 steps of 2048 tokens
-DEAD_WINDOW = 100_000  # tokens: a feature that has not fired within this many is counted dead (§4.4)
+DEAD_WINDOW = 100_000  # tokens: a feature that has not fired within this many is counted dead
+                      # (§4.4)
 
 
 def die(msg):
@@ -39,9 +40,11 @@ def csv(kind):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    g = p.add_argument_group("what to train (comma lists train every combination from one LM pass)")
+    g = p.add_argument_group(
+        "what to train (comma lists train every combination from one LM pass)")
     g.add_argument("--model", default=model.EMBEDDED_MODEL,
-                   help="Hugging Face id or folder of a Llama-like causal LM (default: embedded SmolLM2)")
+                   help="Hugging Face id or folder of a Llama-like causal LM "
+                        "(default: embedded SmolLM2)")
     g.add_argument("--layer", type=csv(int), default=[15], help="block index(es), from 0")
     g.add_argument("--site", type=csv(str), default=["R"],
                    help="R resid-post, A attn-out, M mlp-out, TC transcoder (MLP in -> MLP out)")
@@ -54,37 +57,48 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=model.EMBEDDED_DATASET,
                    help="Hub dataset (streamed, e.g. cerebras/SlimPajama-627B), a local "
-                        ".txt/.jsonl/.json/.parquet file or folder, or the embedded Wikipedia summaries")
-    g.add_argument("--context-size", type=int, default=1024, help="tokens per document, BOS included")
+                        ".txt/.jsonl/.json/.parquet file or folder, or the embedded Wikipedia "
+                        "summaries")
+    g.add_argument("--context-size", type=int, default=1024,
+                   help="tokens per document, BOS included")
     g.add_argument("--activations", default=None,
                    help="train on a safetensors file of `activations` (N, D) [+ `targets`]: no LM")
     g.add_argument("--max-norm-ratio", type=float, default=10.0,
-                   help="drop tokens whose norm exceeds this x the median (massive activations); 0 = off")
+                   help="drop tokens whose norm exceeds this x the median (massive activations); "
+                        "0 = off")
     g = p.add_argument_group("schedule (§3.3.2; paper values unless noted)")
     g.add_argument("--total-tokens", type=int, default=340_000,
-                   help="tokens per SAE (paper: 800M for 8x, 1.6B for 32x); default ~10 min on CPU")
+                   help="tokens per SAE (paper: 800M for 8x, 1.6B for 32x); default ~10 min "
+                        "on CPU")
     g.add_argument("--batch-size", type=int, default=2048, help="tokens per step")
     g.add_argument("--lr", type=float, default=8e-4, help="Adam lr (released: 2e-4 for 128x)")
     g.add_argument("--warmup-steps", type=int, default=10_000,
                    help="linear warm-up (released: 5000); short runs scale it, see the printout")
-    g.add_argument("--decay-frac", type=float, default=0.2, help="linear decay over this last share")
-    g.add_argument("--lr-end", type=float, default=0.0, help="lr after decay (released: 0.01 x lr)")
+    g.add_argument("--decay-frac", type=float, default=0.2,
+                   help="linear decay over this last share")
+    g.add_argument("--lr-end", type=float, default=0.0,
+                   help="lr after decay (released: 0.01 x lr)")
     g.add_argument("--k-anneal-frac", type=float, default=0.1, help="share of steps annealing K")
-    g.add_argument("--k-init", type=int, default=None, help="K at step 0 (default D; released D/2)")
+    g.add_argument("--k-init", type=int, default=None,
+                   help="K at step 0 (default D; released D/2)")
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999],
                    help="released: 0.9 0.9999")
-    g.add_argument("--grad-clip", type=float, default=0.0, help="global grad norm; 0 = off (rel.: 1e-3)")
+    g.add_argument("--grad-clip", type=float, default=0.0,
+                   help="global grad norm; 0 = off (rel.: 1e-3)")
     g.add_argument("--init-decoder-norm", type=float, default=None,
                    help="decoder column norm at init (default sqrt(2/expansion); released 0.5)")
     g.add_argument("--loss", choices=["mse", "batch-norm-mse"], default="mse",
-                   help="batch-norm-mse: the released code's per-token error / centred target norm")
+                   help="batch-norm-mse: the released code's per-token error / centred "
+                        "target norm")
     g = p.add_argument_group("buffer (App. A.1)")
-    g.add_argument("--buffer-size", type=int, default=65_536, help="rows per site (released: 500K)")
+    g.add_argument("--buffer-size", type=int, default=65_536,
+                   help="rows per site (released: 500K)")
     g.add_argument("--lm-batch-size", type=int, default=32, help="documents per LM forward")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="LM, buffer and SAE (default: bfloat16 on GPU as in the paper, float32 on CPU)")
+                   help="LM, buffer and SAE (default: bfloat16 on GPU as in the paper, float32 "
+                        "on CPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="out", help="folder for checkpoints")
     g.add_argument("--save-every", type=int, default=0,
@@ -93,7 +107,8 @@ def get_args(argv=None):
                    help="continue from a resumable checkpoint; `auto` = <out>/resume.safetensors "
                         "if it exists")
     g = p.add_argument_group("logging")
-    g.add_argument("--log-every", type=int, default=0, help="steps between log lines; 0 = ~40 lines")
+    g.add_argument("--log-every", type=int, default=0,
+                   help="steps between log lines; 0 = ~40 lines")
     g.add_argument("--eval-tokens", type=int, default=20_000,
                    help="held-out tokens scored after training; 0 = off")
     args = p.parse_args(argv)
@@ -122,7 +137,8 @@ def check_args(args):
             die(f"--context-size {args.context_size} is out of range: allowed 2-{max_pos}")
     sizes = args.n_features or args.expansion
     if min(sizes) <= 0:
-        die(f"--{'n-features' if args.n_features else 'expansion'} {min(sizes):g} must be positive")
+        die(f"--{'n-features' if args.n_features else 'expansion'} "
+            f"{min(sizes):g} must be positive")
     if args.batch_size < 1 or args.batch_size > args.buffer_size // 2:
         die(f"--batch-size {args.batch_size} must be in 1..{args.buffer_size // 2} "
             f"(half of --buffer-size {args.buffer_size})")
@@ -145,9 +161,11 @@ def check_args(args):
 
 
 def schedule(args):
-    """Steps of warm-up, decay and K-annealing; a run shorter than the paper's keeps their shares."""
+    """Steps of warm-up, decay and K-annealing; a run shorter than the paper's keeps their
+    shares."""
     steps = args.total_tokens // args.batch_size
-    warmup = min(args.warmup_steps, round(steps * 0.05)) if steps < PAPER_STEPS else args.warmup_steps
+    warmup = min(args.warmup_steps, round(steps * 0.05)) if steps < PAPER_STEPS \
+        else args.warmup_steps
     return dict(steps=steps, warmup=warmup, decay=round(steps * args.decay_frac),
                 anneal=round(steps * args.k_anneal_frac))
 
@@ -292,7 +310,8 @@ def restore_(meta, t, buffers, runs):
         run.last_fired.copy_(t[f"{run.name}.last_fired"])
         state = run.opt.state_dict()
         for i in range(len(state["param_groups"][0]["params"])):
-            st = {k.rsplit(".", 1)[1]: v for k, v in t.items() if k.startswith(f"{run.name}.adam.{i}.")}
+            st = {k.rsplit(".", 1)[1]: v for k, v in t.items()
+                  if k.startswith(f"{run.name}.adam.{i}.")}
             state["state"][i] = dict(st, step=st["step"].reshape(()))
         run.opt.load_state_dict(state)
 
@@ -322,8 +341,11 @@ def train(args):
     else:
         lm, tok = model.load_model(args.model, args.device, dtype)
         data = lm_producers(args, lm, tok, sites, skip=skip)
-    print(f"loaded in {time.time() - t0:.1f}s; {'resuming at step ' + str(meta['step']) if meta else 'filling'}"
-          f" {len(sites)} buffer(s) of {args.buffer_size:,} rows")
+    # a run shorter than the buffer fills only what it will use (never less than two batches)
+    size = min(args.buffer_size, max(2 * args.batch_size, sched["steps"] * args.batch_size))
+    print(f"loaded in {time.time() - t0:.1f}s; "
+          f"{'resuming at step ' + str(meta['step']) if meta else 'filling'}"
+          f" {len(sites)} buffer(s) of {size:,} rows")
 
     buffers, limits, runs = {}, {}, {}
     widths = args.n_features or [round(e * d_model) for e in args.expansion]
@@ -331,11 +353,12 @@ def train(args):
         runs[key] = [Run(args, key, n, d_model, dtype) for n in widths]
         if meta:  # norms, limits, buffer contents and weights come from the checkpoint
             limits[key] = meta["limits"][f"{key[0]}{key[1]}"]
-            queued = saved[f"queue.{key[0]}{key[1]}"].split(saved[f"queue.{key[0]}{key[1]}.sizes"].tolist())
+            queued = saved[f"queue.{key[0]}{key[1]}"].split(
+                saved[f"queue.{key[0]}{key[1]}.sizes"].tolist())
             data.queues[key].extend(queued)
             first = []
         else:
-            first = first_fill(data[key], args.buffer_size)  # (size, C)
+            first = first_fill(data[key], size)  # (size, C)
             if not torch.isfinite(first).all():
                 die(f"step 0 (the first buffer fill): NaN or Inf in the activations of site {key}")
             limits[key] = outlier_limits(first, d_model, args.max_norm_ratio)
@@ -343,7 +366,7 @@ def train(args):
             for run in runs[key]:  # S_in, S_out from the first fill (§3.3.3)
                 run.sae.set_norms_(first[0][:, :d_model], first[0][:, -d_model:])
         rest = (keep_rows(r, limits[key], d_model) for r in data[key])
-        buffers[key] = ActivationBuffer(itertools.chain(first, rest), args.buffer_size,
+        buffers[key] = ActivationBuffer(itertools.chain(first, rest), size,
                                         args.batch_size, seed=args.seed, device=args.device,
                                         limit=sched["steps"] * args.batch_size)
         sae0 = runs[key][0].sae
@@ -356,7 +379,8 @@ def train(args):
     every = args.log_every or max(1, sched["steps"] // 40)
     all_runs = [r for rs in runs.values() for r in rs]
     print(f"{len(all_runs)} SAE(s): {', '.join(r.name for r in all_runs)} | D {d_model} | "
-          f"{sched['steps']:,} steps x {args.batch_size} tokens = {sched['steps'] * args.batch_size:,}"
+          f"{sched['steps']:,} steps x {args.batch_size} tokens = "
+          f"{sched['steps'] * args.batch_size:,}"
           f" tokens each\nschedule: warm-up {sched['warmup']} steps (asked {args.warmup_steps}; "
           f"capped at 5% of a short run) | K {k_init} -> {args.k} over {sched['anneal']} steps | "
           f"lr {args.lr:g}, decay to {args.lr_end:g} over the last {sched['decay']} steps")
@@ -380,16 +404,18 @@ def train(args):
             for run in runs[key]:
                 run.step(rows, k, lr, args, tokens)
                 if not math.isfinite(run.log["loss"][-1]):
-                    die(f"step {step + 1}: {run.name} loss is {run.log['loss'][-1]} (NaN or Inf); stopping "
-                        f"(the last resumable checkpoint, if any, is kept)")
+                    die(f"step {step + 1}: {run.name} loss is {run.log['loss'][-1]} (NaN or Inf); "
+                        f"stopping (the last resumable checkpoint, if any, is kept)")
         if (step + 1) % every == 0 or step + 1 == sched["steps"]:
             dt = time.time() - t_train
             eta = dt / (step + 1 - start) * (sched["steps"] - step - 1)
             for run in all_runs:
                 print(f"{run.name} step {step + 1}/{sched['steps']} | {run.log_line(tokens)} | "
-                      f"k {k} | lr {lr:.1e} | {(tokens - start * args.batch_size) / dt / 1e3:.1f}k "
+                      f"k {k} | lr {lr:.1e} | "
+                      f"{(tokens - start * args.batch_size) / dt / 1e3:.1f}k "
                       f"tok/s | eta {eta:.0f}s", flush=True)
-        if args.save_every and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
+        if args.save_every \
+                and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
             save_resume(os.path.join(args.out, "resume.safetensors"), args, step + 1, tokens,
                         data, buffers, runs, limits)
     step += 1
@@ -405,7 +431,8 @@ def train(args):
             hook_point_in=hook_in, hook_point_out=hook_out,
             expansion_factor=run.sae.n_features / d_model,
             act_fn="topk" if args.act == "topk" else "relu", k_warmup_steps=sched["anneal"],
-            init_decoder_norm=args.init_decoder_norm or math.sqrt(2 * d_model / run.sae.n_features),
+            init_decoder_norm=args.init_decoder_norm
+                or math.sqrt(2 * d_model / run.sae.n_features),
             use_batch_norm_mse=args.loss == "batch-norm-mse", norm_activation="dataset-wise",
             apply_decoder_bias_to_pre_encoder=False, use_decoder_bias=True, lr=args.lr,
             l1_coefficient=args.l1_coef, context_size=args.context_size, dataset_path=args.dataset,
@@ -428,11 +455,13 @@ def heldout_metrics(args, lm, tok, runs, limits):
     producers = lm_producers(args, lm, tok, list(runs), split="eval", epochs=1)
     out = {}
     for key, rs in runs.items():
-        rows = keep_rows(first_fill(producers[key], args.eval_tokens), limits[key], rs[0].sae.d_model)
+        rows = keep_rows(first_fill(producers[key], args.eval_tokens), limits[key],
+                         rs[0].sae.d_model)
         for run in rs:
             m = reconstruction_metrics(run.sae, rows)
             out[run.name] = m
-            print(f"{run.name} held-out ({m['n_tokens']:,} tokens): ev {m['explained_variance']:.3f}"
+            print(f"{run.name} held-out ({m['n_tokens']:,} tokens): "
+                  f"ev {m['explained_variance']:.3f}"
                   f" | ev centred {m['explained_variance_centered']:.3f} | l0 {m['l0']:.1f} | "
                   f"never fired {100 * m['dead_frac']:.1f}%")
     return out
