@@ -307,6 +307,25 @@ def test_checkpoint_round_trip_carries_its_config(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temporary file left behind
 
 
+def test_several_sites_train_from_one_lm_pass(tmp_path):
+    """R and TC at one layer: each site keeps its own outlier limit, buffer and checkpoint."""
+    p = subprocess.run([sys.executable, "train.py", "--layer", "1", "--site", "R,TC", "--expansion",
+                        "1,2", "--total-tokens", "8192", "--buffer-size", "4096", "--batch-size",
+                        "1024", "--eval-tokens", "0", "--out", str(tmp_path)], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    names = [line.removeprefix("saved ") for line in p.stdout.splitlines() if line.startswith("saved")]
+    assert [os.path.basename(n) for n in names] == [
+        "L1R-1x-TopK.safetensors", "L1R-2x-TopK.safetensors", "L1TC-1x-TopK.safetensors",
+        "L1TC-2x-TopK.safetensors"]
+    limits = set()
+    for n in names:
+        config = sae_lib.load_checkpoint(n)[1]
+        assert config["n_training_tokens"] == 8192
+        limits.add(tuple(config["outlier_norm_limit"]))
+    assert len(limits) == 2  # one limit per site, not the last site's for all
+
+
 def test_bad_layer_is_one_line_error():
     code, out, err = run_train("--layer", "30")
     assert code == 2 and err.strip() == \

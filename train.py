@@ -198,6 +198,12 @@ def first_fill(rows, n):
     return torch.cat(got)
 
 
+def kept_rows(rows, limit, d_model):
+    """The producer's rows without massive activations (a function, so each site keeps its limit)."""
+    for r in rows:
+        yield keep_rows(r, limit, d_model)
+
+
 def outlier_limits(rows, d_model, ratio):
     """(max_in, max_out) norms: ratio x the median token norm of the first fill; None when off."""
     if ratio <= 0:
@@ -365,7 +371,7 @@ def train(args):
             first = [keep_rows(first, limits[key], d_model)]
             for run in runs[key]:  # S_in, S_out from the first fill (§3.3.3)
                 run.sae.set_norms_(first[0][:, :d_model], first[0][:, -d_model:])
-        rest = (keep_rows(r, limits[key], d_model) for r in data[key])
+        rest = kept_rows(data[key], limits[key], d_model)  # bound now, per site
         buffers[key] = ActivationBuffer(itertools.chain(first, rest), size,
                                         args.batch_size, seed=args.seed, device=args.device,
                                         limit=sched["steps"] * args.batch_size)
