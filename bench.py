@@ -37,7 +37,7 @@ def sae_step(d, f, k, rows, repeat, dtype, device):
     sae = SAE(d, f, k=k).to(device, dtype)
     sae.set_norms_(torch.ones(1, d), torch.ones(1, d))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    x = torch.randn(rows, d, device=device, dtype=dtype) * d ** 0.5 / d ** 0.5
+    x = torch.randn(rows, d, device=device, dtype=dtype)
 
     def step(forward):
         def run():

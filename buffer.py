@@ -131,6 +131,25 @@ def keep_rows(rows, max_norm, d_model):
     return rows[ok]
 
 
+def kept_rows(rows, max_norm, d_model):
+    """keep_rows over a stream (a function, so each site's stream keeps its own limit)."""
+    for r in rows:
+        yield keep_rows(r, max_norm, d_model)
+
+
+def take_rows(rows, n):
+    """At least n rows from a producer, as one tensor (a buffer takes n and keeps the rest)."""
+    got, have = [], 0
+    for x in rows:
+        got.append(x)
+        have += len(x)
+        if have >= n:
+            break
+    if have == 0:
+        _bad("the dataset yielded no tokens (every document empty or special tokens only)")
+    return torch.cat(got)
+
+
 def _bad(msg):
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)

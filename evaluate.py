@@ -18,13 +18,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 import model
+from sae import bad_input as die  # one line on stderr, exit code 2
 from sae import load_checkpoint
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
@@ -43,8 +43,7 @@ class Metrics:
     @torch.no_grad()
     def add(self, x_in, x_out, s_out):
         """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space."""
-        sae, d = self.sae, self.sae.d_model
-        x_hat = reconstruct(sae, x_in, self.counts)
+        x_hat = reconstruct(self.sae, x_in, self.counts)
         err, y = (x_hat - x_out.to(x_hat.dtype)).double() * s_out, x_out.double() * s_out
         self.err += err.pow(2).sum().item()
         self.sq += y.pow(2).sum().item()
@@ -75,14 +74,17 @@ def reconstruct(sae, x_in, counts=None):
     return x_hat / s_out
 
 
-def reconstruction_metrics(sae, rows, chunk=4096):
-    """Metrics from raw rows (N, D), or (N, 2D) = input | target for a transcoder."""
+def reconstruction_metrics(sae, rows, norm_out=None, chunk=4096, freq=False):
+    """Metrics from raw rows (N, D), or (N, 2D) = input | target for a transcoder. norm_out: the
+    dataset norm defining the MSE's space (default: the SAE's own); freq: keep the (F,) firing
+    frequencies under "freq"."""
     m, d = Metrics(sae), sae.d_model
-    s_out = math.sqrt(d) / sae.norm_out.item()
+    s_out = math.sqrt(d) / (norm_out or sae.norm_out.item())
     for r in rows.split(chunk):
         m.add(r[:, :d], r[:, -d:], s_out)
     out = m.result()
-    del out["freq"]
+    if not freq:
+        del out["freq"]
     return out
 
 
@@ -162,11 +164,6 @@ def plot_firing(freq, path, title):
     plt.close(fig)
 
 
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an SAE checkpoint (§4)")
     p.add_argument("checkpoint", help="a train.py or postprocess.py checkpoint (.safetensors)")
@@ -192,11 +189,8 @@ def main(argv=None):
         from buffer import load_activations
         x, y = load_activations(args.activations)
         rows = x[:args.tokens] if y is None else torch.cat([x, y], -1)[:args.tokens]
-        m = Metrics(sae)
-        for r in rows.split(4096):
-            m.add(r[:, :sae.d_model], r[:, -sae.d_model:],
-                  math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"])
-        out = m.result()
+        out = reconstruction_metrics(sae, rows, config["dataset_average_activation_norm"]["out"],
+                                     freq=True)
     else:
         if not config.get("model_name"):
             die("this SAE was trained on --activations: evaluate it with --activations FILE")

@@ -12,11 +12,10 @@ The folded file keeps `top_k`, so it can still be run in TopK mode (evaluate.py 
 import argparse
 import math
 import os
-import sys
 
 import torch
 
-from sae import load_checkpoint, save_checkpoint
+from sae import bad_input, load_checkpoint, save_checkpoint
 
 
 @torch.no_grad()
@@ -60,18 +59,14 @@ def training_rows(config, n_tokens, lm_batch_size=16):
     """n_tokens rows of the SAE's input from the documents it was trained on (train split), with
     the same special-token and massive-activation rules as training."""
     import model
-    from buffer import FanOut, keep_rows
+    from buffer import FanOut, kept_rows, take_rows
     lm, tok = model.load_model(config["model_name"])
     key = (config["layer"], config["site"])
     docs = model.iter_documents(config["dataset_path"], "train", epochs=1)
     batches = model.token_batches(tok, docs, config["context_size"], lm_batch_size)
-    rows, have = [], 0
-    for r in FanOut(model.activation_producer(lm, tok, [key], batches), [key])[key]:
-        rows.append(keep_rows(r, config.get("outlier_norm_limit"), config["d_model"]))
-        have += len(rows[-1])
-        if have >= n_tokens:
-            break
-    return torch.cat(rows)[:n_tokens, :config["d_model"]]
+    rows = FanOut(model.activation_producer(lm, tok, [key], batches), [key])[key]
+    rows = kept_rows(rows, config.get("outlier_norm_limit"), config["d_model"])
+    return take_rows(rows, n_tokens)[:n_tokens, :config["d_model"]]
 
 
 def postprocess(sae, config, x):
@@ -99,21 +94,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     sae, config = load_checkpoint(args.checkpoint)
     if config.get("folded"):
-        print(f"error: {args.checkpoint} is already post-processed", file=sys.stderr)
-        sys.exit(2)
+        bad_input(f"{args.checkpoint} is already post-processed")
     out = args.out or args.checkpoint.removesuffix(".safetensors") + "-JumpReLU.safetensors"
     if os.path.abspath(out) == os.path.abspath(args.checkpoint):
-        print(f"error: --out {out} would overwrite the input", file=sys.stderr)
-        sys.exit(2)
+        bad_input(f"--out {out} would overwrite the input")
     if args.activations:
         from buffer import load_activations
         x = load_activations(args.activations)[0][:args.tokens]
     elif config.get("model_name"):
         x = training_rows(config, args.tokens)
     else:
-        print("error: trained on --activations: give --activations FILE to fit theta",
-              file=sys.stderr)
-        sys.exit(2)
+        bad_input("trained on --activations: give --activations FILE to fit theta")
     config = postprocess(sae, config, x)
     print(f"folded S_in, S_out; decoder columns unit-norm; theta "
           f"{config['jump_relu_threshold']:.6g} from {len(x):,} tokens")

@@ -194,8 +194,13 @@ def save_checkpoint(sae, config, path):
     if not config.get("folded"):  # a folded SAE keeps the norms it was trained with, for reference
         config["dataset_average_activation_norm"] = {"in": sae.norm_in.item(),
                                                      "out": sae.norm_out.item()}
+    atomic_save_file(tensors, path, {"config": json.dumps(config)})
+
+
+def atomic_save_file(tensors, path, metadata):
+    """save_file aside, fsync, rename: a reader (or a kill -9) never sees a half-written `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"config": json.dumps(config)})
+    save_file(tensors, tmp, metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -251,8 +251,9 @@ def test_normalization_and_loss_are_scale_invariant():
     sae.set_norms_(x, x)
     s_in, s_out = sae.scales()
     assert math.isclose((x * s_in).norm(dim=1).mean().item(), math.sqrt(32), rel_tol=1e-5)
-    a, b = sae.loss(x, x), sae.loss(100 * x, 100 * x) if not sae.set_norms_(100 * x, 100 * x) \
-        else 0
+    a = sae.loss(x, x)
+    sae.set_norms_(100 * x, 100 * x)  # the same data 100x larger: normalization absorbs it
+    b = sae.loss(100 * x, 100 * x)
     torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
 
 
@@ -309,12 +310,13 @@ def test_checkpoint_round_trip_carries_its_config(tmp_path):
 
 def test_several_sites_train_from_one_lm_pass(tmp_path):
     """R and TC at one layer: each site keeps its own outlier limit, buffer and checkpoint."""
-    p = subprocess.run([sys.executable, "train.py", "--layer", "1", "--site", "R,TC", "--expansion",
-                        "1,2", "--total-tokens", "8192", "--buffer-size", "4096", "--batch-size",
-                        "1024", "--eval-tokens", "0", "--out", str(tmp_path)], cwd=HERE,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "train.py", "--layer", "1", "--site", "R,TC",
+                        "--expansion", "1,2", "--total-tokens", "8192", "--buffer-size", "4096",
+                        "--batch-size", "1024", "--eval-tokens", "0", "--out", str(tmp_path)],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    names = [line.removeprefix("saved ") for line in p.stdout.splitlines() if line.startswith("saved")]
+    names = [line.removeprefix("saved ") for line in p.stdout.splitlines()
+             if line.startswith("saved")]
     assert [os.path.basename(n) for n in names] == [
         "L1R-1x-TopK.safetensors", "L1R-2x-TopK.safetensors", "L1TC-1x-TopK.safetensors",
         "L1TC-2x-TopK.safetensors"]

@@ -12,26 +12,21 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 
 import model
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from buffer import ActivationBuffer, FanOut, file_producer, keep_rows, load_activations
-from sae import SAE, k_at, lr_at, save_checkpoint
+from buffer import (ActivationBuffer, FanOut, file_producer, keep_rows, kept_rows,
+                    load_activations, take_rows)
+from sae import SAE, atomic_save_file, k_at, lr_at, save_checkpoint
+from sae import bad_input as die  # one line on stderr, exit code 2
 
 PAPER_STEPS = 800_000_000 // 2048  # the released 8x runs: 390,625 steps of 2048 tokens
 DEAD_WINDOW = 100_000  # tokens: a feature that has not fired within this many is counted dead
                       # (§4.4)
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def csv(kind):
@@ -117,14 +112,14 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    """Every cheap check, before any slow work (no model load yet). Returns (d_model, n_layers)."""
+    """Every cheap check, before any slow work (no model load yet). Returns d_model."""
     bad_site = [s for s in args.site if s not in model.SITES]
     if bad_site:
         die(f"--site {','.join(bad_site)} is unknown; allowed: {', '.join(model.SITES)}")
     if args.activations:
         if not os.path.isfile(args.activations):
             die(f"--activations {args.activations}: no such file")
-        d_model, n_layers, max_pos = None, None, None
+        d_model, max_pos = None, None
     else:
         cfg = model.load_config(args.model)
         d_model, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
@@ -157,7 +152,7 @@ def check_args(args):
     for name in ("decay_frac", "k_anneal_frac"):
         if not 0 <= getattr(args, name) <= 1:
             die(f"--{name.replace('_', '-')} {getattr(args, name)} must be in [0, 1]")
-    return d_model, n_layers
+    return d_model
 
 
 def schedule(args):
@@ -183,25 +178,6 @@ def lm_producers(args, lm, tok, sites, split="train", epochs=None, skip=0):
     batches = model.token_batches(tok, docs, args.context_size, args.lm_batch_size)
     batches = itertools.islice(batches, skip, None)
     return FanOut(model.activation_producer(lm, tok, sites, batches), sites, made=skip)
-
-
-def first_fill(rows, n):
-    """At least n rows from a producer, as one tensor (the buffer takes n, keeps the rest)."""
-    got, have = [], 0
-    for x in rows:
-        got.append(x)
-        have += len(x)
-        if have >= n:
-            break
-    if have == 0:
-        die("the dataset yielded no tokens (every document empty or special tokens only)")
-    return torch.cat(got)
-
-
-def kept_rows(rows, limit, d_model):
-    """The producer's rows without massive activations (a function, so each site keeps its limit)."""
-    for r in rows:
-        yield keep_rows(r, limit, d_model)
 
 
 def outlier_limits(rows, d_model, ratio):
@@ -279,12 +255,8 @@ def save_resume(path, args, step, tokens, data, buffers, runs, limits):
             "limits": {f"{k[0]}{k[1]}": v for k, v in limits.items()},
             "buffers": {f"{k[0]}{k[1]}": {"read": b.read, "remaining": b.remaining,
                                           "exhausted": b.exhausted} for k, b in buffers.items()}}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in t.items()}, tmp,
-              metadata={"resume": json.dumps(meta)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_save_file({k: v.detach().contiguous().cpu() for k, v in t.items()}, path,
+                     {"resume": json.dumps(meta)})
 
 
 def read_resume(path, args):
@@ -323,7 +295,7 @@ def restore_(meta, t, buffers, runs):
 
 
 def train(args):
-    d_model, n_layers = check_args(args)
+    d_model = check_args(args)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     sites = list(dict.fromkeys(itertools.product(args.layer, args.site)))
@@ -364,7 +336,7 @@ def train(args):
             data.queues[key].extend(queued)
             first = []
         else:
-            first = first_fill(data[key], size)  # (size, C)
+            first = take_rows(data[key], size)  # (size, C)
             if not torch.isfinite(first).all():
                 die(f"step 0 (the first buffer fill): NaN or Inf in the activations of site {key}")
             limits[key] = outlier_limits(first, d_model, args.max_norm_ratio)
@@ -461,7 +433,7 @@ def heldout_metrics(args, lm, tok, runs, limits):
     producers = lm_producers(args, lm, tok, list(runs), split="eval", epochs=1)
     out = {}
     for key, rs in runs.items():
-        rows = keep_rows(first_fill(producers[key], args.eval_tokens), limits[key],
+        rows = keep_rows(take_rows(producers[key], args.eval_tokens), limits[key],
                          rs[0].sae.d_model)
         for run in rs:
             m = reconstruction_metrics(run.sae, rows)
