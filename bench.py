@@ -9,6 +9,9 @@
 - `lm_tok_s`: tokens/s of the early-stopped LM forward for several layers and the full depth.
 - `multi_sae`: seconds per token of training S SAEs at one layer from one LM forward, S = 1 and 4.
 - `peak_rss_mb`: peak memory of a short run with the default flags.
+- `tp_step_ms`: the same SAE step sharded over --tp processes (parallel.py; gloo on CPU, NCCL on
+  GPU) against one process. On one CPU the ranks share the cores: a correctness check of the
+  plumbing, not a speed claim.
 """
 import argparse
 import json
@@ -55,6 +58,47 @@ def sae_step(d, f, k, rows, repeat, dtype, device):
     return {"d_model": d, "n_features": f, "k": k, "rows": rows, "encoder_matmul_ms": matmul,
             "sae_step_ms": sparse, "step_over_floor": sparse / matmul,
             "dense_step_ms": dense, "dense_step_over_floor": dense / matmul}
+
+
+def tp_worker(rank, tp, port, d, f, k, rows, repeat, device, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import parallel
+    torch.set_num_threads(max(1, torch.get_num_threads() // tp))  # ranks share one machine's CPU
+    comms = parallel.Comms(tp, device)
+    torch.manual_seed(0)
+    full = SAE(d, f, k=k)
+    full.set_norms_(torch.ones(1, d), torch.ones(1, d))
+    sae = comms.shard(full).to(comms.device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    x = torch.randn(rows, d, device=comms.device)
+
+    def step():
+        x_hat, _ = sae(x)
+        opt.zero_grad(set_to_none=True)
+        (x_hat - x).pow(2).mean().backward()
+        comms.reduce_grads_(sae)
+        opt.step()
+        sync(comms.device)
+    ms = timed(step, repeat)
+    if rank == 0:
+        with open(result, "w") as out:
+            json.dump(ms, out)
+    comms.close()
+
+
+def tp_step(tp, d, f, k, rows, repeat, device):
+    """ms of one TopK step with the SAE sharded over tp processes (spawned here)."""
+    import socket
+    import tempfile
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = os.path.join(tempfile.mkdtemp(), "ms.json")
+    mp.spawn(tp_worker, args=(tp, port, d, f, k, rows, repeat, device, result), nprocs=tp)
+    with open(result) as r:
+        return json.load(r)
 
 
 def sync(device):
@@ -111,6 +155,8 @@ def main():
                    help="tokens per LM speed point; 0 = skip")
     p.add_argument("--multi-tokens", type=int, default=16384,
                    help="tokens per multi-SAE run; 0 = skip")
+    p.add_argument("--tp", type=int, default=2,
+                   help="also time the step sharded over this many processes; 0 = skip")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--json", default=None)
@@ -129,6 +175,12 @@ def main():
                   f"{r['encoder_matmul_ms']:.1f} ms"
                   f" | step_over_floor {r['step_over_floor']:.2f} | dense reference "
                   f"{r['dense_step_over_floor']:.2f}")
+    if args.tp:
+        r = res["sae_small"]
+        ms = tp_step(args.tp, 576, 4608, 50, args.rows, args.repeat, args.device)
+        res["tp_step_ms"] = {"1": r["sae_step_ms"], str(args.tp): ms}
+        print(f"SAE step sharded over tp={args.tp} processes: {ms:.1f} ms (tp=1: "
+              f"{r['sae_step_ms']:.1f} ms)")
     if args.lm_tokens:
         speeds, n_layers = lm_speed([7, 15, 23, 29], args.lm_tokens, 32, args.device, dtype)
         full = speeds[n_layers - 1]

@@ -22,9 +22,9 @@ class TopKEncode(torch.autograd.Function):
     ranks h_i * s_i without an (N, F) multiply."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, scale, k):
+    def forward(ctx, x, W_enc, b_enc, scale, k, select):
         score = torch.addmm(b_enc * scale, x, (W_enc * scale[:, None]).T)  # (N, F) = h_i * s_i
-        top, idx = score.topk(k, dim=-1, sorted=False)  # (N, K); ReLU is monotone: select first
+        top, idx = select(score, k)  # (N, K); ReLU is monotone: select first
         vals = (top / scale[idx]).clamp_(min=0)  # (N, K): h_i, kept unscaled (eq. 5)
         ctx.save_for_backward(x, idx, vals)
         ctx.n_features = W_enc.shape[0]
@@ -45,7 +45,13 @@ class TopKEncode(torch.autograd.Function):
             grad_W, = torch.autograd.grad(out, W, grad_outputs=x)  # (F, D)
         grad_b = torch.zeros(ctx.n_features, device=x.device, dtype=g.dtype)
         grad_b.index_add_(0, idx.flatten(), g.flatten())  # (F,)
-        return None, grad_W, grad_b, None, None
+        return None, grad_W, grad_b, None, None, None
+
+
+def local_topk(score, k):
+    """The selection of eq. 5 on one device. parallel.py swaps in an exact sharded one, which
+    returns 0 in place of the entries that lost to another shard's features."""
+    return score.topk(k, dim=-1, sorted=False)
 
 
 class SAE(torch.nn.Module):
@@ -74,6 +80,8 @@ class SAE(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(d_model))
         self.register_buffer("norm_in", torch.zeros(()))
         self.register_buffer("norm_out", torch.zeros(()))
+        # how a shard of F joins the others (parallel.py); one device: plain TopK, no reduction
+        self.select, self.reduce = local_topk, lambda partial: partial
         self.init_(init_decoder_norm or math.sqrt(2 * d_model / n_features))
 
     @torch.no_grad()
@@ -89,10 +97,11 @@ class SAE(torch.nn.Module):
         self.b_dec.zero_()
 
     @torch.no_grad()
-    def set_norms_(self, x_in, x_out):
-        """Dataset-wise normalization from a sample of rows (the first buffer fill)."""
-        self.norm_in.fill_(x_in.float().norm(dim=-1).mean())
-        self.norm_out.fill_(x_out.float().norm(dim=-1).mean())
+    def set_norms_(self, x_in, x_out, mean=torch.mean):
+        """Dataset-wise normalization from a sample of rows (the first buffer fill); `mean` over
+        every rank's rows in parallel.py."""
+        self.norm_in.fill_(mean(x_in.float().norm(dim=-1)))
+        self.norm_out.fill_(mean(x_out.float().norm(dim=-1)))
 
     def scales(self):
         """(S_in, S_out): multiply raw activations by these to get the SAE's training space."""
@@ -111,15 +120,17 @@ class SAE(torch.nn.Module):
         if self.act == "jumprelu":
             h = F.linear(x, self.W_enc, self.b_enc)
             return h * (h > self.threshold)
-        return TopKEncode.apply(x, self.W_enc, self.b_enc, self.rank_scale(), k or self.k)
+        return TopKEncode.apply(x, self.W_enc, self.b_enc, self.rank_scale(), k or self.k,
+                                self.select)
 
     def decode(self, f):
         """x_hat (N, D) from (values, indices) or from dense f (N, F)."""
         if isinstance(f, tuple):
             vals, idx = f  # only the K active rows of W_dec are read (and get gradient)
-            return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals,
-                                   mode="sum") + self.b_dec
-        return f @ self.W_dec + self.b_dec
+            partial = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+        else:
+            partial = f @ self.W_dec  # (N, D)
+        return self.reduce(partial) + self.b_dec
 
     def forward(self, x, k=None):
         """x (N, D) in training space -> (x_hat (N, D), f)."""
@@ -147,9 +158,9 @@ class SAE(torch.nn.Module):
                "fired": active_features(f, self.n_features)}
         active = (f[0] if isinstance(f, tuple) else f) > 0
         out["l0"] = active.float().sum(-1).mean()
-        out["loss"] = mse
-        if self.act == "vanilla":  # L1 on f_i * ||W_dec[i]|| (§4.2 baseline)
-            out["loss"] = mse + l1_coef * (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        out["l1"] = mse.new_zeros(()) if self.act != "vanilla" else \
+            l1_coef * (f * self.W_dec.norm(dim=1)).sum(-1).mean()  # L1 on f_i ||W_dec[i]|| (§4.2)
+        out["loss"] = mse + out["l1"]
         return out
 
 

@@ -588,3 +588,84 @@ def test_kill_9_then_resume_ends_bit_identical(tmp_path):
     # a resume checkpoint refuses a different configuration
     code, out, err = run_train(*RESUMABLE, "--lr", "1e-3", "--out", str(a), "--resume", "auto")
     assert code == 2 and "from a different configuration: --lr was 0.0008, now 0.001" in err
+
+
+# ----------------------------------------------------------------------------- parallel.py
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_step_worker(rank, world, tp, port, transcoder):
+    """One training step of a dp x tp sharded SAE vs the same step in one process (float64)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import copy
+    import parallel
+    torch.set_num_threads(1)  # tiny tensors, several processes on few cores
+    torch.manual_seed(0)
+    full = SAE(16, 64, k=5, transcoder=transcoder).double()
+    x, y = torch.randn(48, 16, dtype=torch.float64), torch.randn(48, 16, dtype=torch.float64)
+    y = y if transcoder else x
+    full.set_norms_(x, y)
+    with torch.no_grad():
+        f_ref = full.forward_dense(x * full.scales()[0])[1] > 0  # (48, 64): features selected
+    ref = copy.deepcopy(full)  # one process, the whole batch
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    out_ref = ref.loss(x, y)
+    out_ref["loss"].backward()
+    opt.step()
+    comms = parallel.Comms(tp)
+    shard = comms.shard(full)
+    opt = torch.optim.Adam(shard.parameters(), lr=1e-2)
+    rows = torch.cat([x, y], -1).chunk(world)[rank]  # this rank's own rows
+    rows = comms.gather_rows(rows)  # its tensor-parallel group's rows, (48 / dp, 32)
+    F, n = 64 // tp, 48 // comms.dp
+    mine = slice(comms.tp_rank * F, (comms.tp_rank + 1) * F)  # this shard's features
+    with torch.no_grad():
+        vals, idx = shard.encode(rows[:, :16] * full.scales()[0])
+    sel = torch.zeros(n, F, dtype=torch.bool).scatter_(1, idx, vals > 0)
+    assert torch.equal(sel, f_ref[comms.dp_rank * n:(comms.dp_rank + 1) * n, mine])
+    out = shard.loss(rows[:, :16], rows[:, 16:])
+    out["loss"].backward()
+    comms.reduce_grads_(shard)
+    opt.step()
+    loss = comms.sum_(out["loss"].detach().clone(), comms.dp_group) / comms.dp
+    assert abs(loss.item() - out_ref["loss"].item()) < 1e-12 * out_ref["loss"].item()
+    for name, p in shard.named_parameters():
+        want = getattr(ref, name) if name == "b_dec" else getattr(ref, name)[mine]
+        assert (p - want).norm() <= 1e-5 * want.norm(), name
+    whole = comms.gather_sae(shard)
+    if rank == 0:
+        for name, p in ref.named_parameters():
+            assert (getattr(whole, name) - p).norm() <= 1e-5 * p.norm(), name
+    comms.close()
+
+
+@pytest.mark.parametrize("tp,dp,transcoder", [(2, 1, False), (1, 2, False), (2, 2, True)])
+def test_parallel_step_equals_one_process(tp, dp, transcoder):
+    import torch.multiprocessing as mp
+    mp.spawn(_one_step_worker, args=(tp * dp, tp, _free_port(), transcoder), nprocs=tp * dp)
+
+
+def test_torchrun_tp2_trains_like_one_process_and_evaluate_reads_it(tmp_path):
+    path, _ = planted(tmp_path)
+    flags = ["train.py", "--activations", path, "--expansion", "4", "--k", "3", "--total-tokens",
+             "160000", "--buffer-size", "8192", "--batch-size", "1024", "--lr", "3e-3"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", *flags, "--tp", "2", "--out", str(tmp_path / "tp")],
+                       cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1] == f"saved {tmp_path / 'tp' / 'L15R-4x-TopK.safetensors'}"
+    assert sum(line.startswith("saved") for line in lines) == 1  # rank 0 alone prints
+    assert "dp 1 x tp 2" in p.stdout
+    code, out, err = run_train(*flags[1:], "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    ev = {name: evaluate.main([str(tmp_path / name / "L15R-4x-TopK.safetensors"),
+                               "--activations", path])["explained_variance"]
+          for name in ("tp", "one")}
+    assert ev["tp"] > 0.7 and abs(ev["tp"] - ev["one"]) < 0.02, ev

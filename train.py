@@ -3,6 +3,7 @@
     python train.py                                # L15R-8x-TopK, embedded SmolLM2, ~10 min on CPU
     python train.py --layer 23 --site A --expansion 32
     python train.py --layer 7,15 --site R,TC --expansion 8,32   # 8 SAEs fed by one LM pass
+    torchrun --nproc_per_node=8 train.py --expansion 32 --tp 2  # 4 LM copies x SAEs in 2 shards
 
 Reads top to bottom: flags, checks, schedule, data (LM -> per-site buffers), SAEs, the loop, a
 check on held-out documents, checkpoints. The last line printed is `saved <path>` for each SAE.
@@ -17,6 +18,7 @@ import time
 import torch
 
 import model
+import parallel
 from safetensors import safe_open
 
 from buffer import (ActivationBuffer, FanOut, file_producer, keep_rows, kept_rows,
@@ -95,6 +97,9 @@ def get_args(argv=None):
                    help="LM, buffer and SAE (default: bfloat16 on GPU as in the paper, float32 "
                         "on CPU)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tp", type=int, default=1,
+                   help="tensor parallel: ranks that split each SAE's features; the rest of the "
+                        "torchrun processes are data parallel (parallel.py)")
     g.add_argument("--out", default="out", help="folder for checkpoints")
     g.add_argument("--save-every", type=int, default=0,
                    help="tokens between resumable checkpoints (<out>/resume.safetensors); 0 = off")
@@ -155,6 +160,18 @@ def check_args(args):
     return d_model
 
 
+def check_parallel(args, comms, d_model):
+    """What torchrun's layout asks of the flags (parallel.py)."""
+    if args.batch_size % comms.world:
+        die(f"--batch-size {args.batch_size} must be a multiple of the {comms.world} processes")
+    if args.batch_size // comms.world > args.buffer_size // 2:
+        die(f"--buffer-size {args.buffer_size} (per rank) must hold two per-rank minibatches of "
+            f"{args.batch_size // comms.world}")
+    widths = args.n_features or ([round(e * d_model) for e in args.expansion] if d_model else [])
+    if any(n % comms.tp for n in widths):
+        die(f"--tp {comms.tp} must divide the number of features ({widths})")
+
+
 def schedule(args):
     """Steps of warm-up, decay and K-annealing; a run shorter than the paper's keeps their
     shares."""
@@ -171,20 +188,23 @@ def run_name(layer, site, n_features, d_model, act):
 
 # ----------------------------------------------------------------------------- data
 
-def lm_producers(args, lm, tok, sites, split="train", epochs=None, skip=0):
+def lm_producers(args, lm, tok, sites, split="train", epochs=None, skip=0, rank=0, world=1):
     """FanOut of (N, C) rows per site from one early-stopped LM pass per batch of documents.
-    skip: LM batches already made by the run being resumed (tokenized again, not run)."""
+    skip: LM batches already made by the run being resumed (tokenized again, not run); each of
+    `world` ranks reads every world-th document."""
     docs = model.iter_documents(args.dataset, split, seed=args.seed, epochs=epochs)
+    docs = itertools.islice(docs, rank, None, world)
     batches = model.token_batches(tok, docs, args.context_size, args.lm_batch_size)
     batches = itertools.islice(batches, skip, None)
     return FanOut(model.activation_producer(lm, tok, sites, batches), sites, made=skip)
 
 
-def outlier_limits(rows, d_model, ratio):
-    """(max_in, max_out) norms: ratio x the median token norm of the first fill; None when off."""
+def outlier_limits(rows, d_model, ratio, every_rank=lambda norms: norms):
+    """(max_in, max_out) norms: ratio x the median token norm of the first fill (of every
+    rank's); None when off."""
     if ratio <= 0:
         return None
-    med = [rows[:, i:i + d_model].float().norm(dim=-1).median().item()
+    med = [every_rank(rows[:, i:i + d_model].float().norm(dim=-1)).median().item()
            for i in range(0, rows.shape[1], d_model)]
     return ratio * med[0], ratio * med[-1]
 
@@ -192,48 +212,58 @@ def outlier_limits(rows, d_model, ratio):
 # ----------------------------------------------------------------------------- training
 
 class Run:
-    """One SAE with its optimizer and running statistics."""
+    """One SAE (this rank's shard of it) with its optimizer and running statistics."""
 
-    def __init__(self, args, key, n_features, d_model, dtype):
+    def __init__(self, args, key, n_features, d_model, dtype, comms):
         layer, site = key
         expansion = n_features / d_model
-        self.key, self.name = key, run_name(layer, site, n_features, d_model, args.act)
-        self.sae = SAE(d_model, n_features, args.act, args.k, transcoder=site == "TC",
-                       init_decoder_norm=args.init_decoder_norm or math.sqrt(2 / expansion)
-                       ).to(args.device, dtype)
+        self.key, self.name, self.comms = key, run_name(layer, site, n_features, d_model,
+                                                        args.act), comms
+        full = SAE(d_model, n_features, args.act, args.k, transcoder=site == "TC",
+                   init_decoder_norm=args.init_decoder_norm or math.sqrt(2 / expansion))
+        self.sae = comms.shard(full).to(comms.device, dtype)  # init identical on every rank
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=args.lr, betas=args.adam_betas,
                                     eps=1e-8)
-        self.last_fired = torch.zeros(n_features, dtype=torch.long, device=args.device)  # token
+        self.last_fired = torch.zeros(self.sae.n_features, dtype=torch.long,
+                                      device=comms.device)  # token count when each last fired
         self.log = {}
 
     def step(self, rows, k, lr, args, tokens):
         d = self.sae.d_model
         x_in, x_out = (rows[:, :d], rows[:, d:]) if self.sae.transcoder else (rows, rows)
-        out = self.sae.loss(x_in, x_out, k=min(k, self.sae.n_features), l1_coef=args.l1_coef,
-                            batch_norm_mse=args.loss == "batch-norm-mse")
+        out = self.sae.loss(x_in, x_out, k=min(k, self.sae.n_features * self.comms.tp),
+                            l1_coef=args.l1_coef, batch_norm_mse=args.loss == "batch-norm-mse")
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        self.comms.reduce_grads_(self.sae)
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), args.grad_clip)
+            self.comms.clip_grad_norm_(self.sae, args.grad_clip)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
         self.last_fired[out["fired"]] = tokens
-        for key in ("loss", "ev", "l0"):  # averaged over the steps between two log lines
+        for key in ("loss", "mse", "l1", "ev", "l0"):  # kept per step until the next log line
             self.log.setdefault(key, []).append(out[key].item())
 
     def log_line(self, tokens):
-        means = {k: sum(v) / len(v) for k, v in self.log.items()}
+        """Means since the last line, over every rank: mse and ev are the same within a
+        tensor-parallel group and averaged over replicas; l1 and l0 add up over shards."""
+        c = self.comms
+        means = torch.tensor([sum(self.log[k]) / len(self.log[k])
+                              for k in ("mse", "ev", "l1", "l0")], device=c.device)
+        mse, ev, l1, l0 = (c.sum_(means) / torch.tensor([c.world, c.world, c.dp, c.dp],
+                                                        device=c.device)).tolist()
         self.log = {}
-        dead = (tokens - self.last_fired >= DEAD_WINDOW).float().mean().item()
-        return (f"loss {means['loss']:.4f} | ev {means['ev']:.3f} | l0 {means['l0']:.1f} | "
-                f"dead {100 * dead:.1f}%")
+        fired = c.sum_(self.last_fired.clone(), c.dp_group, parallel.MAX)  # latest replica
+        dead = c.sum_((tokens - fired >= DEAD_WINDOW).sum(), c.tp_group).item() \
+            / (self.sae.n_features * c.tp)
+        return f"loss {mse + l1:.4f} | ev {ev:.3f} | l0 {l0:.1f} | dead {100 * dead:.1f}%"
 
 
 RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device"}  # may change
 
 
-def save_resume(path, args, step, tokens, data, buffers, runs, limits):
+def save_resume(path, args, step, tokens, data, buffers, runs, limits, world=1):
     """Everything to continue bit-identically, as safetensors + JSON (never pickle), atomically."""
     t = {"rng.torch": torch.get_rng_state()}
     for key, buf in buffers.items():
@@ -251,7 +281,7 @@ def save_resume(path, args, step, tokens, data, buffers, runs, limits):
             t.update({f"{run.name}.adam.{i}.{k}": v.reshape(-1) if k == "step" else v
                       for k, v in st.items()})
     meta = {"args": {k: v for k, v in vars(args).items() if k not in RESUME_FREE}, "step": step,
-            "tokens": tokens, "made": data.made if data else 0,
+            "tokens": tokens, "made": data.made if data else 0, "world": world,
             "limits": {f"{k[0]}{k[1]}": v for k, v in limits.items()},
             "buffers": {f"{k[0]}{k[1]}": {"read": b.read, "remaining": b.remaining,
                                           "exhausted": b.exhausted} for k, b in buffers.items()}}
@@ -259,7 +289,7 @@ def save_resume(path, args, step, tokens, data, buffers, runs, limits):
                      {"resume": json.dumps(meta)})
 
 
-def read_resume(path, args):
+def read_resume(path, args, comms):
     """(meta, tensors) of a resumable checkpoint made by the same configuration."""
     try:
         with safe_open(path, "pt") as f:
@@ -273,6 +303,8 @@ def read_resume(path, args):
         k = diff[0]
         die(f"--resume {path} is from a different configuration: --{k.replace('_', '-')} was "
             f"{meta['args'].get(k)}, now {now[k]}")
+    if meta.get("world", 1) != comms.world:
+        die(f"--resume {path} was written by {meta.get('world', 1)} processes, now {comms.world}")
     return meta, tensors
 
 
@@ -296,14 +328,19 @@ def restore_(meta, t, buffers, runs):
 
 def train(args):
     d_model = check_args(args)
+    comms = parallel.Comms(args.tp, args.device)  # dp x tp ranks under torchrun, else no-ops
+    check_parallel(args, comms, d_model)
+    print0, args.device = comms.print0, comms.device
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     sites = list(dict.fromkeys(itertools.product(args.layer, args.site)))
     sched = schedule(args)
-    resume_path = os.path.join(args.out, "resume.safetensors") if args.resume == "auto" \
-        else args.resume
-    meta, saved = read_resume(resume_path, args) if resume_path and os.path.isfile(resume_path) \
-        else (None, None)
+    resume_path = comms.shard_path(os.path.join(args.out, "resume.safetensors")) \
+        if args.resume == "auto" else args.resume and comms.shard_path(args.resume)
+    meta, saved = read_resume(resume_path, args, comms) \
+        if resume_path and os.path.isfile(resume_path) else (None, None)
+    if len(set(comms.all_values(torch.tensor([meta["step"] if meta else -1])).tolist())) > 1:
+        die(f"--resume: the ranks' files ({resume_path}) are from different steps, or missing")
     skip = meta["made"] if meta else 0
     t0 = time.time()
 
@@ -314,21 +351,24 @@ def train(args):
             die(f"--activations {args.activations}: a file with `targets` trains one TC site, "
                 f"a file without trains R, A or M (got --site {','.join(args.site)})")
         d_model, lm, tok = x.shape[1], None, None
+        x, y = x[comms.rank::comms.world], None if y is None else y[comms.rank::comms.world]
         rows = file_producer(x.to(dtype), None if y is None else y.to(dtype), seed=args.seed)
         data = FanOut(({sites[0]: r} for r in itertools.islice(rows, skip, None)), sites, skip)
     else:
         lm, tok = model.load_model(args.model, args.device, dtype)
-        data = lm_producers(args, lm, tok, sites, skip=skip)
+        data = lm_producers(args, lm, tok, sites, skip=skip, rank=comms.rank, world=comms.world)
+    # each rank's minibatch; a tensor-parallel group gathers its ranks' into one of batch / dp
+    batch = args.batch_size // comms.world
     # a run shorter than the buffer fills only what it will use (never less than two batches)
-    size = min(args.buffer_size, max(2 * args.batch_size, sched["steps"] * args.batch_size))
-    print(f"loaded in {time.time() - t0:.1f}s; "
+    size = min(args.buffer_size, max(2 * batch, sched["steps"] * batch))
+    print0(f"loaded in {time.time() - t0:.1f}s; "
           f"{'resuming at step ' + str(meta['step']) if meta else 'filling'}"
           f" {len(sites)} buffer(s) of {size:,} rows")
 
     buffers, limits, runs = {}, {}, {}
     widths = args.n_features or [round(e * d_model) for e in args.expansion]
     for key in sites:
-        runs[key] = [Run(args, key, n, d_model, dtype) for n in widths]
+        runs[key] = [Run(args, key, n, d_model, dtype, comms) for n in widths]
         if meta:  # norms, limits, buffer contents and weights come from the checkpoint
             limits[key] = meta["limits"][f"{key[0]}{key[1]}"]
             queued = saved[f"queue.{key[0]}{key[1]}"].split(
@@ -339,29 +379,33 @@ def train(args):
             first = take_rows(data[key], size)  # (size, C)
             if not torch.isfinite(first).all():
                 die(f"step 0 (the first buffer fill): NaN or Inf in the activations of site {key}")
-            limits[key] = outlier_limits(first, d_model, args.max_norm_ratio)
+            limits[key] = outlier_limits(first[:size], d_model, args.max_norm_ratio,
+                                         comms.all_values)
             first = [keep_rows(first, limits[key], d_model)]
-            for run in runs[key]:  # S_in, S_out from the first fill (§3.3.3)
-                run.sae.set_norms_(first[0][:, :d_model], first[0][:, -d_model:])
+            for run in runs[key]:  # S_in, S_out from the first fill of every rank (§3.3.3)
+                run.sae.set_norms_(first[0][:, :d_model], first[0][:, -d_model:], comms.mean)
         rest = kept_rows(data[key], limits[key], d_model)  # bound now, per site
-        buffers[key] = ActivationBuffer(itertools.chain(first, rest), size,
-                                        args.batch_size, seed=args.seed, device=args.device,
-                                        limit=sched["steps"] * args.batch_size)
+        buffers[key] = ActivationBuffer(itertools.chain(first, rest), size, batch,
+                                        seed=args.seed + comms.rank, device=args.device,
+                                        limit=sched["steps"] * batch)
         sae0 = runs[key][0].sae
-        print(f"{key}: norms in {sae0.norm_in.item():.2f} out {sae0.norm_out.item():.2f}; outlier "
-              f"limit {limits[key] and round(limits[key][0], 1)}")
+        print0(f"{key}: norms in {sae0.norm_in.item():.2f} out {sae0.norm_out.item():.2f}; "
+               f"outlier limit {limits[key] and round(limits[key][0], 1)}")
     if meta:
         restore_(meta, saved, buffers, runs)
 
     k_init = args.k_init or d_model
     every = args.log_every or max(1, sched["steps"] // 40)
     all_runs = [r for rs in runs.values() for r in rs]
-    print(f"{len(all_runs)} SAE(s): {', '.join(r.name for r in all_runs)} | D {d_model} | "
+    print0(f"{len(all_runs)} SAE(s): {', '.join(r.name for r in all_runs)} | D {d_model} | "
           f"{sched['steps']:,} steps x {args.batch_size} tokens = "
           f"{sched['steps'] * args.batch_size:,}"
           f" tokens each\nschedule: warm-up {sched['warmup']} steps (asked {args.warmup_steps}; "
           f"capped at 5% of a short run) | K {k_init} -> {args.k} over {sched['anneal']} steps | "
-          f"lr {args.lr:g}, decay to {args.lr_end:g} over the last {sched['decay']} steps")
+          f"lr {args.lr:g}, decay to {args.lr_end:g} over the last {sched['decay']} steps"
+          + (f"\nparallel: {comms.world} ranks = dp {comms.dp} x tp {comms.tp}; {batch} rows per "
+             f"rank per step, {d_model * max(widths) // comms.tp:,} of each SAE's weights per "
+             f"matrix per rank" if comms.world > 1 else ""))
 
     # the loop: every SAE takes one minibatch from its site's buffer per step
     os.makedirs(args.out, exist_ok=True)
@@ -371,9 +415,11 @@ def train(args):
         lr = lr_at(step, sched["steps"], args.lr, sched["warmup"], sched["decay"], args.lr_end)
         k = k_at(step, args.k, k_init, sched["anneal"])
         batches = {key: buf.next_batch() for key, buf in buffers.items()}
-        if any(b is None for b in batches.values()):
-            print(f"data ran out at step {step}")
+        ran_out = torch.tensor(int(None in batches.values()), device=args.device)
+        if comms.sum_(ran_out).item():
+            print0(f"data ran out at step {step}")  # on some rank: all stop together
             break
+        batches = {key: comms.gather_rows(b) for key, b in batches.items()}
         tokens += args.batch_size
         for key, rows in batches.items():
             if not torch.isfinite(rows).all():
@@ -388,17 +434,22 @@ def train(args):
             dt = time.time() - t_train
             eta = dt / (step + 1 - start) * (sched["steps"] - step - 1)
             for run in all_runs:
-                print(f"{run.name} step {step + 1}/{sched['steps']} | {run.log_line(tokens)} | "
+                print0(f"{run.name} step {step + 1}/{sched['steps']} | {run.log_line(tokens)} | "
                       f"k {k} | lr {lr:.1e} | "
                       f"{(tokens - start * args.batch_size) / dt / 1e3:.1f}k "
                       f"tok/s | eta {eta:.0f}s", flush=True)
         if args.save_every \
                 and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
-            save_resume(os.path.join(args.out, "resume.safetensors"), args, step + 1, tokens,
-                        data, buffers, runs, limits)
+            save_resume(comms.shard_path(os.path.join(args.out, "resume.safetensors")), args,
+                        step + 1, tokens, data, buffers, runs, limits, comms.world)
     step += 1
-    print(f"trained {tokens:,} tokens in {time.time() - t_train:.0f}s")
+    print0(f"trained {tokens:,} tokens in {time.time() - t_train:.0f}s")
 
+    for run in all_runs:  # rank 0 gathers every SAE whole; it alone checks and writes
+        run.sae = comms.gather_sae(run.sae)
+    comms.close()
+    if comms.rank > 0:
+        return []
     heldout = heldout_metrics(args, lm, tok, runs, limits) if lm is not None else {}
     paths = []
     for run in all_runs:

@@ -1,0 +1,186 @@
+"""Mixed data/tensor parallelism over torch.distributed (App. A.2).
+
+    torchrun --nproc_per_node=8 train.py --layer 15 --site R --expansion 128 --tp 2   # dp 4 x tp 2
+
+World = dp x tp ranks; rank r is tensor-parallel rank r % tp of data-parallel replica r // tp, so
+a tensor-parallel group is tp neighbouring ranks (one node, fast links). Every rank runs its own LM
+copy on its own share of the documents and keeps its own buffer (data-parallel activation
+generation). The SAE is split along F within a tensor-parallel group: encoder rows, encoder bias
+and decoder rows are sharded, the decoder bias is replicated. Each step, the group all-gathers its
+ranks' minibatches, so all of them see the same rows, and then:
+
+1. every shard scores its F/tp features and keeps its local top K; the global top K of eq. 5 is
+   contained in the union of the local ones, so the ranks all-gather only those (N, tp*K) scores,
+   pick the same global K, and each keeps its winners: exact, with no (N, F) matrix gathered;
+2. each shard decodes its winners (sae.py's sparse path) into a partial (N, D), all-reduced;
+3. the loss is now the same on every rank of the group; gradients of sharded weights are averaged
+   over the data-parallel replicas, those of the replicated decoder bias over the world.
+
+One process (no torchrun) gets the same object with every collective a no-op. This file adds
+distribution only: the SAE math is sae.py's, through its `select` and `reduce` hooks.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+from sae import SAE, bad_input
+
+MAX = dist.ReduceOp.MAX
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum the decoders' partial outputs over the group. Every rank then computes the same loss
+    from the same sum, so the gradient reaching each partial is that of the sum: identity."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        partial = partial.clone()
+        dist.all_reduce(partial, group=group)
+        return partial
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class Comms:
+    """Where this process sits and the few collectives training needs (no-ops for one rank)."""
+
+    def __init__(self, tp=1, device="cpu"):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        if tp < 1 or self.world % tp:
+            bad_input(f"--tp {tp} must divide the number of processes ({self.world}); launch "
+                      f"tp x dp processes with torchrun --nproc_per_node=N")
+        self.tp, self.dp = tp, self.world // tp
+        self.tp_rank, self.dp_rank = self.rank % tp, self.rank // tp
+        self.device = device
+        self.tp_group = self.dp_group = None
+        if self.world > 1:
+            if device.startswith("cuda"):  # one GPU per process
+                self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
+            for d in range(self.dp):  # every rank must create every group, in the same order
+                g = dist.new_group([d * tp + t for t in range(tp)])
+                self.tp_group = g if d == self.dp_rank else self.tp_group
+            for t in range(tp):
+                g = dist.new_group([d * tp + t for d in range(self.dp)])
+                self.dp_group = g if t == self.tp_rank else self.dp_group
+
+    def print0(self, *args, **kwargs):
+        if self.rank == 0:
+            print(*args, **kwargs)
+
+    def shard_path(self, path):
+        """Each rank's own file (resumable checkpoints): out/resume.rank3.safetensors."""
+        stem, ext = os.path.splitext(path)
+        return path if self.world == 1 else f"{stem}.rank{self.rank}{ext}"
+
+    # ------------------------------------------------------------------------- data
+    def gather_rows(self, rows):
+        """(n, C) per rank -> (tp * n, C), the same on every rank of the tensor-parallel group."""
+        if self.tp == 1:
+            return rows
+        parts = [torch.empty_like(rows) for _ in range(self.tp)]
+        dist.all_gather(parts, rows.contiguous(), group=self.tp_group)
+        return torch.cat(parts)
+
+    def all_values(self, x):
+        """(n,) per rank -> (world * n,): every rank's values, e.g. token norms for a median."""
+        if self.world == 1:
+            return x
+        x = x.to(self.device)
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def mean(self, x):
+        """Mean of every rank's values of x (N,), whatever each rank's N."""
+        x = x.to(self.device)
+        total = torch.stack([x.double().sum(), torch.tensor(len(x), dtype=torch.float64,
+                                                            device=x.device)])
+        self.sum_(total)
+        return (total[0] / total[1]).to(x.dtype)
+
+    def sum_(self, x, group=None, op=None):
+        """In-place all-reduce (sum, or op) over the world or a group."""
+        if self.world > 1:
+            dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+        return x
+
+    # ------------------------------------------------------------------------- SAE
+    def shard(self, sae):
+        """This rank's slice of a full SAE (F/tp features), wired to the others."""
+        if sae.n_features % self.tp:
+            bad_input(f"--tp {self.tp} must divide the number of features ({sae.n_features})")
+        if self.tp == 1:
+            return sae
+        F = sae.n_features // self.tp
+        part = slice(self.tp_rank * F, (self.tp_rank + 1) * F)
+        shard = SAE(sae.d_model, F, sae.act, sae.k, sae.transcoder,
+                    rank_by_decoder_norm=sae.rank_by_decoder_norm, threshold=sae.threshold)
+        with torch.no_grad():
+            for name, p in shard.named_parameters():
+                full = getattr(sae, name)
+                p.copy_(full if name == "b_dec" else full[part])
+            shard.norm_in.copy_(sae.norm_in)
+            shard.norm_out.copy_(sae.norm_out)
+        shard.select = self.sharded_topk
+        shard.reduce = lambda partial: AllReduceSum.apply(partial, self.tp_group)
+        return shard.to(sae.W_enc.device, sae.W_enc.dtype)
+
+    def sharded_topk(self, score, k):
+        """Exact global top K of eq. 5 from local scores (N, F/tp): local (values, indices), each
+        (N, K), with 0 for the entries that lost to other shards."""
+        top, idx = score.topk(k, dim=-1, sorted=False)  # (N, K)
+        every = self.gather_rows(top.T).T  # (N, tp*K): all shards' candidates, rank order
+        won = torch.zeros_like(every, dtype=torch.bool)
+        won.scatter_(1, every.topk(k, dim=-1, sorted=False).indices, True)
+        return top * won[:, self.tp_rank * k:(self.tp_rank + 1) * k], idx
+
+    def reduce_grads_(self, sae):
+        """Average gradients over data-parallel replicas; the replicated decoder bias over the
+        world (its gradient is already the same within a tensor-parallel group)."""
+        if self.world == 1:
+            return
+        for name, p in sae.named_parameters():
+            replicated = name == "b_dec"
+            self.sum_(p.grad, None if replicated else self.dp_group)
+            p.grad /= self.world if replicated else self.dp
+
+    def clip_grad_norm_(self, sae, max_norm):
+        """Global grad norm over the whole (unsharded) SAE, then scale."""
+        sq = sum(p.grad.double().pow(2).sum() for n, p in sae.named_parameters() if n != "b_dec")
+        sq = self.sum_(sq, self.tp_group) + sae.b_dec.grad.double().pow(2).sum()
+        scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in sae.parameters():
+            p.grad.mul_(scale.to(p.grad.dtype))
+
+    def gather_sae(self, shard):
+        """Rank 0: the whole SAE, gathered from every shard; other ranks: None. Replicas are
+        equal, so only data-parallel replica 0's tensor-parallel group sends."""
+        if self.tp == 1:
+            return shard if self.rank == 0 else None
+        full = None
+        if self.rank == 0:
+            full = SAE(shard.d_model, shard.n_features * self.tp, shard.act, shard.k,
+                       shard.transcoder, rank_by_decoder_norm=shard.rank_by_decoder_norm,
+                       threshold=shard.threshold).to(shard.W_enc.device, shard.W_enc.dtype)
+            full.load_state_dict({"norm_in": shard.norm_in, "norm_out": shard.norm_out,
+                                  "b_dec": shard.b_dec}, strict=False)
+        if self.dp_rank == 0:
+            for name, p in shard.named_parameters():
+                if name == "b_dec":
+                    continue
+                parts = [torch.empty_like(p) for _ in range(self.tp)] if full is not None else None
+                dist.gather(p.detach().contiguous(), parts, dst=0, group=self.tp_group)
+                if full is not None:
+                    getattr(full, name).data.copy_(torch.cat(parts))
+        return full
+
+    def close(self):
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
