@@ -2,8 +2,10 @@
 
     python evaluate.py out/L15R-8x-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
     python evaluate.py out/L15R-8x-TopK-JumpReLU.safetensors --mode topk   # §C: does folding hurt?
+    python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
 
 Everything comes from the file: model, layer, site, normalization, the massive-activation limit.
+A released SAE (folder or Hub reference) is read by postprocess.load_sae with the authors' recipe.
 Only held-out documents are read (model.py: every 10th document of any dataset). Reported:
 - L0; explained variance, eq. 6 (`explained_variance` = 1 - sum ||x - x_hat||^2 / sum ||x||^2 over
   all tokens) and the variance-based one peers use (`explained_variance_centered`, denominator
@@ -15,6 +17,7 @@ Only held-out documents are read (model.py: every 10th document of any dataset).
 - firing frequencies (§4.4): `dead_frac` never fires, `ultra_active_frac` fires on > 10% of tokens.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -24,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import model
+import postprocess
 from sae import bad_input as die  # one line on stderr, exit code 2
-from sae import load_checkpoint
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
         "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "dead_frac", "ultra_active_frac"]
@@ -146,6 +149,32 @@ def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8):
     return out
 
 
+def for_lm(sae, config, lm):
+    """The SAE as it must read this LM's activations. A released transcoder reads x / rms(x)
+    before the RMSNorm gain g (TransformerLens ln2.hook_normalized); our TC input is g x / rms(x)
+    (model.py), so its encoder columns are divided by g: exact while no g_j is 0."""
+    if not config.get("tc_input_before_gain"):
+        return sae
+    sae = copy.deepcopy(sae)
+    with torch.no_grad():
+        sae.W_enc.div_(lm.model.layers[config["layer"]].post_attention_layernorm.weight.to(
+            sae.W_enc))
+    return sae
+
+
+def check_lm(name, config):
+    """The LM's config, after checking from it alone (no weights loaded) that the SAE fits."""
+    if not name:
+        die("no LM is known for this SAE: give --model ID, or evaluate with --activations FILE")
+    cfg = model.load_config(name)
+    if cfg["hidden_size"] != config["d_model"]:
+        die(f"checkpoint d_model {config['d_model']} does not match {name} "
+            f"(hidden size {cfg['hidden_size']})")
+    if config["layer"] >= cfg["num_hidden_layers"]:
+        die(f"the SAE reads layer {config['layer']}: {name} has {cfg['num_hidden_layers']} layers")
+    return cfg
+
+
 def plot_firing(freq, path, title):
     """The paper's Fig. 4: histogram of log10 firing frequency; never-firing features counted
     apart."""
@@ -166,10 +195,12 @@ def plot_firing(freq, path, title):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an SAE checkpoint (§4)")
-    p.add_argument("checkpoint", help="a train.py or postprocess.py checkpoint (.safetensors)")
+    p.add_argument("checkpoint", help="a train.py or postprocess.py checkpoint (.safetensors), or "
+                                      "a released SAE: its folder or `[hf://]owner/repo:sub`")
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--tokens", type=int, default=10_000, help="held-out tokens to evaluate")
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    p.add_argument("--model", default=None, help="the LM (default: the one the file names)")
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
                    help="inference of a folded TopK SAE (default: what the file says)")
     p.add_argument("--activations", default=None,
@@ -177,13 +208,13 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="folder for the firing-frequency histogram PNG")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    sae, config = load_checkpoint(args.checkpoint, args.device)
+    sae, config = postprocess.load_sae(args.checkpoint, args.device, args.model)
     if args.mode == "jumprelu" and sae.threshold is None:
         die(f"--mode jumprelu needs a post-processed checkpoint (postprocess.py), got act_fn "
             f"{config['act_fn']}")
     if args.mode:
         sae.act = args.mode
-    name = os.path.basename(args.checkpoint).removesuffix(".safetensors")
+    name = postprocess.sae_name(args.checkpoint)
     t0 = time.time()
     if args.activations:
         from buffer import load_activations
@@ -192,14 +223,9 @@ def main(argv=None):
         out = reconstruction_metrics(sae, rows, config["dataset_average_activation_norm"]["out"],
                                      freq=True)
     else:
-        if not config.get("model_name"):
-            die("this SAE was trained on --activations: evaluate it with --activations FILE")
-        width = model.load_config(config["model_name"])["hidden_size"]
-        if width != config["d_model"]:
-            die(f"checkpoint d_model {config['d_model']} does not match {config['model_name']} "
-                f"(hidden size {width})")
+        check_lm(config.get("model_name"), config)
         lm, tok = model.load_model(config["model_name"], args.device)
-        out = lm_metrics(lm, tok, sae.to(args.device), config, args.tokens,
+        out = lm_metrics(lm, tok, for_lm(sae.to(args.device), config, lm), config, args.tokens,
                          args.dataset or config["dataset_path"])
     freq = out.pop("freq")
     out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint)
