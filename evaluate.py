@@ -1,7 +1,8 @@
-"""Evaluate any checkpoint the way §4 of the paper does.
+"""Evaluate any checkpoint the way §4 of the paper does, and look inside it.
 
     python evaluate.py out/L15R-8x-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
     python evaluate.py out/L15R-8x-TopK-JumpReLU.safetensors --mode topk   # §C: does folding hurt?
+    python evaluate.py out/L15R-8x-TopK.safetensors --features 12,345 --top 20   # §4.3, §4.6
     python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
 
 Everything comes from the file: model, layer, site, normalization, the massive-activation limit.
@@ -15,6 +16,9 @@ Only held-out documents are read (model.py: every 10th document of any dataset).
   tokens and massive-activation tokens keep their original activation and their predictions are not
   scored;
 - firing frequencies (§4.4): `dead_frac` never fires, `ultra_active_frac` fires on > 10% of tokens.
+--features (features.py): per feature its firing frequency, top-activating held-out contexts (also
+in the App. D layout of the rubric prompt) and nearest features by decoder cosine against the
+Johnson-Lindenstrauss baseline (§4.6).
 """
 import argparse
 import copy
@@ -175,12 +179,17 @@ def check_lm(name, config):
     return cfg
 
 
-def plot_firing(freq, path, title):
-    """The paper's Fig. 4: histogram of log10 firing frequency; never-firing features counted
-    apart."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_firing(freq, path, title):
+    """The paper's Fig. 4: histogram of log10 firing frequency; never-firing features counted
+    apart."""
+    plt = _pyplot()
     fired = freq[freq > 0]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(torch.log10(fired).numpy(), bins=60)
@@ -193,28 +202,40 @@ def plot_firing(freq, path, title):
     plt.close(fig)
 
 
-def main(argv=None):
+def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an SAE checkpoint (§4)")
     p.add_argument("checkpoint", help="a train.py or postprocess.py checkpoint (.safetensors), or "
                                       "a released SAE: its folder or `[hf://]owner/repo:sub`")
-    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--json", default=None, help="write the metrics (or features) here")
     p.add_argument("--tokens", type=int, default=10_000, help="held-out tokens to evaluate")
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
     p.add_argument("--model", default=None, help="the LM (default: the one the file names)")
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
                    help="inference of a folded TopK SAE (default: what the file says)")
-    p.add_argument("--activations", default=None,
-                   help="evaluate on a safetensors file of `activations` [+ `targets`] (no CE)")
     p.add_argument("--plot", default=None, help="folder for the firing-frequency histogram PNG")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--activations", default=None,
+                   help="evaluate on a safetensors file of `activations` [+ `targets`] (no CE)")
+    g.add_argument("--features", default=None,
+                   help="comma list of feature ids to inspect (features.py) instead of metrics")
+    p.add_argument("--top", type=int, default=20, help="--features: contexts per feature")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
     sae, config = postprocess.load_sae(args.checkpoint, args.device, args.model)
     if args.mode == "jumprelu" and sae.threshold is None:
         die(f"--mode jumprelu needs a post-processed checkpoint (postprocess.py), got act_fn "
             f"{config['act_fn']}")
-    if args.mode:
-        sae.act = args.mode
-    name = postprocess.sae_name(args.checkpoint)
+    sae.act = args.mode or sae.act
+    feats = args.features and [v.strip() for v in args.features.split(",")]
+    if feats and not all(v.isdigit() and int(v) < sae.n_features for v in feats) \
+            or args.top < 1:
+        die(f"--features {args.features} --top {args.top}: give feature ids in "
+            f"0..{sae.n_features - 1}, comma separated, and --top at least 1")
+    name, dataset = postprocess.sae_name(args.checkpoint), args.dataset or config["dataset_path"]
     t0 = time.time()
     if args.activations:
         from buffer import load_activations
@@ -222,11 +243,20 @@ def main(argv=None):
         rows = x[:args.tokens] if y is None else torch.cat([x, y], -1)[:args.tokens]
         out = reconstruction_metrics(sae, rows, config["dataset_average_activation_norm"]["out"],
                                      freq=True)
-    else:
-        check_lm(config.get("model_name"), config)
-        lm, tok = model.load_model(config["model_name"], args.device)
-        out = lm_metrics(lm, tok, for_lm(sae.to(args.device), config, lm), config, args.tokens,
-                         args.dataset or config["dataset_path"])
+        return report(args, name, sae, out, t0)
+    lm_name = config.get("model_name")  # every check before the slow load
+    check_lm(lm_name, config)
+    lm, tok = model.load_model(lm_name, args.device)
+    sae = sae.to(args.device)
+    if feats:
+        import features
+        return dump(args, features.show(lm, tok, for_lm(sae, config, lm), config,
+                                        [int(v) for v in feats], args.tokens, args.top, dataset))
+    out = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
+    return report(args, name, sae, out, t0)
+
+
+def report(args, name, sae, out, t0):
     freq = out.pop("freq")
     out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint)
     print(f"{name} ({sae.act}, {out['n_tokens']:,} held-out tokens, {out['time_s']:.0f}s)")
@@ -239,6 +269,10 @@ def main(argv=None):
         path = os.path.join(args.plot, f"{name}-firing.png")
         plot_firing(freq, path, name)
         print(f"plotted {path}")
+    return dump(args, out)
+
+
+def dump(args, out):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

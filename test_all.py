@@ -763,3 +763,43 @@ def test_released_transcoder_reads_our_gain_applied_mlp_input():
         released_view = x_in / norm.weight  # TransformerLens ln2.hook_normalized: x / rms(x)
         torch.testing.assert_close(adapted.encode(x_in), tc.encode(released_view))
     assert evaluate.for_lm(tc, {"layer": 1}, lm) is tc  # our own TC checkpoints: unchanged
+
+
+# ---------------------------------------------------------------------- features, generalization
+
+def test_feature_inspection_in_one_pass(released_embedded, embedded_rows, tmp_path, capsys,
+                                        monkeypatch):
+    folded, folder = released_embedded
+    sae, _ = sae_lib.load_checkpoint(folded)
+    freq = (sae.encode(embedded_rows[1]) > 0).float().mean(0)
+    feats = freq.topk(2).indices.tolist()  # two features that fire on held-out text
+    passes = []
+    capture = model.capture
+    monkeypatch.setattr(model, "capture", lambda *a: passes.append(1) or capture(*a))
+    path = str(tmp_path / "features.json")
+    evaluate.main([folder, "--features", ",".join(map(str, feats)), "--top", "3",
+                   "--tokens", "300", "--json", path])
+    printed = capsys.readouterr().out
+    out = json.load(open(path))
+    eps = math.sqrt(12 * math.log(sae.n_features) / sae.d_model)
+    assert out["jl_eps"] == pytest.approx(eps) and out["n_tokens"] >= 300
+    assert [f["feature"] for f in out["features"]] == feats
+    for f in out["features"]:
+        assert f["frequency"] == pytest.approx(f["fired"] / out["n_tokens"]) and f["fired"] > 0
+        acts = [c["activation"] for c in f["contexts"]]
+        assert 1 <= len(acts) <= 3 and acts == sorted(acts, reverse=True)
+        for c in f["contexts"]:
+            assert c["activations"][c["marked"]] == pytest.approx(c["activation"], abs=1e-3)
+            assert max(c["activations"]) == pytest.approx(c["activation"], abs=1e-3)
+            assert len(c["tokens"]) == len(c["activations"]) <= 33
+        cos = [n["cosine"] for n in f["neighbours"]]
+        assert cos == sorted(cos, reverse=True) and f["feature"] not in \
+            [n["feature"] for n in f["neighbours"]]
+        assert all(n["above_jl"] == (n["cosine"] > eps) for n in f["neighbours"])
+        W = torch.nn.functional.normalize(sae.W_dec, dim=1)
+        assert cos[0] == pytest.approx((W @ W[f["feature"]]).sort().values[-2].item(), abs=1e-5)
+    assert printed.count("<START>") == sum(len(f["contexts"]) for f in out["features"])
+    assert "Sentence 1:" in printed and "JL baseline eps = sqrt(12 ln F / D)" in printed
+    one = len(passes)
+    evaluate.main([folder, "--features", str(feats[0]), "--top", "3", "--tokens", "300"])
+    assert len(passes) == 2 * one  # two features cost the same single pass as one
