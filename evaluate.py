@@ -3,6 +3,8 @@
     python evaluate.py out/L15R-8x-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
     python evaluate.py out/L15R-8x-TopK-JumpReLU.safetensors --mode topk   # §C: does folding hurt?
     python evaluate.py out/L15R-8x-TopK.safetensors --features 12,345 --top 20   # §4.3, §4.6
+    python evaluate.py out/L15R-8x-TopK.safetensors --long-context 4096          # §4.5.1
+    python evaluate.py out/L15R-8x-TopK.safetensors --eval-model ID              # §4.5.2
     python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
 
 Everything comes from the file: model, layer, site, normalization, the massive-activation limit.
@@ -18,7 +20,9 @@ Only held-out documents are read (model.py: every 10th document of any dataset).
 - firing frequencies (§4.4): `dead_frac` never fires, `ultra_active_frac` fires on > 10% of tokens.
 --features (features.py): per feature its firing frequency, top-activating held-out contexts (also
 in the App. D layout of the rubric prompt) and nearest features by decoder cosine against the
-Johnson-Lindenstrauss baseline (§4.6).
+Johnson-Lindenstrauss baseline (§4.6). --long-context T: MSE and L0 by position on T-token
+sequences (§4.5.1). --eval-model ID: the same metrics on another model's activations at the same
+site, side by side (§4.5.2).
 """
 import argparse
 import copy
@@ -179,11 +183,75 @@ def check_lm(name, config):
     return cfg
 
 
+# --------------------------------------------------------------------------- long context (§4.5.1)
+
+def long_sequences(tok, docs, T):
+    """(1, T) token ids: BOS, then held-out documents joined by blank lines, cut every T tokens."""
+    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    sep, buf = tok("\n\n", add_special_tokens=False)["input_ids"], []
+    for doc in docs:
+        buf += tok(doc, add_special_tokens=False)["input_ids"] + sep
+        while len(buf) >= T - len(head):
+            yield torch.tensor([head + buf[:T - len(head)]])
+            buf = buf[T - len(head):]
+
+
+def buckets(T):
+    """Position buckets [lo, hi): 1-63, then powers of two up to T (position 0 is BOS)."""
+    edges = sorted({1, T} | {2 ** i for i in range(6, 32) if 2 ** i < T})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@torch.no_grad()
+def long_context(lm, tok, sae, config, T, n_tokens, dataset):
+    """MSE (normalized space, per element), L0 and EV per position bucket over sequences of T
+    tokens, until n_tokens have been read."""
+    key, d = (config["layer"], config["site"]), sae.d_model
+    device = next(lm.parameters()).device
+    specials = torch.tensor(model.special_ids(tok), device=device)
+    spans, n = buckets(T), 0
+    metrics = [Metrics(sae) for _ in spans]
+    s_out = math.sqrt(d) / config["dataset_average_activation_norm"]["out"]
+    for ids in long_sequences(tok, model.iter_documents(dataset, "eval", epochs=1), T):
+        ids = ids.to(device)
+        mask = torch.ones_like(ids)
+        x_in, x_out = model.capture(lm, ids, mask, [key])[key]
+        keep = _keep(ids, mask, specials, x_in, x_out, config.get("outlier_norm_limit"))[0]
+        pos = torch.arange(T, device=device)
+        for (lo, hi), m in zip(spans, metrics):
+            k = keep & (pos >= lo) & (pos < hi)
+            if k.any():
+                m.add(x_in[0][k], x_out[0][k], s_out)
+        n += T
+        if n >= n_tokens:
+            break
+    if n == 0:
+        die(f"--long-context {T}: the held-out text has fewer than {T} tokens")
+    return [{"positions": f"{lo}-{hi - 1}", "first": lo, "last": hi - 1,
+             **{k: r[k] for k in ("n_tokens", "mse", "l0", "explained_variance")}}
+            for (lo, hi), r in zip(spans, (m.result() for m in metrics))]
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def plot_long_context(rows, path, title, context_size):
+    """Fig. 5: MSE and L0 against position, the training context marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    mid = [(r["first"] + r["last"]) / 2 for r in rows]
+    for ax, key in zip(axes, ("mse", "l0")):
+        ax.plot(mid, [r[key] for r in rows], marker="o")
+        ax.axvline(context_size, color="r", ls="--", lw=1, label="training context")
+        ax.set(xscale="log", xlabel="token position", ylabel=key, title=title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_firing(freq, path, title):
@@ -202,23 +270,35 @@ def plot_firing(freq, path, title):
     plt.close(fig)
 
 
+def side_by_side(columns, keys):
+    """Print metrics as columns: {column name: {key: value}}."""
+    print(f"  {'':<28}" + "".join(f"{c[-30:]:>32}" for c in columns))
+    for key in keys:
+        print(f"  {key:<28}" + "".join(f"{m[key]:>32.4f}" if isinstance(m[key], float) else
+                                       f"{m[key]:>32}" for m in columns.values()))
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an SAE checkpoint (§4)")
     p.add_argument("checkpoint", help="a train.py or postprocess.py checkpoint (.safetensors), or "
                                       "a released SAE: its folder or `[hf://]owner/repo:sub`")
-    p.add_argument("--json", default=None, help="write the metrics (or features) here")
+    p.add_argument("--json", default=None, help="write the metrics (features, buckets) here")
     p.add_argument("--tokens", type=int, default=10_000, help="held-out tokens to evaluate")
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
     p.add_argument("--model", default=None, help="the LM (default: the one the file names)")
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
                    help="inference of a folded TopK SAE (default: what the file says)")
-    p.add_argument("--plot", default=None, help="folder for the firing-frequency histogram PNG")
+    p.add_argument("--plot", default=None, help="folder for the PNG plot (Fig. 4, or Fig. 5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--activations", default=None,
                    help="evaluate on a safetensors file of `activations` [+ `targets`] (no CE)")
     g.add_argument("--features", default=None,
                    help="comma list of feature ids to inspect (features.py) instead of metrics")
+    g.add_argument("--long-context", type=int, default=0,
+                   help="T: MSE and L0 by position on T-token sequences (§4.5.1); 0 = off")
+    g.add_argument("--eval-model", default=None,
+                   help="also evaluate on this model's activations at the same site (§4.5.2)")
     p.add_argument("--top", type=int, default=20, help="--features: contexts per feature")
     return p.parse_args(argv)
 
@@ -245,15 +325,49 @@ def main(argv=None):
                                      freq=True)
         return report(args, name, sae, out, t0)
     lm_name = config.get("model_name")  # every check before the slow load
-    check_lm(lm_name, config)
+    max_pos = check_lm(lm_name, config).get("max_position_embeddings") or args.long_context
+    if args.long_context and not 2 <= args.long_context <= max_pos:
+        die(f"--long-context {args.long_context} is out of range: allowed 2-{max_pos} "
+            f"({lm_name}'s max_position_embeddings)")
+    if args.eval_model:
+        check_lm(args.eval_model, config)
     lm, tok = model.load_model(lm_name, args.device)
     sae = sae.to(args.device)
     if feats:
         import features
         return dump(args, features.show(lm, tok, for_lm(sae, config, lm), config,
                                         [int(v) for v in feats], args.tokens, args.top, dataset))
+    if args.long_context:
+        rows = long_context(lm, tok, for_lm(sae, config, lm), config, args.long_context,
+                            args.tokens, dataset)
+        print_long_context(rows, name, args.long_context, config["context_size"], t0)
+        if args.plot:
+            os.makedirs(args.plot, exist_ok=True)
+            path = os.path.join(args.plot, f"{name}-long-context.png")
+            plot_long_context(rows, path, name, config["context_size"])
+            print(f"plotted {path}")
+        return dump(args, {"T": args.long_context, "buckets": rows})
     out = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
-    return report(args, name, sae, out, t0)
+    if not args.eval_model:
+        return report(args, name, sae, out, t0)
+    del lm
+    lm, tok = model.load_model(args.eval_model, args.device)
+    other = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
+    out.pop("freq"), other.pop("freq")
+    print(f"{name} on two models' activations at L{config['layer']}{config['site']} "
+          f"({time.time() - t0:.0f}s):")
+    side_by_side({lm_name: out, args.eval_model: other}, KEYS)
+    return dump(args, {lm_name: out, args.eval_model: other})
+
+
+def print_long_context(rows, name, T, context_size, t0):
+    print(f"{name}: MSE and L0 by position on {T}-token sequences of held-out text (trained on "
+          f"{context_size}; {time.time() - t0:.0f}s)")
+    print(f"  {'positions':>11} {'tokens':>8} {'mse':>8} {'l0':>7} {'ev':>7}")
+    for r in rows:
+        print(f"  {r['positions']:>11} {r['n_tokens']:>8,} {r['mse']:>8.4f} {r['l0']:>7.1f} "
+              f"{r['explained_variance']:>7.3f}"
+              f"{'  beyond the training context' if r['first'] >= context_size else ''}")
 
 
 def report(args, name, sae, out, t0):

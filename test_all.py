@@ -803,3 +803,45 @@ def test_feature_inspection_in_one_pass(released_embedded, embedded_rows, tmp_pa
     one = len(passes)
     evaluate.main([folder, "--features", str(feats[0]), "--top", "3", "--tokens", "300"])
     assert len(passes) == 2 * one  # two features cost the same single pass as one
+
+
+def test_long_context_reports_mse_and_l0_by_position(embedded_ckpt, tmp_path, capsys):
+    path = str(tmp_path / "long.json")
+    evaluate.main([embedded_ckpt, "--long-context", "256", "--tokens", "512", "--json", path,
+                   "--plot", str(tmp_path)])
+    out = json.load(open(path))
+    assert [b["positions"] for b in out["buckets"]] == ["1-63", "64-127", "128-255"]
+    assert all(b["n_tokens"] >= 60 and b["mse"] > 0 for b in out["buckets"])
+    assert all(b["l0"] == pytest.approx(50, abs=1) for b in out["buckets"])  # TopK: K per token
+    assert sum(b["n_tokens"] for b in out["buckets"]) <= 2 * 255
+    assert os.path.exists(tmp_path / "L3R-2x-TopK-long-context.png")
+    assert "1-63" in capsys.readouterr().out
+    assert evaluate.buckets(4096)[-1] == (2048, 4096) and evaluate.buckets(100) == [(1, 64),
+                                                                                   (64, 100)]
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "100000"])
+    assert "--long-context 100000 is out of range: allowed 2-8192" in err
+
+
+def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_path, capsys):
+    _, tok = smollm
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(
+        hidden_size=576, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
+        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id))
+    other.save_pretrained(tmp_path / "random-llama")
+    tok.save_pretrained(tmp_path / "random-llama")
+    path = str(tmp_path / "two.json")
+    out = evaluate.main([embedded_ckpt, "--eval-model", str(tmp_path / "random-llama"),
+                         "--tokens", "100", "--json", path])
+    assert set(out) == {model.EMBEDDED_MODEL, str(tmp_path / "random-llama")}
+    real, rand = out[model.EMBEDDED_MODEL], out[str(tmp_path / "random-llama")]
+    assert set(evaluate.KEYS) <= set(real) and set(evaluate.KEYS) <= set(rand)
+    assert real["n_tokens"] >= 100 and rand["n_tokens"] >= 100
+    assert real["explained_variance"] > rand["explained_variance"]  # trained on the real model
+    assert "delta_lm_loss" in capsys.readouterr().out
+    tiny_llama(d=64).save_pretrained(tmp_path / "narrow")
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--eval-model",
+                                                 str(tmp_path / "narrow")])
+    assert "checkpoint d_model 576 does not match" in err
