@@ -845,3 +845,32 @@ def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_p
     err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--eval-model",
                                                  str(tmp_path / "narrow")])
     assert "checkpoint d_model 576 does not match" in err
+
+
+# ----------------------------------------------------------------------------- experiment tracking
+
+def test_wandb_project_logs_every_log_line(tmp_path, monkeypatch, capsys):
+    import tracking
+    log = []
+
+    class Run:
+        def log(self, metrics, step):
+            log.append(dict(metrics, step=step))
+
+        def finish(self):
+            log.append("finish")
+    fake = types.SimpleNamespace(init=lambda project, config: log.append(project) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    save_file({"activations": torch.randn(8192, 16)}, str(tmp_path / "a.safetensors"))
+    train.train(train.get_args([
+        "--activations", str(tmp_path / "a.safetensors"), "--expansion", "4", "--k", "4",
+        "--total-tokens", "8192", "--batch-size", "1024", "--buffer-size", "4096",
+        "--log-every", "2", "--out", str(tmp_path), "--wandb-project", "scope"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
+    assert log[0] == "scope" and log[-1] == "finish" and len(lines) == 4
+    assert [e["step"] for e in log[1:-1]] == [2, 4, 6, 8]  # one entry per printed log line
+    assert {"L15R-4x-TopK/loss", "L15R-4x-TopK/ev", "L15R-4x-TopK/dead", "lr"} <= set(log[1])
+    assert isinstance(tracking.make_logger(None, {}), tracking.NullLogger)  # the default: no-op
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a one-line error
+    err = one_line_error(capsys, tracking.make_logger, "scope", {})
+    assert "--wandb-project scope needs wandb" in err

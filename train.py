@@ -23,6 +23,7 @@ from buffer import (ActivationBuffer, FanOut, file_producer, keep_rows, kept_row
                     load_activations, take_rows)
 from sae import SAE, atomic_save_file, k_at, lr_at, save_checkpoint
 from sae import bad_input as die  # one line on stderr, exit code 2
+from tracking import make_logger
 
 PAPER_STEPS = 800_000_000 // 2048  # the released 8x runs: 390,625 steps of 2048 tokens
 DEAD_WINDOW = 100_000  # tokens: a feature that has not fired within this many is counted dead
@@ -106,6 +107,8 @@ def get_args(argv=None):
                    help="steps between log lines; 0 = ~40 lines")
     g.add_argument("--eval-tokens", type=int, default=20_000,
                    help="held-out tokens scored after training; 0 = off")
+    g.add_argument("--wandb-project", default=None,
+                   help="log every log line to this Weights & Biases project; default off")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return args
@@ -226,11 +229,13 @@ class Run:
         means = {k: sum(v) / len(v) for k, v in self.log.items()}
         self.log = {}
         dead = (tokens - self.last_fired >= DEAD_WINDOW).float().mean().item()
+        self.logged = dict(means, dead=dead)  # for the experiment logger
         return (f"loss {means['loss']:.4f} | ev {means['ev']:.3f} | l0 {means['l0']:.1f} | "
                 f"dead {100 * dead:.1f}%")
 
 
-RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device"}  # may change
+RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device",
+               "wandb_project"}  # may change
 
 
 def save_resume(path, args, step, tokens, data, buffers, runs, limits):
@@ -296,6 +301,7 @@ def restore_(meta, t, buffers, runs):
 
 def train(args):
     d_model = check_args(args)
+    logger = make_logger(args.wandb_project, vars(args))  # a no-op unless --wandb-project
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     sites = list(dict.fromkeys(itertools.product(args.layer, args.site)))
@@ -392,11 +398,14 @@ def train(args):
                       f"k {k} | lr {lr:.1e} | "
                       f"{(tokens - start * args.batch_size) / dt / 1e3:.1f}k "
                       f"tok/s | eta {eta:.0f}s", flush=True)
+                logger.log({f"{run.name}/{key}": v for key, v in run.logged.items()}
+                           | {"k": k, "lr": lr, "tokens": tokens}, step=step + 1)
         if args.save_every \
                 and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
             save_resume(os.path.join(args.out, "resume.safetensors"), args, step + 1, tokens,
                         data, buffers, runs, limits)
     step += 1
+    logger.finish()
     print(f"trained {tokens:,} tokens in {time.time() - t_train:.0f}s")
 
     heldout = heldout_metrics(args, lm, tok, runs, limits) if lm is not None else {}
