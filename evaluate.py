@@ -174,7 +174,11 @@ def check_lm(name, config):
     """The LM's config, after checking from it alone (no weights loaded) that the SAE fits."""
     if not name:
         die("no LM is known for this SAE: give --model ID, or evaluate with --activations FILE")
-    cfg = model.load_config(name)
+    try:
+        cfg = model.load_config(name)
+    except Exception as e:  # no such folder, an unknown Hub id, offline
+        die(f"{name}: no readable model config ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]})")
     if cfg["hidden_size"] != config["d_model"]:
         die(f"checkpoint d_model {config['d_model']} does not match {name} "
             f"(hidden size {cfg['hidden_size']})")
@@ -353,7 +357,8 @@ def main(argv=None):
     del lm
     lm, tok = model.load_model(args.eval_model, args.device)
     other = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
-    out.pop("freq"), other.pop("freq")
+    for m in (out, other):
+        m.pop("freq")
     print(f"{name} on two models' activations at L{config['layer']}{config['site']} "
           f"({time.time() - t0:.0f}s):")
     side_by_side({lm_name: out, args.eval_model: other}, KEYS)

@@ -151,7 +151,7 @@ def read_released(folder, ref=None):
         bad_input(f"{ref}: hyperparams.json lacks a usable {e}")
     unsupported = {"act_fn": act not in ("jumprelu", "topk"),
                    "dataset_average_activation_norm": not scale_ok,
-                   "norm_activation": hp.get("norm_activation") != "dataset-wise",
+                   "norm_activation": hp.get("norm_activation", "dataset-wise") != "dataset-wise",
                    "apply_decoder_bias_to_pre_encoder":
                        hp.get("apply_decoder_bias_to_pre_encoder")}
     bad = [k for k, v in unsupported.items() if v]
@@ -228,11 +228,9 @@ def export_saelens(sae, config, folder, architecture, freq=None):
     features with nothing left to fold: no input normalization, no b_dec subtracted first,
     f = act(x @ W_enc + b_enc), x_hat = f @ W_dec + b_dec. jumprelu: threshold_i = theta for every
     feature; topk: SAELens ranks by h alone, the same as our h_i ||W_dec[i]|| once the decoder
-    columns are unit (step 2). freq (F,) -> sparsity.safetensors (log10, +1e-10 as SAELens)."""
-    assert config.get("folded")
-    if config["site"] == "TC":
-        bad_input("--export-saelens: transcoders are not exported (SAELens's SAE classes splice "
-                  "their output back at their input hook)")
+    columns are unit (step 2). freq (F,) -> sparsity.safetensors (log10, +1e-10 as SAELens).
+    Sites R, A, M only: SAELens's SAE classes splice their output back at their input hook."""
+    assert config.get("folded") and config["site"] != "TC"
     architecture = "standard" if sae.act == "vanilla" else architecture
     if architecture == "jumprelu" and sae.threshold is None:
         bad_input("--architecture jumprelu needs a JumpReLU threshold; use --architecture topk")
@@ -292,6 +290,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     sae, config = load_sae(args.checkpoint, model_name=args.model)
     ours = os.path.isfile(args.checkpoint)
+    if args.export_saelens and config["site"] == "TC":
+        bad_input("--export-saelens: transcoders are not exported (SAELens's SAE classes splice "
+                  "their output back at their input hook)")
     if ours and config.get("folded") and not args.export_saelens:
         bad_input(f"{args.checkpoint} is already post-processed")
     out = args.out or (args.checkpoint.removesuffix(".safetensors") if ours
@@ -314,6 +315,7 @@ def main(argv=None):
                        firing_frequency(sae, x))
         print(f"exported {args.export_saelens} (SAELens {sae.act}, sparsity from {len(x):,} "
               f"tokens)")
+
 
 if __name__ == "__main__":
     main()
