@@ -874,3 +874,14 @@ def test_wandb_project_logs_every_log_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a one-line error
     err = one_line_error(capsys, tracking.make_logger, "scope", {})
     assert "--wandb-project scope needs wandb" in err
+
+
+def test_transcoder_export_is_refused_before_any_lm_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    tc = SAE(32, 64, transcoder=True)
+    tc.set_norms_(torch.ones(2, 32), torch.ones(2, 32))
+    path = str(tmp_path / "L1TC-2x-TopK.safetensors")
+    sae_lib.save_checkpoint(tc, {"site": "TC", "layer": 1, "act_fn": "topk",
+                                 "model_name": model.EMBEDDED_MODEL}, path)
+    err = one_line_error(capsys, postprocess.main, [path, "--export-saelens", str(tmp_path / "x")])
+    assert "transcoders are not exported" in err and not os.path.exists(tmp_path / "x")
