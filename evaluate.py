@@ -319,7 +319,8 @@ def main(argv=None):
             or args.top < 1:
         die(f"--features {args.features} --top {args.top}: give feature ids in "
             f"0..{sae.n_features - 1}, comma separated, and --top at least 1")
-    name, dataset = postprocess.sae_name(args.checkpoint), args.dataset or config["dataset_path"]
+    name = postprocess.sae_name(args.checkpoint)
+    dataset = args.dataset or config.get("dataset_path")
     t0 = time.time()
     if args.activations:
         from buffer import load_activations

@@ -56,8 +56,9 @@ def feature_pass(lm, tok, sae, config, feats, n_tokens, dataset, lm_batch_size=8
 
 def inspect_features(docs, n, sae, feats, top, tok):
     """Per feature: firing frequency, the `top` documents where it peaks highest (window of
-    tokens, the activating one marked, per-token activations), and its nearest features by
-    decoder cosine with the JL baseline eps = sqrt(12 ln F / D) (§4.6)."""
+    tokens, the activating one marked, per-token activations; `document` is its index in this
+    pass), and its nearest features by decoder cosine with the JL baseline eps = sqrt(12 ln F / D)
+    (§4.6)."""
     eps = math.sqrt(12 * math.log(sae.n_features) / sae.d_model)
     W = F.normalize(sae.W_dec.detach().float(), dim=1)  # (F, D) unit directions
     out = {"n_tokens": n, "jl_eps": eps, "features": []}
