@@ -1,9 +1,14 @@
-"""Evaluate any checkpoint the way §4 of the paper does.
+"""Evaluate any checkpoint the way §4 of the paper does, and look inside it.
 
     python evaluate.py out/L15R-8x-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
     python evaluate.py out/L15R-8x-TopK-JumpReLU.safetensors --mode topk   # §C: does folding hurt?
+    python evaluate.py out/L15R-8x-TopK.safetensors --features 12,345 --top 20   # §4.3, §4.6
+    python evaluate.py out/L15R-8x-TopK.safetensors --long-context 4096          # §4.5.1
+    python evaluate.py out/L15R-8x-TopK.safetensors --eval-model ID              # §4.5.2
+    python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
 
 Everything comes from the file: model, layer, site, normalization, the massive-activation limit.
+A released SAE (folder or Hub reference) is read by postprocess.load_sae with the authors' recipe.
 Only held-out documents are read (model.py: every 10th document of any dataset). Reported:
 - L0; explained variance, eq. 6 (`explained_variance` = 1 - sum ||x - x_hat||^2 / sum ||x||^2 over
   all tokens) and the variance-based one peers use (`explained_variance_centered`, denominator
@@ -13,8 +18,14 @@ Only held-out documents are read (model.py: every 10th document of any dataset).
   tokens and massive-activation tokens keep their original activation and their predictions are not
   scored;
 - firing frequencies (§4.4): `dead_frac` never fires, `ultra_active_frac` fires on > 10% of tokens.
+--features (features.py): per feature its firing frequency, top-activating held-out contexts (also
+in the App. D layout of the rubric prompt) and nearest features by decoder cosine against the
+Johnson-Lindenstrauss baseline (§4.6). --long-context T: MSE and L0 by position on T-token
+sequences (§4.5.1). --eval-model ID: the same metrics on another model's activations at the same
+site, side by side (§4.5.2).
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -24,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import model
+import postprocess
 from sae import bad_input as die  # one line on stderr, exit code 2
-from sae import load_checkpoint
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
         "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "dead_frac", "ultra_active_frac"]
@@ -146,12 +157,111 @@ def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8):
     return out
 
 
-def plot_firing(freq, path, title):
-    """The paper's Fig. 4: histogram of log10 firing frequency; never-firing features counted
-    apart."""
+def for_lm(sae, config, lm):
+    """The SAE as it must read this LM's activations. A released transcoder reads x / rms(x)
+    before the RMSNorm gain g (TransformerLens ln2.hook_normalized); our TC input is g x / rms(x)
+    (model.py), so its encoder columns are divided by g: exact while no g_j is 0."""
+    if not config.get("tc_input_before_gain"):
+        return sae
+    sae = copy.deepcopy(sae)
+    with torch.no_grad():
+        sae.W_enc.div_(lm.model.layers[config["layer"]].post_attention_layernorm.weight.to(
+            sae.W_enc))
+    return sae
+
+
+def check_lm(name, config):
+    """The LM's config, after checking from it alone (no weights loaded) that the SAE fits."""
+    if not name:
+        die("no LM is known for this SAE: give --model ID, or evaluate with --activations FILE")
+    try:
+        cfg = model.load_config(name)
+    except Exception as e:  # no such folder, an unknown Hub id, offline
+        die(f"{name}: no readable model config ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]})")
+    if cfg["hidden_size"] != config["d_model"]:
+        die(f"checkpoint d_model {config['d_model']} does not match {name} "
+            f"(hidden size {cfg['hidden_size']})")
+    if config["layer"] >= cfg["num_hidden_layers"]:
+        die(f"the SAE reads layer {config['layer']}: {name} has {cfg['num_hidden_layers']} layers")
+    return cfg
+
+
+# --------------------------------------------------------------------------- long context (§4.5.1)
+
+def long_sequences(tok, docs, T):
+    """(1, T) token ids: BOS, then held-out documents joined by blank lines, cut every T tokens."""
+    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    sep, buf = tok("\n\n", add_special_tokens=False)["input_ids"], []
+    for doc in docs:
+        buf += tok(doc, add_special_tokens=False)["input_ids"] + sep
+        while len(buf) >= T - len(head):
+            yield torch.tensor([head + buf[:T - len(head)]])
+            buf = buf[T - len(head):]
+
+
+def buckets(T):
+    """Position buckets [lo, hi): 1-63, then powers of two up to T (position 0 is BOS)."""
+    edges = sorted({1, T} | {2 ** i for i in range(6, 32) if 2 ** i < T})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@torch.no_grad()
+def long_context(lm, tok, sae, config, T, n_tokens, dataset):
+    """MSE (normalized space, per element), L0 and EV per position bucket over sequences of T
+    tokens, until n_tokens have been read."""
+    key, d = (config["layer"], config["site"]), sae.d_model
+    device = next(lm.parameters()).device
+    specials = torch.tensor(model.special_ids(tok), device=device)
+    spans, n = buckets(T), 0
+    metrics = [Metrics(sae) for _ in spans]
+    s_out = math.sqrt(d) / config["dataset_average_activation_norm"]["out"]
+    for ids in long_sequences(tok, model.iter_documents(dataset, "eval", epochs=1), T):
+        ids = ids.to(device)
+        mask = torch.ones_like(ids)
+        x_in, x_out = model.capture(lm, ids, mask, [key])[key]
+        keep = _keep(ids, mask, specials, x_in, x_out, config.get("outlier_norm_limit"))[0]
+        pos = torch.arange(T, device=device)
+        for (lo, hi), m in zip(spans, metrics):
+            k = keep & (pos >= lo) & (pos < hi)
+            if k.any():
+                m.add(x_in[0][k], x_out[0][k], s_out)
+        n += T
+        if n >= n_tokens:
+            break
+    if n == 0:
+        die(f"--long-context {T}: the held-out text has fewer than {T} tokens")
+    return [{"positions": f"{lo}-{hi - 1}", "first": lo, "last": hi - 1,
+             **{k: r[k] for k in ("n_tokens", "mse", "l0", "explained_variance")}}
+            for (lo, hi), r in zip(spans, (m.result() for m in metrics))]
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_long_context(rows, path, title, context_size):
+    """Fig. 5: MSE and L0 against position, the training context marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    mid = [(r["first"] + r["last"]) / 2 for r in rows]
+    for ax, key in zip(axes, ("mse", "l0")):
+        ax.plot(mid, [r[key] for r in rows], marker="o")
+        ax.axvline(context_size, color="r", ls="--", lw=1, label="training context")
+        ax.set(xscale="log", xlabel="token position", ylabel=key, title=title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_firing(freq, path, title):
+    """The paper's Fig. 4: histogram of log10 firing frequency; never-firing features counted
+    apart."""
+    plt = _pyplot()
     fired = freq[freq > 0]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(torch.log10(fired).numpy(), bins=60)
@@ -164,26 +274,53 @@ def plot_firing(freq, path, title):
     plt.close(fig)
 
 
-def main(argv=None):
+def side_by_side(columns, keys):
+    """Print metrics as columns: {column name: {key: value}}."""
+    print(f"  {'':<28}" + "".join(f"{c[-30:]:>32}" for c in columns))
+    for key in keys:
+        print(f"  {key:<28}" + "".join(f"{m[key]:>32.4f}" if isinstance(m[key], float) else
+                                       f"{m[key]:>32}" for m in columns.values()))
+
+
+def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an SAE checkpoint (§4)")
-    p.add_argument("checkpoint", help="a train.py or postprocess.py checkpoint (.safetensors)")
-    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("checkpoint", help="a train.py or postprocess.py checkpoint (.safetensors), or "
+                                      "a released SAE: its folder or `[hf://]owner/repo:sub`")
+    p.add_argument("--json", default=None, help="write the metrics (features, buckets) here")
     p.add_argument("--tokens", type=int, default=10_000, help="held-out tokens to evaluate")
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    p.add_argument("--model", default=None, help="the LM (default: the one the file names)")
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
                    help="inference of a folded TopK SAE (default: what the file says)")
-    p.add_argument("--activations", default=None,
-                   help="evaluate on a safetensors file of `activations` [+ `targets`] (no CE)")
-    p.add_argument("--plot", default=None, help="folder for the firing-frequency histogram PNG")
+    p.add_argument("--plot", default=None, help="folder for the PNG plot (Fig. 4, or Fig. 5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    sae, config = load_checkpoint(args.checkpoint, args.device)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--activations", default=None,
+                   help="evaluate on a safetensors file of `activations` [+ `targets`] (no CE)")
+    g.add_argument("--features", default=None,
+                   help="comma list of feature ids to inspect (features.py) instead of metrics")
+    g.add_argument("--long-context", type=int, default=0,
+                   help="T: MSE and L0 by position on T-token sequences (§4.5.1); 0 = off")
+    g.add_argument("--eval-model", default=None,
+                   help="also evaluate on this model's activations at the same site (§4.5.2)")
+    p.add_argument("--top", type=int, default=20, help="--features: contexts per feature")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    sae, config = postprocess.load_sae(args.checkpoint, args.device, args.model)
     if args.mode == "jumprelu" and sae.threshold is None:
         die(f"--mode jumprelu needs a post-processed checkpoint (postprocess.py), got act_fn "
             f"{config['act_fn']}")
-    if args.mode:
-        sae.act = args.mode
-    name = os.path.basename(args.checkpoint).removesuffix(".safetensors")
+    sae.act = args.mode or sae.act
+    feats = args.features and [v.strip() for v in args.features.split(",")]
+    if feats and not all(v.isdigit() and int(v) < sae.n_features for v in feats) \
+            or args.top < 1:
+        die(f"--features {args.features} --top {args.top}: give feature ids in "
+            f"0..{sae.n_features - 1}, comma separated, and --top at least 1")
+    name = postprocess.sae_name(args.checkpoint)
+    dataset = args.dataset or config.get("dataset_path")
     t0 = time.time()
     if args.activations:
         from buffer import load_activations
@@ -191,16 +328,55 @@ def main(argv=None):
         rows = x[:args.tokens] if y is None else torch.cat([x, y], -1)[:args.tokens]
         out = reconstruction_metrics(sae, rows, config["dataset_average_activation_norm"]["out"],
                                      freq=True)
-    else:
-        if not config.get("model_name"):
-            die("this SAE was trained on --activations: evaluate it with --activations FILE")
-        width = model.load_config(config["model_name"])["hidden_size"]
-        if width != config["d_model"]:
-            die(f"checkpoint d_model {config['d_model']} does not match {config['model_name']} "
-                f"(hidden size {width})")
-        lm, tok = model.load_model(config["model_name"], args.device)
-        out = lm_metrics(lm, tok, sae.to(args.device), config, args.tokens,
-                         args.dataset or config["dataset_path"])
+        return report(args, name, sae, out, t0)
+    lm_name = config.get("model_name")  # every check before the slow load
+    max_pos = check_lm(lm_name, config).get("max_position_embeddings") or args.long_context
+    if args.long_context and not 2 <= args.long_context <= max_pos:
+        die(f"--long-context {args.long_context} is out of range: allowed 2-{max_pos} "
+            f"({lm_name}'s max_position_embeddings)")
+    if args.eval_model:
+        check_lm(args.eval_model, config)
+    lm, tok = model.load_model(lm_name, args.device)
+    sae = sae.to(args.device)
+    if feats:
+        import features
+        return dump(args, features.show(lm, tok, for_lm(sae, config, lm), config,
+                                        [int(v) for v in feats], args.tokens, args.top, dataset))
+    if args.long_context:
+        rows = long_context(lm, tok, for_lm(sae, config, lm), config, args.long_context,
+                            args.tokens, dataset)
+        print_long_context(rows, name, args.long_context, config["context_size"], t0)
+        if args.plot:
+            os.makedirs(args.plot, exist_ok=True)
+            path = os.path.join(args.plot, f"{name}-long-context.png")
+            plot_long_context(rows, path, name, config["context_size"])
+            print(f"plotted {path}")
+        return dump(args, {"T": args.long_context, "buckets": rows})
+    out = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
+    if not args.eval_model:
+        return report(args, name, sae, out, t0)
+    del lm
+    lm, tok = model.load_model(args.eval_model, args.device)
+    other = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
+    for m in (out, other):
+        m.pop("freq")
+    print(f"{name} on two models' activations at L{config['layer']}{config['site']} "
+          f"({time.time() - t0:.0f}s):")
+    side_by_side({lm_name: out, args.eval_model: other}, KEYS)
+    return dump(args, {lm_name: out, args.eval_model: other})
+
+
+def print_long_context(rows, name, T, context_size, t0):
+    print(f"{name}: MSE and L0 by position on {T}-token sequences of held-out text (trained on "
+          f"{context_size}; {time.time() - t0:.0f}s)")
+    print(f"  {'positions':>11} {'tokens':>8} {'mse':>8} {'l0':>7} {'ev':>7}")
+    for r in rows:
+        print(f"  {r['positions']:>11} {r['n_tokens']:>8,} {r['mse']:>8.4f} {r['l0']:>7.1f} "
+              f"{r['explained_variance']:>7.3f}"
+              f"{'  beyond the training context' if r['first'] >= context_size else ''}")
+
+
+def report(args, name, sae, out, t0):
     freq = out.pop("freq")
     out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint)
     print(f"{name} ({sae.act}, {out['n_tokens']:,} held-out tokens, {out['time_s']:.0f}s)")
@@ -213,6 +389,10 @@ def main(argv=None):
         path = os.path.join(args.plot, f"{name}-firing.png")
         plot_firing(freq, path, name)
         print(f"plotted {path}")
+    return dump(args, out)
+
+
+def dump(args, out):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

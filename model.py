@@ -120,6 +120,18 @@ def hook_names(layer, site):
     return (f"blocks.{layer}.{names[site]}",) * 2
 
 
+def site_of(hook_in, hook_out):
+    """(layer, site) from TransformerLens hook names: the inverse of hook_names. A released TC
+    reads `ln2.hook_normalized` = x / rms(x), before the norm's gain; ours reads the norm's output,
+    gain applied (see _site_modules): evaluate.py folds the gain into a released TC's encoder."""
+    layer = hook_in.split(".")[1] if hook_in.count(".") >= 2 else ""
+    for site in SITES if layer.isdigit() else ():
+        if hook_names(int(layer), site) == (hook_in, hook_out):
+            return int(layer), site
+    _bad(f"hook points {hook_in} -> {hook_out} are not a Llama Scope site; allowed: "
+         f"{', '.join(' -> '.join(dict.fromkeys(hook_names('L', s))) for s in SITES)}")
+
+
 def _site_modules(lm, layer, site):
     """(module whose output is the SAE input, module whose output is the target) for a site."""
     block = lm.model.layers[layer]

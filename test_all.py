@@ -590,6 +590,303 @@ def test_kill_9_then_resume_ends_bit_identical(tmp_path):
     assert code == 2 and "from a different configuration: --lr was 0.0008, now 0.001" in err
 
 
+# ------------------------------------------------------------------------- released SAEs, SAELens
+
+def test_hook_names_map_back_to_our_sites(capsys):
+    for layer in (0, 7, 31):
+        for site in model.SITES:
+            assert model.site_of(*model.hook_names(layer, site)) == (layer, site)
+    assert model.site_of("blocks.15.ln2.hook_normalized", "blocks.15.hook_mlp_out") == (15, "TC")
+    err = one_line_error(capsys, model.site_of, "blocks.3.hook_resid_pre",
+                         "blocks.3.hook_resid_pre")
+    assert "not a Llama Scope site" in err
+
+
+def write_released(folder, config, tensors, theta, dtype=torch.float32, lm_config=True):
+    """A folder in the released layout (paper_notes.md) from one of our unfolded checkpoints."""
+    os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
+    hp = {k: config[k] for k in (
+        "d_model", "d_sae", "expansion_factor", "hook_point_in", "hook_point_out",
+        "dataset_average_activation_norm", "top_k", "sparsity_include_decoder_norm",
+        "apply_decoder_bias_to_pre_encoder", "use_decoder_bias", "norm_activation",
+        "init_decoder_norm")}
+    hp.update(act_fn="jumprelu", jump_relu_threshold=theta, k_warmup_steps=0,
+              use_batch_norm_mse=False)
+    with open(os.path.join(folder, "hyperparams.json"), "w") as f:
+        json.dump(hp, f)
+    if lm_config:
+        with open(os.path.join(folder, "lm_config.json"), "w") as f:
+            json.dump({"model_name": config["model_name"], "d_model": config["d_model"]}, f)
+    save_file({k: v.to(dtype) for k, v in tensors.items()},
+              os.path.join(folder, "checkpoints", "final.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def embedded_rows(smollm, embedded_ckpt, tmp_path_factory):
+    """~3K held-out L3R activations of the embedded model, saved for --activations."""
+    lm, tok = smollm
+    docs = model.iter_documents(split="eval", epochs=1)
+    rows = buffer.take_rows(buffer.FanOut(model.activation_producer(
+        lm, tok, [(3, "R")], model.token_batches(tok, docs, 1024, 16)), [(3, "R")])[(3, "R")],
+        3000)[:3000]
+    path = str(tmp_path_factory.mktemp("rows") / "rows.safetensors")
+    save_file({"activations": rows}, path)
+    return path, rows
+
+
+@pytest.fixture(scope="module")
+def released_embedded(embedded_ckpt, embedded_rows, tmp_path_factory):
+    """(our JumpReLU file, the same SAE as a released folder): theta fitted by postprocess.py."""
+    tmp = tmp_path_factory.mktemp("released")
+    folded = str(tmp / "L3R-JumpReLU.safetensors")
+    postprocess.main([embedded_ckpt, "--activations", embedded_rows[0], "--out", folded])
+    config, t = sae_lib.read_checkpoint(embedded_ckpt)
+    theta = sae_lib.read_checkpoint(folded)[0]["jump_relu_threshold"]
+    return folded, write_released(str(tmp / "Llama3_1-8B-Base-L3R-2x"), config, t, theta)
+
+
+def test_released_folder_gives_the_same_features_l0_and_ev(released_embedded, embedded_rows,
+                                                           embedded_ckpt, tmp_path):
+    folded, folder = released_embedded
+    acts, rows = embedded_rows
+    ours, _ = sae_lib.load_checkpoint(folded)
+    released, config = postprocess.load_sae(folder)
+    assert (config["layer"], config["site"]) == (3, "R")
+    assert config["model_name"] == model.EMBEDDED_MODEL  # from lm_config.json
+    f_ours, f_rel = ours.encode(rows), released.encode(rows)
+    assert torch.equal(f_ours > 0, f_rel > 0)
+    torch.testing.assert_close(f_rel, f_ours, rtol=1e-5, atol=1e-5)
+    m_ours = evaluate.main([folded, "--activations", acts])
+    m_rel = evaluate.main([folder, "--activations", acts])
+    assert m_rel["l0"] == pytest.approx(m_ours["l0"], abs=1e-9)
+    assert m_rel["explained_variance"] == pytest.approx(m_ours["explained_variance"], abs=1e-6)
+    assert 20 < m_rel["l0"] < 120  # theta fitted for K = 50 on training rows
+    # released weights are bf16: the same recipe, within bf16 rounding
+    bf16 = write_released(str(tmp_path / "bf16"), *sae_lib.read_checkpoint(embedded_ckpt),
+                          config["jump_relu_threshold"], dtype=torch.bfloat16, lm_config=False)
+    m_bf16 = evaluate.main([bf16, "--activations", acts])
+    assert abs(m_bf16["explained_variance"] - m_ours["explained_variance"]) < 0.02
+    # postprocess.py converts a released folder into our single-file format, unchanged
+    out = str(tmp_path / "converted.safetensors")
+    postprocess.main([folder, "--out", out])
+    back, _ = sae_lib.load_checkpoint(out)
+    torch.testing.assert_close(back.encode(rows), f_rel)
+
+
+def test_hub_reference_downloads_only_that_sae(released_embedded, monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+    import shutil
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        shutil.copytree(released_embedded[1], tmp_path / "snap" / "Sub" / "L3R")
+        return str(tmp_path / "snap")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    sae, config = postprocess.load_sae("fnlp/Llama3_1-8B-Base-LXR-8x:Sub/L3R")
+    assert calls == [("fnlp/Llama3_1-8B-Base-LXR-8x",
+                      ["Sub/L3R/hyperparams.json", "Sub/L3R/lm_config.json",
+                       "Sub/L3R/checkpoints/final.safetensors"])]
+    assert config["site"] == "R" and sae.act == "jumprelu"
+    assert postprocess.hub_ref("hf://fnlp/Repo/A/B") == ("fnlp/Repo", "A/B")
+    assert postprocess.hub_ref("out/L15R-8x-TopK.safetensors") is None  # a missing file stays one
+
+    def offline(*a, **k):
+        raise OSError("cannot reach huggingface.co\n(offline)")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    err = one_line_error(capsys, evaluate.main, ["fnlp/Nope:L3R"])
+    assert "download from the Hugging Face Hub failed" in err and "(offline)" in err
+
+
+def saelens_forward(cfg, w, x):
+    """SAELens's documented inference forward (saes/{jumprelu,topk,standard}_sae.py), from the
+    exported files alone: (feature activations (N, F), reconstruction (N, D))."""
+    assert cfg["normalize_activations"] == "none"
+    hidden_pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "jumprelu":
+        acts = torch.relu(hidden_pre) * (hidden_pre > w["threshold"])
+    elif cfg["architecture"] == "topk":
+        top = hidden_pre.topk(cfg["k"], dim=-1)
+        acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, torch.relu(top.values))
+    else:
+        acts = torch.relu(hidden_pre)
+    return acts, acts @ w["W_dec"] + w["b_dec"]
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+def test_saelens_export_matches_the_documented_forward(architecture, planted_sae, tmp_path):
+    from safetensors.torch import load_file
+    ckpt, _, acts = planted_sae
+    out, folder = str(tmp_path / "folded.safetensors"), str(tmp_path / "saelens")
+    postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
+                      "--export-saelens", folder, "--architecture", architecture])
+    cfg = json.load(open(os.path.join(folder, "cfg.json")))
+    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    assert cfg["architecture"] == architecture and (cfg["d_in"], cfg["d_sae"]) == (64, 512)
+    assert cfg["apply_b_dec_to_input"] is False and cfg["metadata"]["hook_name"] == \
+        "blocks.15.hook_resid_post" and cfg["metadata"]["sae_lens_version"] >= "6"
+    assert w["W_enc"].shape == (64, 512) and w["W_dec"].shape == (512, 64)
+    assert ("threshold" in w) == (architecture == "jumprelu") and cfg.get("k") == \
+        (3 if architecture == "topk" else None)
+    x = buffer.load_activations(acts)[0][:5000]  # the rows theta and sparsity were fitted on
+    ours, _ = sae_lib.load_checkpoint(out)  # our post-processed SAE, in the same inference mode
+    ours.act = architecture
+    f_ref, x_ref = saelens_forward(cfg, w, x)
+    f_ours = ours.encode(x)
+    f_ours = torch.zeros_like(f_ref).scatter(1, f_ours[1], f_ours[0]) \
+        if isinstance(f_ours, tuple) else f_ours
+    assert torch.equal(f_ref > 0, f_ours > 0)
+    torch.testing.assert_close(f_ref, f_ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_ref, ours(x)[0], rtol=1e-4, atol=1e-5)
+    if architecture == "topk":  # and the raw trained checkpoint: folding is exact
+        raw, _ = sae_lib.load_checkpoint(ckpt)
+        s_in, s_out = raw.scales()
+        torch.testing.assert_close(x_ref, raw(x * s_in)[0] / s_out, rtol=1e-4, atol=1e-4)
+    freq = (f_ref > 0).double().mean(0)
+    sparsity = load_file(os.path.join(folder, "sparsity.safetensors"))["sparsity"]
+    assert sparsity.shape == (512,)  # log10 firing frequency on the --tokens rows
+    torch.testing.assert_close(10 ** sparsity.double(), freq + 1e-10, rtol=1e-5, atol=1e-12)
+
+
+def test_released_transcoder_reads_our_gain_applied_mlp_input():
+    lm = tiny_llama()
+    norm = lm.model.layers[1].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)  # a gain far from 1
+    ids = torch.randint(3, 100, (2, 12))
+    x_in = model.capture(lm, ids, torch.ones_like(ids), [(1, "TC")])[(1, "TC")][0].flatten(0, 1)
+    torch.manual_seed(0)
+    tc = SAE(64, 256, act="jumprelu", transcoder=True, threshold=0.1)
+    adapted = evaluate.for_lm(tc, {"tc_input_before_gain": True, "layer": 1}, lm)
+    with torch.no_grad():
+        released_view = x_in / norm.weight  # TransformerLens ln2.hook_normalized: x / rms(x)
+        torch.testing.assert_close(adapted.encode(x_in), tc.encode(released_view))
+    assert evaluate.for_lm(tc, {"layer": 1}, lm) is tc  # our own TC checkpoints: unchanged
+
+
+# ---------------------------------------------------------------------- features, generalization
+
+def test_feature_inspection_in_one_pass(released_embedded, embedded_rows, tmp_path, capsys,
+                                        monkeypatch):
+    folded, folder = released_embedded
+    sae, _ = sae_lib.load_checkpoint(folded)
+    freq = (sae.encode(embedded_rows[1]) > 0).float().mean(0)
+    feats = freq.topk(2).indices.tolist()  # two features that fire on held-out text
+    passes = []
+    capture = model.capture
+    monkeypatch.setattr(model, "capture", lambda *a: passes.append(1) or capture(*a))
+    path = str(tmp_path / "features.json")
+    evaluate.main([folder, "--features", ",".join(map(str, feats)), "--top", "3",
+                   "--tokens", "300", "--json", path])
+    printed = capsys.readouterr().out
+    out = json.load(open(path))
+    eps = math.sqrt(12 * math.log(sae.n_features) / sae.d_model)
+    assert out["jl_eps"] == pytest.approx(eps) and out["n_tokens"] >= 300
+    assert [f["feature"] for f in out["features"]] == feats
+    for f in out["features"]:
+        assert f["frequency"] == pytest.approx(f["fired"] / out["n_tokens"]) and f["fired"] > 0
+        acts = [c["activation"] for c in f["contexts"]]
+        assert 1 <= len(acts) <= 3 and acts == sorted(acts, reverse=True)
+        for c in f["contexts"]:
+            assert c["activations"][c["marked"]] == pytest.approx(c["activation"], abs=1e-3)
+            assert max(c["activations"]) == pytest.approx(c["activation"], abs=1e-3)
+            assert len(c["tokens"]) == len(c["activations"]) <= 33
+        cos = [n["cosine"] for n in f["neighbours"]]
+        assert cos == sorted(cos, reverse=True) and f["feature"] not in \
+            [n["feature"] for n in f["neighbours"]]
+        assert all(n["above_jl"] == (n["cosine"] > eps) for n in f["neighbours"])
+        W = torch.nn.functional.normalize(sae.W_dec, dim=1)
+        assert cos[0] == pytest.approx((W @ W[f["feature"]]).sort().values[-2].item(), abs=1e-5)
+    assert printed.count("<START>") == sum(len(f["contexts"]) for f in out["features"])
+    assert "Sentence 1:" in printed and "JL baseline eps = sqrt(12 ln F / D)" in printed
+    one = len(passes)
+    evaluate.main([folder, "--features", str(feats[0]), "--top", "3", "--tokens", "300"])
+    assert len(passes) == 2 * one  # two features cost the same single pass as one
+
+
+def test_long_context_reports_mse_and_l0_by_position(embedded_ckpt, tmp_path, capsys):
+    path = str(tmp_path / "long.json")
+    evaluate.main([embedded_ckpt, "--long-context", "256", "--tokens", "512", "--json", path,
+                   "--plot", str(tmp_path)])
+    out = json.load(open(path))
+    assert [b["positions"] for b in out["buckets"]] == ["1-63", "64-127", "128-255"]
+    assert all(b["n_tokens"] >= 60 and b["mse"] > 0 for b in out["buckets"])
+    assert all(b["l0"] == pytest.approx(50, abs=1) for b in out["buckets"])  # TopK: K per token
+    assert sum(b["n_tokens"] for b in out["buckets"]) <= 2 * 255
+    assert os.path.exists(tmp_path / "L3R-2x-TopK-long-context.png")
+    assert "1-63" in capsys.readouterr().out
+    assert evaluate.buckets(4096)[-1] == (2048, 4096) and evaluate.buckets(100) == [(1, 64),
+                                                                                   (64, 100)]
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "100000"])
+    assert "--long-context 100000 is out of range: allowed 2-8192" in err
+
+
+def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_path, capsys):
+    _, tok = smollm
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(
+        hidden_size=576, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
+        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id))
+    other.save_pretrained(tmp_path / "random-llama")
+    tok.save_pretrained(tmp_path / "random-llama")
+    path = str(tmp_path / "two.json")
+    out = evaluate.main([embedded_ckpt, "--eval-model", str(tmp_path / "random-llama"),
+                         "--tokens", "100", "--json", path])
+    assert set(out) == {model.EMBEDDED_MODEL, str(tmp_path / "random-llama")}
+    real, rand = out[model.EMBEDDED_MODEL], out[str(tmp_path / "random-llama")]
+    assert set(evaluate.KEYS) <= set(real) and set(evaluate.KEYS) <= set(rand)
+    assert real["n_tokens"] >= 100 and rand["n_tokens"] >= 100
+    assert real["explained_variance"] > rand["explained_variance"]  # trained on the real model
+    assert "delta_lm_loss" in capsys.readouterr().out
+    tiny_llama(d=64).save_pretrained(tmp_path / "narrow")
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--eval-model",
+                                                 str(tmp_path / "narrow")])
+    assert "checkpoint d_model 576 does not match" in err
+
+
+# ----------------------------------------------------------------------------- experiment tracking
+
+def test_wandb_project_logs_every_log_line(tmp_path, monkeypatch, capsys):
+    import tracking
+    log = []
+
+    class Run:
+        def log(self, metrics, step):
+            log.append(dict(metrics, step=step))
+
+        def finish(self):
+            log.append("finish")
+    fake = types.SimpleNamespace(init=lambda project, config: log.append(project) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    save_file({"activations": torch.randn(8192, 16)}, str(tmp_path / "a.safetensors"))
+    train.train(train.get_args([
+        "--activations", str(tmp_path / "a.safetensors"), "--expansion", "4", "--k", "4",
+        "--total-tokens", "8192", "--batch-size", "1024", "--buffer-size", "4096",
+        "--log-every", "2", "--out", str(tmp_path), "--wandb-project", "scope"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
+    assert log[0] == "scope" and log[-1] == "finish" and len(lines) == 4
+    assert [e["step"] for e in log[1:-1]] == [2, 4, 6, 8]  # one entry per printed log line
+    assert {"L15R-4x-TopK/loss", "L15R-4x-TopK/ev", "L15R-4x-TopK/dead", "lr"} <= set(log[1])
+    assert isinstance(tracking.make_logger(None, {}), tracking.NullLogger)  # the default: no-op
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a one-line error
+    err = one_line_error(capsys, tracking.make_logger, "scope", {})
+    assert "--wandb-project scope needs wandb" in err
+
+
+def test_transcoder_export_is_refused_before_any_lm_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    tc = SAE(32, 64, transcoder=True)
+    tc.set_norms_(torch.ones(2, 32), torch.ones(2, 32))
+    path = str(tmp_path / "L1TC-2x-TopK.safetensors")
+    sae_lib.save_checkpoint(tc, {"site": "TC", "layer": 1, "act_fn": "topk",
+                                 "model_name": model.EMBEDDED_MODEL}, path)
+    err = one_line_error(capsys, postprocess.main, [path, "--export-saelens", str(tmp_path / "x")])
+    assert "transcoders are not exported" in err and not os.path.exists(tmp_path / "x")
+
+
 # ----------------------------------------------------------------------------- parallel.py
 
 def _free_port():

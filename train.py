@@ -25,6 +25,7 @@ from buffer import (ActivationBuffer, FanOut, file_producer, keep_rows, kept_row
                     load_activations, take_rows)
 from sae import SAE, atomic_save_file, k_at, lr_at, save_checkpoint
 from sae import bad_input as die  # one line on stderr, exit code 2
+from tracking import make_logger
 
 PAPER_STEPS = 800_000_000 // 2048  # the released 8x runs: 390,625 steps of 2048 tokens
 DEAD_WINDOW = 100_000  # tokens: a feature that has not fired within this many is counted dead
@@ -111,6 +112,8 @@ def get_args(argv=None):
                    help="steps between log lines; 0 = ~40 lines")
     g.add_argument("--eval-tokens", type=int, default=20_000,
                    help="held-out tokens scored after training; 0 = off")
+    g.add_argument("--wandb-project", default=None,
+                   help="log every log line to this Weights & Biases project; default off")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return args
@@ -257,10 +260,12 @@ class Run:
         fired = c.sum_(self.last_fired.clone(), c.dp_group, parallel.MAX)  # latest replica
         dead = c.sum_((tokens - fired >= DEAD_WINDOW).sum(), c.tp_group).item() \
             / (self.sae.n_features * c.tp)
+        self.logged = dict(loss=mse + l1, mse=mse, ev=ev, l0=l0, dead=dead)  # for the logger
         return f"loss {mse + l1:.4f} | ev {ev:.3f} | l0 {l0:.1f} | dead {100 * dead:.1f}%"
 
 
-RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device"}  # may change
+RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device",
+               "wandb_project"}  # may change
 
 
 def save_resume(path, args, step, tokens, data, buffers, runs, limits, world=1):
@@ -331,6 +336,7 @@ def train(args):
     comms = parallel.Comms(args.tp, args.device)  # dp x tp ranks under torchrun, else no-ops
     check_parallel(args, comms, d_model)
     print0, args.device = comms.print0, comms.device
+    logger = make_logger(args.wandb_project if comms.rank == 0 else None, vars(args))  # or no-op
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     sites = list(dict.fromkeys(itertools.product(args.layer, args.site)))
@@ -438,11 +444,14 @@ def train(args):
                       f"k {k} | lr {lr:.1e} | "
                       f"{(tokens - start * args.batch_size) / dt / 1e3:.1f}k "
                       f"tok/s | eta {eta:.0f}s", flush=True)
+                logger.log({f"{run.name}/{key}": v for key, v in run.logged.items()}
+                           | {"k": k, "lr": lr, "tokens": tokens}, step=step + 1)
         if args.save_every \
                 and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
             save_resume(comms.shard_path(os.path.join(args.out, "resume.safetensors")), args,
                         step + 1, tokens, data, buffers, runs, limits, comms.world)
     step += 1
+    logger.finish()
     print0(f"trained {tokens:,} tokens in {time.time() - t_train:.0f}s")
 
     for run in all_runs:  # rank 0 gathers every SAE whole; it alone checks and writes
