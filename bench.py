@@ -1,6 +1,6 @@
 """Benchmark the two costs of SAE training, in one process: the SAE step and the LM forward.
 
-    python bench.py [--json bench.json]       # defaults run in about 3 minutes on 2 CPU cores
+    python bench.py [--json bench.json]       # defaults run in about 5 minutes on 2 CPU cores
 
 - `sae_step_ms`: forward + backward + Adam of one TopK step; `encoder_matmul_ms`: the one dense
   product x W_enc^T that any SAE step must do (the floor); `step_over_floor` = their ratio. The
@@ -27,11 +27,14 @@ from sae import SAE
 
 
 def timed(fn, repeat):
-    fn()  # warm-up
-    t = time.perf_counter()
+    """Median ms of `repeat` calls after a warm-up: robust to a shared, noisy machine."""
+    fn()
+    ms = []
     for _ in range(repeat):
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / repeat * 1e3
+        ms.append((time.perf_counter() - t) * 1e3)
+    return sorted(ms)[len(ms) // 2]
 
 
 def sae_step(d, f, k, rows, repeat, dtype, device):
@@ -39,7 +42,7 @@ def sae_step(d, f, k, rows, repeat, dtype, device):
     torch.manual_seed(0)
     sae = SAE(d, f, k=k).to(device, dtype)
     sae.set_norms_(torch.ones(1, d), torch.ones(1, d))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as train.py
     x = torch.randn(rows, d, device=device, dtype=dtype)
 
     def step(forward):
@@ -70,7 +73,7 @@ def tp_worker(rank, tp, port, d, f, k, rows, repeat, device, result):
     full = SAE(d, f, k=k)
     full.set_norms_(torch.ones(1, d), torch.ones(1, d))
     sae = comms.shard(full).to(comms.device)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     x = torch.randn(rows, d, device=comms.device)
 
     def step():
@@ -164,6 +167,11 @@ def main():
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda")
                                           else "float32"))
     res = {"device": args.device, "dtype": str(dtype), "threads": torch.get_num_threads()}
+    if args.multi_tokens:  # first: Linux counts a child's peak as at least this process's size
+        cmd = [sys.executable, "train.py", "--total-tokens", "70000", "--eval-tokens", "0",
+               "--out", "/tmp/bench_out", "--device", str(args.device)]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__) or ".")
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     res["sae_small"] = sae_step(576, 4608, 50, args.rows, args.repeat, dtype, args.device)
     if args.big_rows:
         res["sae_llama8b_8x"] = sae_step(4096, 32768, 50, args.big_rows, 2, dtype, args.device)
@@ -195,10 +203,6 @@ def main():
         res["multi_sae_4_over_1"] = per_tok[4] / per_tok[1]
         print(f"S SAEs from one forward: S=1 {per_tok[1] * 1e3:.2f} ms/token, S=4 "
               f"{per_tok[4] * 1e3:.2f} ms/token, ratio {res['multi_sae_4_over_1']:.2f}")
-        cmd = [sys.executable, "train.py", "--total-tokens", "70000", "--eval-tokens", "0",
-               "--out", "/tmp/bench_out", "--device", str(args.device)]
-        subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__) or ".")
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"peak memory of a default run (70K tokens): {res['peak_rss_mb']:.0f} MB")
     if args.json:
         with open(args.json, "w") as f:
