@@ -37,6 +37,18 @@ def timed(fn, repeat):
     return sorted(ms)[len(ms) // 2]
 
 
+def train_step(forward, sae, opt, x, device, reduce_grads_=lambda sae: None):
+    """One training step to time: forward, MSE, backward, gradient reduction (parallel.py), Adam."""
+    def run():
+        x_hat, _ = forward(x)
+        opt.zero_grad(set_to_none=True)
+        (x_hat - x).pow(2).mean().backward()
+        reduce_grads_(sae)
+        opt.step()
+        sync(device)
+    return run
+
+
 def sae_step(d, f, k, rows, repeat, dtype, device):
     """ms of one TopK training step (sparse and dense) and of the encoder matmul alone."""
     torch.manual_seed(0)
@@ -44,20 +56,10 @@ def sae_step(d, f, k, rows, repeat, dtype, device):
     sae.set_norms_(torch.ones(1, d), torch.ones(1, d))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as train.py
     x = torch.randn(rows, d, device=device, dtype=dtype)
-
-    def step(forward):
-        def run():
-            x_hat, _ = forward(x)
-            loss = (x_hat - x).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sync(device)
-        return run
     with torch.no_grad():
         matmul = timed(lambda: (torch.addmm(sae.b_enc, x, sae.W_enc.T), sync(device)), repeat)
-    sparse = timed(step(sae.forward), repeat)
-    dense = timed(step(sae.forward_dense), max(1, repeat // 2))
+    sparse = timed(train_step(sae.forward, sae, opt, x, device), repeat)
+    dense = timed(train_step(sae.forward_dense, sae, opt, x, device), max(1, repeat // 2))
     return {"d_model": d, "n_features": f, "k": k, "rows": rows, "encoder_matmul_ms": matmul,
             "sae_step_ms": sparse, "step_over_floor": sparse / matmul,
             "dense_step_ms": dense, "dense_step_over_floor": dense / matmul}
@@ -75,15 +77,7 @@ def tp_worker(rank, tp, port, d, f, k, rows, repeat, device, result):
     sae = comms.shard(full).to(comms.device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     x = torch.randn(rows, d, device=comms.device)
-
-    def step():
-        x_hat, _ = sae(x)
-        opt.zero_grad(set_to_none=True)
-        (x_hat - x).pow(2).mean().backward()
-        comms.reduce_grads_(sae)
-        opt.step()
-        sync(comms.device)
-    ms = timed(step, repeat)
+    ms = timed(train_step(sae.forward, sae, opt, x, comms.device, comms.reduce_grads_), repeat)
     if rank == 0:
         with open(result, "w") as out:
             json.dump(ms, out)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import model
 import postprocess
 from sae import bad_input as die  # one line on stderr, exit code 2
+from sae import firing_counts
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
         "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "dead_frac", "ultra_active_frac"]
@@ -77,11 +78,7 @@ def reconstruct(sae, x_in, counts=None):
     s_in, s_out = sae.scales()
     x_hat, f = sae(x_in.to(sae.W_enc.dtype) * s_in)
     if counts is not None:
-        if isinstance(f, tuple):
-            vals, idx = f
-            counts += torch.bincount(idx[vals > 0], minlength=sae.n_features).double().cpu()
-        else:
-            counts += (f > 0).double().sum(0).cpu()
+        counts += firing_counts(f, sae.n_features).double().cpu()
     return x_hat / s_out
 
 

@@ -29,6 +29,12 @@ from sae import SAE, bad_input
 MAX = dist.ReduceOp.MAX
 
 
+def _like(sae, n_features):
+    """A new SAE with sae's settings and n_features features (weights still to be filled)."""
+    return SAE(sae.d_model, n_features, sae.act, sae.k, sae.transcoder,
+               rank_by_decoder_norm=sae.rank_by_decoder_norm, threshold=sae.threshold)
+
+
 class AllReduceSum(torch.autograd.Function):
     """Sum the decoders' partial outputs over the group. Every rank then computes the same loss
     from the same sum, so the gradient reaching each partial is that of the sum: identity."""
@@ -119,8 +125,7 @@ class Comms:
             return sae
         F = sae.n_features // self.tp
         part = slice(self.tp_rank * F, (self.tp_rank + 1) * F)
-        shard = SAE(sae.d_model, F, sae.act, sae.k, sae.transcoder,
-                    rank_by_decoder_norm=sae.rank_by_decoder_norm, threshold=sae.threshold)
+        shard = _like(sae, F)
         with torch.no_grad():
             for name, p in shard.named_parameters():
                 full = getattr(sae, name)
@@ -165,9 +170,8 @@ class Comms:
             return shard if self.rank == 0 else None
         full = None
         if self.rank == 0:
-            full = SAE(shard.d_model, shard.n_features * self.tp, shard.act, shard.k,
-                       shard.transcoder, rank_by_decoder_norm=shard.rank_by_decoder_norm,
-                       threshold=shard.threshold).to(shard.W_enc.device, shard.W_enc.dtype)
+            full = _like(shard, shard.n_features * self.tp).to(shard.W_enc.device,
+                                                               shard.W_enc.dtype)
             full.load_state_dict({"norm_in": shard.norm_in, "norm_out": shard.norm_out,
                                   "b_dec": shard.b_dec}, strict=False)
         if self.dp_rank == 0:

@@ -26,7 +26,8 @@ import re
 import torch
 from safetensors import safe_open
 
-from sae import SAE, atomic_save_file, bad_input, load_checkpoint, save_checkpoint
+from sae import (SAE, atomic_save_file, bad_input, firing_counts, load_checkpoint, load_tensors_,
+                 released_shapes, save_checkpoint)
 
 
 @torch.no_grad()
@@ -165,18 +166,12 @@ def read_released(folder, ref=None):
     except Exception as e:
         bad_input(f"{ref}: checkpoints/final.safetensors unreadable ({type(e).__name__}: {e})")
     t.setdefault("decoder.bias", torch.zeros(D))  # use_decoder_bias: false
-    want = {"encoder.weight": (F, D), "encoder.bias": (F,), "decoder.weight": (D, F),
-            "decoder.bias": (D,)}
-    if any(tuple(t[k].shape) != v if k in t else True for k, v in want.items()):
-        bad_input(f"{ref}: tensors {({k: tuple(v.shape) for k, v in t.items()})} do not match "
-                  f"d_model {D}, d_sae {F}")
+    shapes = {k: tuple(v.shape) for k, v in t.items()}
+    if any(shapes.get(k) != v for k, v in released_shapes(D, F).items()):
+        bad_input(f"{ref}: tensors {shapes} do not match d_model {D}, d_sae {F}")
     sae = SAE(D, F, k=hp.get("top_k", 50), transcoder=site == "TC",
               rank_by_decoder_norm=hp.get("sparsity_include_decoder_norm", True))
-    for p, k in ((sae.W_enc, "encoder.weight"), (sae.b_enc, "encoder.bias"),
-                 (sae.W_dec, "decoder.weight"), (sae.b_dec, "decoder.bias")):
-        p.copy_(t[k].T if k == "decoder.weight" else t[k])
-    sae.norm_in.fill_(norms["in"])
-    sae.norm_out.fill_(norms["out"])
+    load_tensors_(sae, t, norms)
     fold_norm_(sae)
     unit_decoder_(sae)
     if act == "jumprelu":
@@ -218,8 +213,7 @@ def firing_frequency(sae, x, chunk=4096):
     counts = torch.zeros(sae.n_features, dtype=torch.float64)
     for c in x.split(chunk):
         f = sae.encode(c.to(sae.W_enc.dtype) * sae.scales()[0])
-        fired = f[1][f[0] > 0] if isinstance(f, tuple) else (f > 0).nonzero()[:, 1]
-        counts += torch.bincount(fired.cpu(), minlength=sae.n_features)
+        counts += firing_counts(f, sae.n_features).cpu()
     return counts / len(x)
 
 

@@ -155,7 +155,7 @@ class SAE(torch.nn.Module):
         mse = err.mean()  # elementwise mean over N and D
         out = {"mse": mse.detach(),
                "ev": 1 - (x_hat - y).pow(2).sum().detach() / y.pow(2).sum(),  # eq. 6, batch total
-               "fired": active_features(f, self.n_features)}
+               "fired": firing_counts(f, self.n_features) > 0}
         active = (f[0] if isinstance(f, tuple) else f) > 0
         out["l0"] = active.float().sum(-1).mean()
         out["l1"] = mse.new_zeros(()) if self.act != "vanilla" else \
@@ -164,13 +164,12 @@ class SAE(torch.nn.Module):
         return out
 
 
-def active_features(f, n_features):
-    """(F,) bool: which features fired at least once in this batch."""
+def firing_counts(f, n_features):
+    """(F,) how many rows of this batch each feature fired on, from (values, indices) or dense f."""
     if isinstance(f, tuple):
         vals, idx = f
-        fired = torch.zeros(n_features, dtype=torch.bool, device=idx.device)
-        return fired.index_fill_(0, idx[vals > 0], True)
-    return (f > 0).any(0)
+        return torch.bincount(idx[vals > 0], minlength=n_features)
+    return (f > 0).sum(0)
 
 
 def k_at(step, k, k_init, anneal_steps):
@@ -244,10 +243,8 @@ def read_checkpoint(path):
     except (KeyError, TypeError, ValueError) as e:
         bad_input(f"checkpoint {path}: not a Llama Scope checkpoint of this project "
                   f"(metadata `config` missing or incomplete: {type(e).__name__} {e})")
-    want = {"encoder.weight": (F, D), "encoder.bias": (F,), "decoder.weight": (D, F),
-            "decoder.bias": (D,)}
     shapes = {k: tuple(v.shape) for k, v in t.items()}
-    if not ok or any(shapes.get(k) != v for k, v in want.items()):
+    if not ok or any(shapes.get(k) != v for k, v in released_shapes(D, F).items()):
         bad_input(f"checkpoint {path}: tensors {shapes} or config do not match d_model {D}, "
                   f"d_sae {F}")
     return config, t
@@ -262,12 +259,26 @@ def load_checkpoint(path, device="cpu"):
     sae = SAE(config["d_model"], config["d_sae"], act=act, k=config["top_k"],
               transcoder=config["site"] == "TC", threshold=config.get("jump_relu_threshold"),
               rank_by_decoder_norm=config["sparsity_include_decoder_norm"]).to(device)
-    with torch.no_grad():
-        sae.W_enc.copy_(t["encoder.weight"])
-        sae.b_enc.copy_(t["encoder.bias"])
-        sae.W_dec.copy_(t["decoder.weight"].T)
-        sae.b_dec.copy_(t["decoder.bias"])
-        norms = config["dataset_average_activation_norm"]
-        sae.norm_in.fill_(math.sqrt(sae.d_model) if config.get("folded") else norms["in"])
-        sae.norm_out.fill_(math.sqrt(sae.d_model) if config.get("folded") else norms["out"])
+    norms = config["dataset_average_activation_norm"]
+    if config.get("folded"):
+        norms = {"in": math.sqrt(sae.d_model), "out": math.sqrt(sae.d_model)}
+    load_tensors_(sae, t, norms)
     return sae, config
+
+
+def released_shapes(D, F):
+    """The tensors of a checkpoint in the released Llama Scope layout, and their shapes."""
+    return {"encoder.weight": (F, D), "encoder.bias": (F,), "decoder.weight": (D, F),
+            "decoder.bias": (D,)}
+
+
+@torch.no_grad()
+def load_tensors_(sae, t, norms):
+    """Fill sae from released-layout tensors t (`decoder.weight` is (D, F)) and the dataset
+    norms {"in", "out"}."""
+    sae.W_enc.copy_(t["encoder.weight"])
+    sae.b_enc.copy_(t["encoder.bias"])
+    sae.W_dec.copy_(t["decoder.weight"].T)
+    sae.b_dec.copy_(t["decoder.bias"])
+    sae.norm_in.fill_(norms["in"])
+    sae.norm_out.fill_(norms["out"])

@@ -245,8 +245,9 @@ class Run:
             group["lr"] = lr
         self.opt.step()
         self.last_fired[out["fired"]] = tokens
-        for key in ("loss", "mse", "l1", "ev", "l0"):  # kept per step until the next log line
+        for key in ("mse", "l1", "ev", "l0"):  # kept per step until the next log line
             self.log.setdefault(key, []).append(out[key].item())
+        return self.log["mse"][-1] + self.log["l1"][-1]  # the loss
 
     def log_line(self, tokens):
         """Means since the last line, over every rank: mse and ev are the same within a
@@ -341,8 +342,9 @@ def train(args):
     dtype = getattr(torch, args.dtype)
     sites = list(dict.fromkeys(itertools.product(args.layer, args.site)))
     sched = schedule(args)
-    resume_path = comms.shard_path(os.path.join(args.out, "resume.safetensors")) \
-        if args.resume == "auto" else args.resume and comms.shard_path(args.resume)
+    save_path = comms.shard_path(os.path.join(args.out, "resume.safetensors"))  # one per rank
+    resume_path = save_path if args.resume == "auto" \
+        else args.resume and comms.shard_path(args.resume)
     meta, saved = read_resume(resume_path, args, comms) \
         if resume_path and os.path.isfile(resume_path) else (None, None)
     if len(set(comms.all_values(torch.tensor([meta["step"] if meta else -1])).tolist())) > 1:
@@ -432,9 +434,9 @@ def train(args):
                 die(f"step {step + 1}: NaN or Inf in the activations of site {key}; stopping "
                     f"(the last resumable checkpoint, if any, is kept)")
             for run in runs[key]:
-                run.step(rows, k, lr, args, tokens)
-                if not math.isfinite(run.log["loss"][-1]):
-                    die(f"step {step + 1}: {run.name} loss is {run.log['loss'][-1]} (NaN or Inf); "
+                loss = run.step(rows, k, lr, args, tokens)
+                if not math.isfinite(loss):
+                    die(f"step {step + 1}: {run.name} loss is {loss} (NaN or Inf); "
                         f"stopping (the last resumable checkpoint, if any, is kept)")
         if (step + 1) % every == 0 or step + 1 == sched["steps"]:
             dt = time.time() - t_train
@@ -448,8 +450,8 @@ def train(args):
                            | {"k": k, "lr": lr, "tokens": tokens}, step=step + 1)
         if args.save_every \
                 and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
-            save_resume(comms.shard_path(os.path.join(args.out, "resume.safetensors")), args,
-                        step + 1, tokens, data, buffers, runs, limits, comms.world)
+            save_resume(save_path, args, step + 1, tokens, data, buffers, runs, limits,
+                        comms.world)
     step += 1
     logger.finish()
     print0(f"trained {tokens:,} tokens in {time.time() - t_train:.0f}s")
