@@ -1,16 +1,23 @@
-"""The producer/consumer activation buffer of App. A.1.
+"""The producer/consumer activation buffer of App. A.1, serving every row `passes` times.
 
 Activations of neighbouring positions in one document are highly correlated (§3.1), so the SAE must
 see them in random order, yet holding a whole dataset of activations is impossible at scale. The
 buffer holds `size` rows. Training starts when it is full; each minibatch takes the next unread
-rows; when half of the buffer has been read, the producer refills the read half and the WHOLE
-buffer is shuffled, so new rows mix with the unread old ones. Every produced row is served exactly
-once.
+rows; when half of the buffer has been read, the rows that are used up are replaced by new rows
+from the producer and the WHOLE buffer is shuffled, so new rows mix with the old ones.
+
+With passes = 1 (the paper) every produced row is served exactly once. A short run on a slow LM
+serves each row `passes` times instead (train.py chooses how many): a row stays in the buffer until
+it has been served that often, so the LM makes 1/passes of the rows the SAE trains on, and the
+memory stays `size` rows however long the run. The first fill starts with staggered use counts
+(1..passes), so the buffer mixes old and new rows from the first refill on instead of replaying
+its first fill `passes` times.
 
 The producer is any iterator of (n, C) tensors (n may vary, C fixed): the LM (model.py), or
 pre-saved activations (App. A.3, `file_producer`). This file never imports model.py.
 """
 import collections
+import math
 import sys
 
 import torch
@@ -18,23 +25,22 @@ from safetensors import safe_open
 
 
 class ActivationBuffer:
-    def __init__(self, producer, size, batch_size, seed=0, device="cpu", limit=None):
-        """limit: rows to take from the producer in all (None: endless); the buffer then drains, so
-        a run of `limit` rows makes no row it does not use."""
+    def __init__(self, producer, size, batch_size, seed=0, device="cpu", limit=None, passes=1):
+        """limit: rows to serve in all (None: endless); the producer is asked for no row the run
+        will not use. passes: how many times each row is served."""
         assert batch_size <= size // 2, "batch_size must be at most half the buffer"
         self.producer, self.size, self.batch_size = iter(producer), size, batch_size
-        self.remaining = float("inf") if limit is None else limit
+        self.passes, self.device = passes, device
+        self.remaining = float("inf") if limit is None else limit  # rows still to serve
         self.generator = torch.Generator().manual_seed(seed)
-        self.device = device
         self.pending = []  # rows made by the producer that did not fit yet, served first next time
-        self.data = None  # (size, C), allocated at the first fill
+        self.data = None  # (n, C), n <= size, allocated at the first fill
+        self.uses = None  # (n,) how many more times each row of data will be served
         self.read = 0  # rows of data served since the last refill (they sit at data[:read])
         self.exhausted = False
 
     def _take(self, n):
         """Up to n new rows from the pending rows, then from the producer."""
-        n = int(min(n, self.remaining))
-        self.remaining -= n
         got, have = [], 0
         while have < n:
             if not self.pending:
@@ -54,28 +60,41 @@ class ActivationBuffer:
         return torch.cat(got) if got else None
 
     def _refill(self):
-        """Fill the served rows (all rows at the first call), then shuffle the whole buffer."""
-        if self.data is None:
-            self.data = self._take(self.size)
-            if self.data is None:
+        """Drop the used-up rows, add as many new rows as fit and the run still needs, shuffle."""
+        if self.data is None:  # the first fill: use counts staggered over 1..passes
+            new = self._take(min(self.size, _ceil(self.remaining * 2 / (self.passes + 1))))
+            if new is None:
                 raise RuntimeError("the activation producer yielded no rows")
+            self.data = new
+            self.uses = torch.randint(1, self.passes + 1, (len(new),), generator=self.generator,
+                                      dtype=torch.int16).to(self.device)
         else:
-            new = self._take(self.read)
-            kept = self.data[self.read:]
-            self.data = kept if new is None else torch.cat([new, kept])
+            left = self.uses > 0
+            self.data, self.uses = self.data[left], self.uses[left]
+            owed = self.remaining - self.uses.sum().item()  # serves that held rows cannot cover
+            want = max(_ceil(owed / self.passes), self.batch_size - len(self.data))  # >= a batch
+            new = self._take(min(self.size - len(self.data), max(0, want)))
+            if new is not None:
+                self.data = torch.cat([new, self.data])
+                self.uses = torch.cat([self.uses.new_full((len(new),), self.passes), self.uses])
         perm = torch.randperm(len(self.data), generator=self.generator).to(self.data.device)
-        self.data = self.data[perm]
+        self.data, self.uses = self.data[perm], self.uses[perm]
         self.read = 0
 
     def next_batch(self):
-        """(batch_size, C): the next minibatch, or None when a finite producer has run dry."""
-        if self.data is None or (self.read >= self.size // 2 and self.remaining > 0
-                                 and not self.exhausted):
+        """(batch_size, C): the next minibatch, or None when the run's rows are all served or a
+        finite producer has run dry."""
+        if self.remaining < self.batch_size:
+            return None
+        if self.data is None or self.read >= max(self.size, len(self.data)) // 2 \
+                or self.read + self.batch_size > len(self.data):
             self._refill()
         if self.read + self.batch_size > len(self.data):
             return None
         batch = self.data[self.read:self.read + self.batch_size]
+        self.uses[self.read:self.read + self.batch_size] -= 1
         self.read += self.batch_size
+        self.remaining -= self.batch_size
         return batch
 
     def __iter__(self):
@@ -83,16 +102,23 @@ class ActivationBuffer:
             yield batch
 
     def state_dict(self):
-        """Everything needed to continue exactly: rows, read pointer, pending rows, RNG state."""
+        """Everything needed to continue exactly: rows and their uses, read pointer, pending rows,
+        RNG state."""
         pending = torch.cat(self.pending) if self.pending else self.data[:0]
-        return {"data": self.data, "pending": pending, "generator": self.generator.get_state(),
-                "read": self.read, "remaining": self.remaining, "exhausted": self.exhausted}
+        return {"data": self.data, "uses": self.uses, "pending": pending,
+                "generator": self.generator.get_state(), "read": self.read,
+                "remaining": self.remaining, "exhausted": self.exhausted}
 
     def load_state_dict(self, state):
         self.data, self.read = state["data"].to(self.device), state["read"]
+        self.uses = state["uses"].to(self.device)
         self.pending = [state["pending"].to(self.device)] if len(state["pending"]) else []
         self.generator.set_state(state["generator"])
         self.remaining, self.exhausted = state["remaining"], state["exhausted"]
+
+
+def _ceil(x):
+    return x if x == math.inf else math.ceil(x)
 
 
 class FanOut:

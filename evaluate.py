@@ -41,6 +41,8 @@ from sae import firing_counts
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
         "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "dead_frac", "ultra_active_frac"]
+NOTES = {"dead_frac": "   never fired on any of these tokens (§4.4: over 100K)",
+         "ultra_active_frac": "   fired on more than 10% of them (§4.4)"}
 
 
 class Metrics:
@@ -284,7 +286,9 @@ def get_args(argv=None):
     p.add_argument("checkpoint", help="a train.py or postprocess.py checkpoint (.safetensors), or "
                                       "a released SAE: its folder or `[hf://]owner/repo:sub`")
     p.add_argument("--json", default=None, help="write the metrics (features, buckets) here")
-    p.add_argument("--tokens", type=int, default=10_000, help="held-out tokens to evaluate")
+    p.add_argument("--tokens", type=int, default=100_000,
+                   help="held-out tokens to evaluate (§4.4 counts never-firing features over "
+                        "100K; the whole held-out split when smaller)")
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
     p.add_argument("--model", default=None, help="the LM (default: the one the file names)")
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
@@ -379,8 +383,8 @@ def report(args, name, sae, out, t0):
     print(f"{name} ({sae.act}, {out['n_tokens']:,} held-out tokens, {out['time_s']:.0f}s)")
     for key in KEYS:
         if key in out:
-            print(f"  {key:<28} {out[key]:.4f}" if isinstance(out[key], float) else
-                  f"  {key:<28} {out[key]}")
+            print((f"  {key:<28} {out[key]:.4f}" if isinstance(out[key], float) else
+                   f"  {key:<28} {out[key]}") + NOTES.get(key, ""))
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
         path = os.path.join(args.plot, f"{name}-firing.png")

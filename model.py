@@ -18,6 +18,7 @@ Normalization, buffering and the SAE itself live in sae.py and buffer.py.
 """
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -265,12 +266,14 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
         epoch += 1
 
 
-def token_batches(tok, docs, context_size, lm_batch_size, pool=64):
+def token_batches(tok, docs, context_size, lm_batch_size, pool=64, seed=0):
     """(input_ids, attention_mask), each (B, T): BOS + document truncated to context_size,
     right-padded. Documents are sorted by length within a pool of pool*B so each batch pads
-    little."""
+    little; the pool's batches then come out spread over all lengths (`_spread`, seeded), so
+    every prefix of the stream (the first fill's norms, a held-out sample, theta's tokens) draws
+    from short and long documents alike and training sees no saw-tooth in document length."""
     bos, pad = tok.bos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
-    docs = iter(docs)
+    docs, rng = iter(docs), random.Random(seed)
     while True:
         texts = [t for _, t in zip(range(pool * lm_batch_size), docs)]
         if not texts:
@@ -278,12 +281,23 @@ def token_batches(tok, docs, context_size, lm_batch_size, pool=64):
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         ids = [(([bos] if bos is not None else []) + x)[:context_size] for x in ids]
         ids.sort(key=len)
-        for i in range(0, len(ids), lm_batch_size):
-            chunk = ids[i:i + lm_batch_size]
+        chunks = [ids[i:i + lm_batch_size] for i in range(0, len(ids), lm_batch_size)]
+        for chunk in _spread(chunks, rng):
             T = max(len(x) for x in chunk)
             input_ids = torch.tensor([x + [pad] * (T - len(x)) for x in chunk])
             mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in chunk])
             yield input_ids, mask
+
+
+def _spread(xs, rng):
+    """xs (sorted) reordered so that every prefix samples all of it evenly: the two halves,
+    each spread the same way, interleaved in a random order (a randomized bit-reversal order).
+    The first 2^j items hold one item of each 1/2^j-quantile of xs."""
+    if len(xs) <= 1:
+        return xs
+    halves = [_spread(xs[:len(xs) // 2], rng), _spread(xs[len(xs) // 2:], rng)]
+    rng.shuffle(halves)
+    return [x for pair in itertools.zip_longest(*halves) for x in pair if x is not None]
 
 
 def activation_producer(lm, tok, sites, batches):

@@ -103,12 +103,12 @@ class Comms:
         return torch.cat(parts)
 
     def mean(self, x):
-        """Mean of every rank's values of x (N,), whatever each rank's N."""
+        """Mean over the rows of every rank's x (N, ...), whatever each rank's N."""
         x = x.to(self.device)
-        total = torch.stack([x.double().sum(), torch.tensor(len(x), dtype=torch.float64,
-                                                            device=x.device)])
+        total = torch.cat([x.double().sum(0).reshape(-1),
+                           torch.tensor([len(x)], dtype=torch.float64, device=x.device)])
         self.sum_(total)
-        return (total[0] / total[1]).to(x.dtype)
+        return (total[:-1] / total[-1]).reshape(x.shape[1:]).to(x.dtype)
 
     def sum_(self, x, group=None, op=None):
         """In-place all-reduce (sum, or op) over the world or a group."""

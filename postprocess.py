@@ -270,7 +270,7 @@ def main(argv=None):
     p.add_argument("checkpoint", help="a train.py checkpoint (.safetensors), or a released Llama "
                                       "Scope SAE: its folder or `[hf://]owner/repo:subfolder`")
     p.add_argument("--out", default=None, help="output path (default: <checkpoint>-JumpReLU)")
-    p.add_argument("--tokens", type=int, default=20_000,
+    p.add_argument("--tokens", type=int, default=100_000,
                    help="training-distribution tokens used to fit theta (and count firing)")
     p.add_argument("--activations", default=None,
                    help="fit theta on a safetensors file of `activations` instead of LM tokens")

@@ -97,11 +97,18 @@ class SAE(torch.nn.Module):
         self.b_dec.zero_()
 
     @torch.no_grad()
-    def set_norms_(self, x_in, x_out, mean=torch.mean):
+    def set_norms_(self, x_in, x_out, mean=lambda x: x.mean(0), center=False):
         """Dataset-wise normalization from a sample of rows (the first buffer fill); `mean` over
-        every rank's rows in parallel.py."""
+        every rank's rows in parallel.py. center: also start b_dec at the mean target and b_enc
+        at -W_enc S_in E[x_in], so every feature starts reading x - E[x] (the authors' library's
+        `bias_init_method`; the paper starts both biases at 0)."""
         self.norm_in.fill_(mean(x_in.float().norm(dim=-1)))
         self.norm_out.fill_(mean(x_out.float().norm(dim=-1)))
+        if center:
+            s_in, s_out = self.scales()
+            mu_in, mu_out = (mean(x.float()).to(self.b_dec) for x in (x_in, x_out))  # (D,)
+            self.b_dec.copy_(mu_out * s_out)
+            self.b_enc.copy_(-self.W_enc @ (mu_in * s_in))
 
     def scales(self):
         """(S_in, S_out): multiply raw activations by these to get the SAE's training space."""

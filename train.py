@@ -28,6 +28,9 @@ from sae import bad_input as die  # one line on stderr, exit code 2
 from tracking import make_logger
 
 PAPER_STEPS = 800_000_000 // 2048  # the released 8x runs: 390,625 steps of 2048 tokens
+SHORT_RUN = 50_000_000  # tokens per SAE: a shorter run reuses its rows (the paper: 800M, 1.6B)
+MAX_PASSES = 8  # a short run serves each LM row up to this many times
+STEPS_PER_BATCH_SIZE = 16_384  # batch <= rows served / this, within 256..2048
 DEAD_WINDOW = 100_000  # tokens: a feature that has not fired within this many is counted dead
                       # (§4.4)
 
@@ -66,9 +69,15 @@ def get_args(argv=None):
                         "0 = off")
     g = p.add_argument_group("schedule (§3.3.2; paper values unless noted)")
     g.add_argument("--total-tokens", type=int, default=340_000,
-                   help="tokens per SAE (paper: 800M for 8x, 1.6B for 32x); default ~10 min "
-                        "on CPU")
-    g.add_argument("--batch-size", type=int, default=2048, help="tokens per step")
+                   help="tokens of data per SAE, from the LM or the --activations file (paper: "
+                        "800M for 8x, 1.6B for 32x); the SAE sees each --passes times; default "
+                        "~10 min on CPU")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="tokens per step (paper: 2048); default: by the budget rule "
+                        "(`budget_rule`, printed)")
+    g.add_argument("--passes", type=int, default=None,
+                   help="times the SAE sees each row of data (paper: 1); default: by the "
+                        "budget rule")
     g.add_argument("--lr", type=float, default=8e-4, help="Adam lr (released: 2e-4 for 128x)")
     g.add_argument("--warmup-steps", type=int, default=10_000,
                    help="linear warm-up (released: 5000); short runs scale it, see the printout")
@@ -85,12 +94,16 @@ def get_args(argv=None):
                    help="global grad norm; 0 = off (rel.: 1e-3)")
     g.add_argument("--init-decoder-norm", type=float, default=None,
                    help="decoder column norm at init (default sqrt(2/expansion); released 0.5)")
+    g.add_argument("--init-bias", choices=["zero", "mean"], default="mean",
+                   help="mean: b_dec starts at the first fill's mean target and b_enc centres "
+                        "the input (the authors' library); zero: the paper")
     g.add_argument("--loss", choices=["mse", "batch-norm-mse"], default="mse",
                    help="batch-norm-mse: the released code's per-token error / centred "
                         "target norm")
     g = p.add_argument_group("buffer (App. A.1)")
-    g.add_argument("--buffer-size", type=int, default=65_536,
-                   help="rows per site (released: 500K)")
+    g.add_argument("--buffer-size", type=int, default=131_072,
+                   help="rows per site (released: 500K); with passes > 1 a row's uses spread "
+                        "over ~passes x this many served rows")
     g.add_argument("--lm-batch-size", type=int, default=32, help="documents per LM forward")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,13 +123,40 @@ def get_args(argv=None):
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, default=0,
                    help="steps between log lines; 0 = ~40 lines")
-    g.add_argument("--eval-tokens", type=int, default=20_000,
-                   help="held-out tokens scored after training; 0 = off")
+    g.add_argument("--eval-tokens", type=int, default=100_000,
+                   help="held-out tokens scored after training (§4.4 counts never-firing "
+                        "features over 100K; the whole held-out split when smaller); 0 = off")
     g.add_argument("--wandb-project", default=None,
                    help="log every log line to this Weights & Biases project; default off")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.rule = budget_rule(args)  # fills in --batch-size and --passes when not given
     return args
+
+
+def budget_rule(args):
+    """Batch size and passes for this budget; returns the rule as printed. The paper's recipe
+    (2048 tokens per step, each row once) is for 390K steps. A short run with it makes a few
+    hundred steps, most of them in warm-up, K-annealing and decay, and leaves features dead; yet
+    the LM, not the SAE, is the cost (on 2 CPU cores ~0.4 ms per token at layer 15 vs ~0.1 ms per
+    SAE row). So a run under SHORT_RUN tokens serves each row up to MAX_PASSES times (the buffer
+    keeps a row until it has been served that often), and the batch shrinks toward 16K steps:
+    the largest power of two <= rows served / 16384, within 256..2048 (the floor keeps the
+    per-step overhead small on CPU). The same rule holds for pre-saved --activations
+    (--total-tokens rows of the file, read for epochs if it is shorter). Explicit flags win; at
+    paper scale this is the paper's recipe."""
+    auto = [name for name in ("passes", "batch_size") if getattr(args, name) is None]
+    if args.passes is None:
+        args.passes = min(MAX_PASSES, max(1, SHORT_RUN // max(args.total_tokens, 1)))
+    if args.batch_size is None:
+        per_step = max(1, args.total_tokens * args.passes // STEPS_PER_BATCH_SIZE)
+        args.batch_size = min(2048, max(256, 2 ** int(math.log2(per_step))))
+    if not auto:
+        return "as given"
+    return (f"budget rule for {args.total_tokens:,} tokens: "
+            + ", ".join(f"{n.replace('_', ' ')} {getattr(args, n)}" for n in auto)
+            + f" (runs under {SHORT_RUN // 1_000_000}M tokens serve each row up to "
+              f"{MAX_PASSES}x; batch = rows served / {STEPS_PER_BATCH_SIZE}, 256..2048)")
 
 
 def check_args(args):
@@ -144,9 +184,14 @@ def check_args(args):
             f"{min(sizes):g} must be positive")
     if args.batch_size < 1 or args.batch_size > args.buffer_size // 2:
         die(f"--batch-size {args.batch_size} must be in 1..{args.buffer_size // 2} "
-            f"(half of --buffer-size {args.buffer_size})")
-    if args.total_tokens < args.batch_size:
-        die(f"--total-tokens {args.total_tokens} is less than one batch ({args.batch_size})")
+            f"(half of --buffer-size {args.buffer_size})"
+            + (" (chosen by the budget rule; give --batch-size)" if "batch size" in args.rule
+               else ""))
+    if args.passes < 1:
+        die(f"--passes {args.passes} must be at least 1")
+    if args.total_tokens * args.passes < args.batch_size:
+        die(f"--total-tokens {args.total_tokens} x --passes {args.passes} is less than one batch "
+            f"({args.batch_size})")
     if args.k < 1:
         die(f"--k {args.k} must be at least 1")
     if d_model:
@@ -177,8 +222,8 @@ def check_parallel(args, comms, d_model):
 
 def schedule(args):
     """Steps of warm-up, decay and K-annealing; a run shorter than the paper's keeps their
-    shares."""
-    steps = args.total_tokens // args.batch_size
+    shares. Every token of data is served `passes` times."""
+    steps = args.total_tokens * args.passes // args.batch_size
     warmup = min(args.warmup_steps, round(steps * 0.05)) if steps < PAPER_STEPS \
         else args.warmup_steps
     return dict(steps=steps, warmup=warmup, decay=round(steps * args.decay_frac),
@@ -265,7 +310,7 @@ class Run:
         return f"loss {mse + l1:.4f} | ev {ev:.3f} | l0 {l0:.1f} | dead {100 * dead:.1f}%"
 
 
-RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device",
+RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device", "rule",
                "wandb_project"}  # may change
 
 
@@ -275,7 +320,8 @@ def save_resume(path, args, step, tokens, data, buffers, runs, limits, world=1):
     for key, buf in buffers.items():
         name = f"{key[0]}{key[1]}"
         state = buf.state_dict()
-        t.update({f"buffer.{name}.data": state["data"], f"buffer.{name}.pending": state["pending"],
+        t.update({f"buffer.{name}.data": state["data"], f"buffer.{name}.uses": state["uses"],
+                  f"buffer.{name}.pending": state["pending"],
                   f"buffer.{name}.generator": state["generator"]})
         queued = list(data.queues[key])
         t[f"queue.{name}"] = torch.cat(queued) if queued else state["data"][:0]
@@ -319,6 +365,7 @@ def restore_(meta, t, buffers, runs):
     for key, buf in buffers.items():
         name = f"{key[0]}{key[1]}"
         buf.load_state_dict(dict(meta["buffers"][name], data=t[f"buffer.{name}.data"],
+                                 uses=t[f"buffer.{name}.uses"],
                                  pending=t[f"buffer.{name}.pending"],
                                  generator=t[f"buffer.{name}.generator"]))
     for run in [r for rs in runs.values() for r in rs]:
@@ -367,8 +414,10 @@ def train(args):
         data = lm_producers(args, lm, tok, sites, skip=skip, rank=comms.rank, world=comms.world)
     # each rank's minibatch; a tensor-parallel group gathers its ranks' into one of batch / dp
     batch = args.batch_size // comms.world
-    # a run shorter than the buffer fills only what it will use (never less than two batches)
-    size = min(args.buffer_size, max(2 * batch, sched["steps"] * batch))
+    # a run shorter than the buffer fills only what it will use (never less than two batches);
+    # the first fill's use counts are staggered over 1..passes (buffer.py), 2 / (passes + 1) each
+    size = min(args.buffer_size, max(2 * batch, math.ceil(sched["steps"] * batch * 2
+                                                           / (args.passes + 1))))
     print0(f"loaded in {time.time() - t0:.1f}s; "
           f"{'resuming at step ' + str(meta['step']) if meta else 'filling'}"
           f" {len(sites)} buffer(s) of {size:,} rows")
@@ -391,11 +440,12 @@ def train(args):
                                          comms.all_values)
             first = [keep_rows(first, limits[key], d_model)]
             for run in runs[key]:  # S_in, S_out from the first fill of every rank (§3.3.3)
-                run.sae.set_norms_(first[0][:, :d_model], first[0][:, -d_model:], comms.mean)
+                run.sae.set_norms_(first[0][:, :d_model], first[0][:, -d_model:], comms.mean,
+                                   center=args.init_bias == "mean")
         rest = kept_rows(data[key], limits[key], d_model)  # bound now, per site
         buffers[key] = ActivationBuffer(itertools.chain(first, rest), size, batch,
                                         seed=args.seed + comms.rank, device=args.device,
-                                        limit=sched["steps"] * batch)
+                                        limit=sched["steps"] * batch, passes=args.passes)
         sae0 = runs[key][0].sae
         print0(f"{key}: norms in {sae0.norm_in.item():.2f} out {sae0.norm_out.item():.2f}; "
                f"outlier limit {limits[key] and round(limits[key][0], 1)}")
@@ -408,7 +458,9 @@ def train(args):
     print0(f"{len(all_runs)} SAE(s): {', '.join(r.name for r in all_runs)} | D {d_model} | "
           f"{sched['steps']:,} steps x {args.batch_size} tokens = "
           f"{sched['steps'] * args.batch_size:,}"
-          f" tokens each\nschedule: warm-up {sched['warmup']} steps (asked {args.warmup_steps}; "
+          f" tokens each ({args.passes} pass(es) over "
+          f"{sched['steps'] * args.batch_size // args.passes:,} tokens)\n{args.rule}"
+          f"\nschedule: warm-up {sched['warmup']} steps (asked {args.warmup_steps}; "
           f"capped at 5% of a short run) | K {k_init} -> {args.k} over {sched['anneal']} steps | "
           f"lr {args.lr:g}, decay to {args.lr_end:g} over the last {sched['decay']} steps"
           + (f"\nparallel: {comms.world} ranks = dp {comms.dp} x tp {comms.tp}; {batch} rows per "
@@ -454,7 +506,8 @@ def train(args):
                         comms.world)
     step += 1
     logger.finish()
-    print0(f"trained {tokens:,} tokens in {time.time() - t_train:.0f}s")
+    print0(f"trained {tokens:,} rows ({tokens // args.passes:,} tokens x {args.passes} "
+           f"passes) in {time.time() - t_train:.0f}s")
 
     for run in all_runs:  # rank 0 gathers every SAE whole; it alone checks and writes
         run.sae = comms.gather_sae(run.sae)
@@ -476,7 +529,8 @@ def train(args):
             use_batch_norm_mse=args.loss == "batch-norm-mse", norm_activation="dataset-wise",
             apply_decoder_bias_to_pre_encoder=False, use_decoder_bias=True, lr=args.lr,
             l1_coefficient=args.l1_coef, context_size=args.context_size, dataset_path=args.dataset,
-            prepend_bos=True, outlier_norm_limit=limits[run.key], n_training_tokens=tokens,
+            prepend_bos=True, outlier_norm_limit=limits[run.key],
+            n_training_tokens=tokens // args.passes, passes=args.passes, n_rows_served=tokens,
             step=step, folded=False, jump_relu_threshold=None, heldout=heldout.get(run.name),
             train_args={k: v for k, v in vars(args).items() if k not in RESUME_FREE})
         path = os.path.join(args.out, f"{run.name}.safetensors")
@@ -503,7 +557,8 @@ def heldout_metrics(args, lm, tok, runs, limits):
             print(f"{run.name} held-out ({m['n_tokens']:,} tokens): "
                   f"ev {m['explained_variance']:.3f}"
                   f" | ev centred {m['explained_variance_centered']:.3f} | l0 {m['l0']:.1f} | "
-                  f"never fired {100 * m['dead_frac']:.1f}%")
+                  f"never fired {100 * m['dead_frac']:.1f}% (§4.4: no activation on any of "
+                  f"these {m['n_tokens']:,} tokens)")
     return out
 
 
