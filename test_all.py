@@ -314,8 +314,10 @@ def test_budget_rule_adapts_short_runs_and_keeps_the_paper_recipe_at_scale():
     assert (paper.passes, paper.batch_size) == (1, 2048)
     assert train.schedule(paper) == dict(steps=390_625, warmup=10_000, decay=78_125,
                                          anneal=39_062)
-    given = train.get_args(["--batch-size", "2048", "--passes", "1"])
-    assert (given.passes, given.batch_size, given.rule) == (1, 2048, "as given")
+    assert short.init_bias == "mean" and paper.init_bias == "zero"
+    given = train.get_args(["--batch-size", "2048", "--passes", "1", "--init-bias", "zero"])
+    assert (given.passes, given.batch_size, given.init_bias, given.rule) == (1, 2048, "zero",
+                                                                             "as given")
     assert train.get_args(["--batch-size", "1024"]).passes == train.MAX_PASSES
     mid = train.get_args(["--total-tokens", "10000000"])
     assert mid.passes == 5 and mid.batch_size == 2048

@@ -94,9 +94,10 @@ def get_args(argv=None):
                    help="global grad norm; 0 = off (rel.: 1e-3)")
     g.add_argument("--init-decoder-norm", type=float, default=None,
                    help="decoder column norm at init (default sqrt(2/expansion); released 0.5)")
-    g.add_argument("--init-bias", choices=["zero", "mean"], default="mean",
+    g.add_argument("--init-bias", choices=["zero", "mean"], default=None,
                    help="mean: b_dec starts at the first fill's mean target and b_enc centres "
-                        "the input (the authors' library); zero: the paper")
+                        "the input (the authors' library); zero: the paper; default: by the "
+                        "budget rule")
     g.add_argument("--loss", choices=["mse", "batch-norm-mse"], default="mse",
                    help="batch-norm-mse: the released code's per-token error / centred "
                         "target norm")
@@ -135,28 +136,35 @@ def get_args(argv=None):
 
 
 def budget_rule(args):
-    """Batch size and passes for this budget; returns the rule as printed. The paper's recipe
-    (2048 tokens per step, each row once) is for 390K steps. A short run with it makes a few
-    hundred steps, most of them in warm-up, K-annealing and decay, and leaves features dead; yet
-    the LM, not the SAE, is the cost (on 2 CPU cores ~0.4 ms per token at layer 15 vs ~0.1 ms per
-    SAE row). So a run under SHORT_RUN tokens serves each row up to MAX_PASSES times (the buffer
-    keeps a row until it has been served that often), and the batch shrinks toward 16K steps:
-    the largest power of two <= rows served / 16384, within 256..2048 (the floor keeps the
-    per-step overhead small on CPU). The same rule holds for pre-saved --activations
+    """Batch size, passes and bias init for this budget; returns the rule as printed.
+
+    The paper's recipe (2048 tokens per step, each row once) is for 390K steps. A short run with
+    it makes a few hundred steps, most of them in warm-up, K-annealing and decay, and leaves
+    features dead; yet the LM, not the SAE, is the cost (on 2 CPU cores ~0.4 ms per token at
+    layer 15 vs ~0.1 ms per SAE row). So a run under SHORT_RUN tokens serves each row up to
+    MAX_PASSES times (the buffer keeps a row until it has been served that often), and the batch
+    shrinks toward 16K steps: the largest power of two <= rows served / 16384, within 256..2048
+    (the floor keeps the per-step overhead small on CPU). It also starts its biases at the data
+    mean (`SAE.set_norms_`): with few steps, features that all read the same large mean at step
+    0 lose TopK for good (README). The same rule holds for pre-saved --activations
     (--total-tokens rows of the file, read for epochs if it is shorter). Explicit flags win; at
-    paper scale this is the paper's recipe."""
-    auto = [name for name in ("passes", "batch_size") if getattr(args, name) is None]
+    paper scale this is the paper's recipe, biases at 0 included."""
+    auto = [name for name in ("passes", "batch_size", "init_bias")
+            if getattr(args, name) is None]
     if args.passes is None:
         args.passes = min(MAX_PASSES, max(1, SHORT_RUN // max(args.total_tokens, 1)))
     if args.batch_size is None:
         per_step = max(1, args.total_tokens * args.passes // STEPS_PER_BATCH_SIZE)
         args.batch_size = min(2048, max(256, 2 ** int(math.log2(per_step))))
+    if args.init_bias is None:
+        args.init_bias = "mean" if args.total_tokens < SHORT_RUN else "zero"
     if not auto:
         return "as given"
     return (f"budget rule for {args.total_tokens:,} tokens: "
             + ", ".join(f"{n.replace('_', ' ')} {getattr(args, n)}" for n in auto)
             + f" (runs under {SHORT_RUN // 1_000_000}M tokens serve each row up to "
-              f"{MAX_PASSES}x; batch = rows served / {STEPS_PER_BATCH_SIZE}, 256..2048)")
+              f"{MAX_PASSES}x and start their biases at the mean; batch = rows served / "
+              f"{STEPS_PER_BATCH_SIZE}, 256..2048)")
 
 
 def check_args(args):
