@@ -17,12 +17,17 @@ import argparse
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
+import torch.multiprocessing as mp
 
+import model
+import parallel
 from sae import SAE
 
 
@@ -68,7 +73,6 @@ def sae_step(d, f, k, rows, repeat, dtype, device):
 def tp_worker(rank, tp, port, d, f, k, rows, repeat, device, result):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import parallel
     torch.set_num_threads(max(1, torch.get_num_threads() // tp))  # ranks share one machine's CPU
     comms = parallel.Comms(tp, device)
     torch.manual_seed(0)
@@ -86,9 +90,6 @@ def tp_worker(rank, tp, port, d, f, k, rows, repeat, device, result):
 
 def tp_step(tp, d, f, k, rows, repeat, device):
     """ms of one TopK step with the SAE sharded over tp processes (spawned here)."""
-    import socket
-    import tempfile
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -105,7 +106,6 @@ def sync(device):
 
 def lm_speed(layers, tokens, lm_batch_size, device, dtype):
     """tokens/s of the early-stopped forward on embedded text, per deepest layer."""
-    import model
     lm, tok = model.load_model(device=device, dtype=dtype)
     docs = list(model.iter_documents(split="train", epochs=1))[:2000]
     batches = list(model.token_batches(tok, docs, 1024, lm_batch_size))
@@ -122,22 +122,16 @@ def lm_speed(layers, tokens, lm_batch_size, device, dtype):
     return out, lm.config.num_hidden_layers
 
 
-def multi_sae(counts, tokens, device, dtype):
+def multi_sae(counts, tokens, device):
     """Seconds per token of a short train.py run of S 8x SAEs at layer 15 (sites R, A, M, TC in
-    turn), all fed by one LM pass per batch of documents."""
-    import train
+    turn), all fed by one LM pass per batch of documents (model load included in each)."""
     out = {}
     for s in counts:
-        args = train.get_args(["--site", ",".join(["R", "A", "M", "TC"][:s]), "--total-tokens",
-                               str(tokens), "--buffer-size", "8192", "--eval-tokens", "0",
-                               "--out", "/tmp/bench_out", "--device", str(device)])
+        cmd = [sys.executable, "train.py", "--site", ",".join(["R", "A", "M", "TC"][:s]),
+               "--total-tokens", str(tokens), "--buffer-size", "8192", "--eval-tokens", "0",
+               "--out", "/tmp/bench_out", "--device", str(device)]
         t = time.perf_counter()
-        with open(os.devnull, "w") as null:
-            stdout, sys.stdout = sys.stdout, null
-            try:
-                train.train(args)
-            finally:
-                sys.stdout = stdout
+        subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__) or ".")
         out[s] = (time.perf_counter() - t) / tokens
     return out
 
@@ -192,7 +186,7 @@ def main():
             print(f"LM to layer {layer:>2}: {v:8.0f} tok/s | target >= {target:.0f} "
                   f"(0.9 x {n_layers}/{layer + 1} x full depth)")
     if args.multi_tokens:
-        per_tok = multi_sae([1, 4], args.multi_tokens, args.device, dtype)
+        per_tok = multi_sae([1, 4], args.multi_tokens, args.device)
         res["multi_sae_s_per_token"] = {str(k): v for k, v in per_tok.items()}
         res["multi_sae_4_over_1"] = per_tok[4] / per_tok[1]
         print(f"S SAEs from one forward: S=1 {per_tok[1] * 1e3:.2f} ms/token, S=4 "

@@ -14,14 +14,12 @@ memory stays `size` rows however long the run. The first fill starts with stagge
 its first fill `passes` times.
 
 The producer is any iterator of (n, C) tensors (n may vary, C fixed): the LM (model.py), or
-pre-saved activations (App. A.3, `file_producer`). This file never imports model.py.
+pre-saved activations (App. A.3, `file_producer`). This file imports nothing from the project.
 """
 import collections
 import math
-import sys
 
 import torch
-from safetensors import safe_open
 
 
 class ActivationBuffer:
@@ -144,23 +142,15 @@ class FanOut:
     def __getitem__(self, key):
         return self.rows(key)
 
+    def state_dict(self):
+        """What a resumed run needs: the items made so far and what each key has not consumed."""
+        return {"made": self.made, "queues": [list(q) for q in self.queues.values()]}
 
-def keep_rows(rows, max_norm, d_model):
-    """Rows whose input norm (and, for (N, 2D) transcoder rows, target norm) is within max_norm =
-    (max_in, max_out); None keeps all. This is how "massive activations" are left out: a handful of
-    tokens with norms 10-100x the median that would dominate the squared error (README)."""
-    if max_norm is None:
-        return rows
-    ok = rows[:, :d_model].float().norm(dim=-1) <= max_norm[0]
-    if rows.shape[1] > d_model:
-        ok &= rows[:, d_model:].float().norm(dim=-1) <= max_norm[1]
-    return rows[ok]
-
-
-def kept_rows(rows, max_norm, d_model):
-    """keep_rows over a stream (a function, so each site's stream keeps its own limit)."""
-    for r in rows:
-        yield keep_rows(r, max_norm, d_model)
+    def load_state_dict(self, state):
+        self.made = state["made"]
+        for q, saved in zip(self.queues.values(), state["queues"]):
+            q.clear()
+            q.extend(saved)
 
 
 def take_rows(rows, n):
@@ -172,37 +162,14 @@ def take_rows(rows, n):
         if have >= n:
             break
     if have == 0:
-        _bad("the dataset yielded no tokens (every document empty or special tokens only)")
+        raise ValueError("the dataset yielded no tokens (every document empty or special tokens "
+                         "only)")
     return torch.cat(got)
 
 
-def _bad(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def load_activations(path):
-    """(x, target) from a safetensors file with `activations` (N, D) and optional
-    `targets` (N, D)."""
-    try:
-        with safe_open(path, "pt") as f:
-            keys = set(f.keys())
-            x = f.get_tensor("activations") if "activations" in keys else None
-            y = f.get_tensor("targets") if "targets" in keys else None
-    except Exception as e:
-        _bad(f"--activations {path}: not a readable safetensors file ({type(e).__name__})")
-    if x is None:
-        _bad(f"--activations {path}: no tensor named `activations` (found: {sorted(keys)})")
-    if x.ndim != 2 or len(x) == 0 or (y is not None and y.shape != x.shape):
-        _bad(f"--activations {path}: need `activations` (N, D) with N > 0 and `targets` of the "
-             f"same shape, got {tuple(x.shape)} and {None if y is None else tuple(y.shape)}")
-    return x, y
-
-
-def file_producer(x, y=None, chunk=4096, seed=0):
-    """Pre-saved activations as an endless producer: rows in a new random order every epoch.
-    Rows are (N, D), or (N, 2D) for a transcoder: input | target, the layout model.py produces."""
-    rows = x if y is None else torch.cat([x, y], dim=-1)
+def file_producer(rows, chunk=4096, seed=0):
+    """Pre-saved activation rows (N, C) as an endless producer, in a new random order every
+    epoch."""
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(len(rows), generator=g)

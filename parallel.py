@@ -24,7 +24,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from sae import SAE, bad_input
+from sae import SAE
 
 MAX = dist.ReduceOp.MAX
 
@@ -32,6 +32,7 @@ MAX = dist.ReduceOp.MAX
 def _like(sae, n_features):
     """A new SAE with sae's settings and n_features features (weights still to be filled)."""
     return SAE(sae.d_model, n_features, sae.act, sae.k, sae.transcoder,
+               init_decoder_norm=sae.init_decoder_norm,
                rank_by_decoder_norm=sae.rank_by_decoder_norm, threshold=sae.threshold)
 
 
@@ -57,8 +58,8 @@ class Comms:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         if tp < 1 or self.world % tp:
-            bad_input(f"--tp {tp} must divide the number of processes ({self.world}); launch "
-                      f"tp x dp processes with torchrun --nproc_per_node=N")
+            raise ValueError(f"--tp {tp} must divide the number of processes ({self.world}); "
+                             f"launch tp x dp processes with torchrun --nproc_per_node=N")
         self.tp, self.dp = tp, self.world // tp
         self.tp_rank, self.dp_rank = self.rank % tp, self.rank // tp
         self.device = device
@@ -120,7 +121,8 @@ class Comms:
     def shard(self, sae):
         """This rank's slice of a full SAE (F/tp features), wired to the others."""
         if sae.n_features % self.tp:
-            bad_input(f"--tp {self.tp} must divide the number of features ({sae.n_features})")
+            raise ValueError(f"--tp {self.tp} must divide the number of features "
+                             f"({sae.n_features})")
         if self.tp == 1:
             return sae
         F = sae.n_features // self.tp

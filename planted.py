@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 import evaluate
-from sae import load_checkpoint
+from formats import load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPANSION = 16  # planted directions (and SAE features) per model dimension

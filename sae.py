@@ -1,17 +1,14 @@
-"""The Llama Scope sparse autoencoder (§2.1-2.4, §3.3.1, §3.3.3): TopK (eq. 5) or Vanilla (§4.2).
+"""The Llama Scope sparse autoencoder (§2.1-2.4, §3.3.1, §3.3.3): TopK (eq. 5), Vanilla (§4.2).
 
-Training math only. Folding and JumpReLU are in postprocess.py, sharding in parallel.py, checkpoint
-files in train.py. Shapes: N rows, D model width, F features, K active features.
+    h = ReLU(W_enc x + b_enc);  keep the K largest h_i * ||W_dec[i]||;  x_hat = W_dec^T f + b_dec
+
+The math only: schedules are in train.py beside the loop, folding and JumpReLU in postprocess.py,
+sharding in parallel.py, files in formats.py. Shapes: N rows, D model width, F features, K active.
 """
-import json
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 
 class TopKEncode(torch.autograd.Function):
@@ -82,7 +79,8 @@ class SAE(torch.nn.Module):
         self.register_buffer("norm_out", torch.zeros(()))
         # how a shard of F joins the others (parallel.py); one device: plain TopK, no reduction
         self.select, self.reduce = local_topk, lambda partial: partial
-        self.init_(init_decoder_norm or math.sqrt(2 * d_model / n_features))
+        self.init_decoder_norm = init_decoder_norm or math.sqrt(2 * d_model / n_features)
+        self.init_(self.init_decoder_norm)
 
     @torch.no_grad()
     def init_(self, norm):
@@ -177,115 +175,3 @@ def firing_counts(f, n_features):
         vals, idx = f
         return torch.bincount(idx[vals > 0], minlength=n_features)
     return (f > 0).sum(0)
-
-
-def k_at(step, k, k_init, anneal_steps):
-    """K-annealing (§3.3.2): linear from k_init down to k over the first anneal_steps, then k.
-    With k_init = D/2 this is the released code's ceil(max(1, m0 + (1 - m0) t / W) * K)."""
-    if step >= anneal_steps:
-        return k
-    return math.ceil(k_init + (k - k_init) * step / anneal_steps)
-
-
-def lr_at(step, total, lr, warmup, decay_steps, lr_end=0.0):
-    """Linear warm-up 0 -> lr, constant, then linear decay to lr_end over the last decay_steps."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if step >= total - decay_steps:
-        return lr_end + (lr - lr_end) * (total - step) / decay_steps
-    return lr
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-
-def save_checkpoint(sae, config, path):
-    """One self-describing .safetensors file: the released Llama Scope tensor names and layouts
-    (`decoder.weight` is (D, F)) and, under the metadata key "config", a JSON string with
-    everything needed to use it. Written aside, fsynced, then renamed: never a half-written file at
-    `path`."""
-    tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc,
-               "decoder.weight": sae.W_dec.T, "decoder.bias": sae.b_dec}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    config = dict(config, d_model=sae.d_model, d_sae=sae.n_features, top_k=sae.k,
-                  sparsity_include_decoder_norm=sae.rank_by_decoder_norm)
-    if not config.get("folded"):  # a folded SAE keeps the norms it was trained with, for reference
-        config["dataset_average_activation_norm"] = {"in": sae.norm_in.item(),
-                                                     "out": sae.norm_out.item()}
-    atomic_save_file(tensors, path, {"config": json.dumps(config)})
-
-
-def atomic_save_file(tensors, path, metadata):
-    """save_file aside, fsync, rename: a reader (or a kill -9) never sees a half-written `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def bad_input(msg):
-    """One line on stderr and exit code 2: the scripts' answer to a bad file or flag."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def read_checkpoint(path):
-    """(config, tensors) of one of our checkpoints, validated before use. Only safetensors and JSON
-    are read: a checkpoint can never execute code."""
-    if not os.path.isfile(path):
-        bad_input(f"checkpoint {path}: no such file")
-    try:
-        with safe_open(path, "pt") as f:
-            meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # truncated, not safetensors at all, unreadable
-        bad_input(f"checkpoint {path}: not a readable safetensors file ({type(e).__name__}: {e})")
-    try:
-        config = json.loads(meta["config"])
-        D, F, norms = config["d_model"], config["d_sae"], config["dataset_average_activation_norm"]
-        ok = (isinstance(D, int) and isinstance(F, int) and D > 0 and F > 0
-              and config["act_fn"] in ("topk", "relu", "jumprelu")
-              and isinstance(config["top_k"], int)
-              and config["site"] in ("R", "A", "M", "TC") and isinstance(config["layer"], int)
-              and all(isinstance(norms[k], (int, float)) and norms[k] > 0 for k in ("in", "out")))
-    except (KeyError, TypeError, ValueError) as e:
-        bad_input(f"checkpoint {path}: not a Llama Scope checkpoint of this project "
-                  f"(metadata `config` missing or incomplete: {type(e).__name__} {e})")
-    shapes = {k: tuple(v.shape) for k, v in t.items()}
-    if not ok or any(shapes.get(k) != v for k, v in released_shapes(D, F).items()):
-        bad_input(f"checkpoint {path}: tensors {shapes} or config do not match d_model {D}, "
-                  f"d_sae {F}")
-    return config, t
-
-
-def load_checkpoint(path, device="cpu"):
-    """(sae, config) from a file written by save_checkpoint. A folded file (postprocess.py) maps
-    raw activations to raw targets: its normalization scales are 1."""
-    config, t = read_checkpoint(path)
-    t = {k: v.to(device) for k, v in t.items()}
-    act = {"relu": "vanilla", "topk": "topk", "jumprelu": "jumprelu"}[config["act_fn"]]
-    sae = SAE(config["d_model"], config["d_sae"], act=act, k=config["top_k"],
-              transcoder=config["site"] == "TC", threshold=config.get("jump_relu_threshold"),
-              rank_by_decoder_norm=config["sparsity_include_decoder_norm"]).to(device)
-    norms = config["dataset_average_activation_norm"]
-    if config.get("folded"):
-        norms = {"in": math.sqrt(sae.d_model), "out": math.sqrt(sae.d_model)}
-    load_tensors_(sae, t, norms)
-    return sae, config
-
-
-def released_shapes(D, F):
-    """The tensors of a checkpoint in the released Llama Scope layout, and their shapes."""
-    return {"encoder.weight": (F, D), "encoder.bias": (F,), "decoder.weight": (D, F),
-            "decoder.bias": (D,)}
-
-
-@torch.no_grad()
-def load_tensors_(sae, t, norms):
-    """Fill sae from released-layout tensors t (`decoder.weight` is (D, F)) and the dataset
-    norms {"in", "out"}."""
-    sae.W_enc.copy_(t["encoder.weight"])
-    sae.b_enc.copy_(t["encoder.bias"])
-    sae.W_dec.copy_(t["decoder.weight"].T)
-    sae.b_dec.copy_(t["decoder.bias"])
-    sae.norm_in.fill_(norms["in"])
-    sae.norm_out.fill_(norms["out"])

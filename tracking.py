@@ -2,7 +2,6 @@
 Weights & Biases; without it a no-op logger takes the calls, so the training loop has no
 `if wandb:` branch. wandb is imported only when asked for and is not a dependency.
 """
-from sae import bad_input
 
 
 class NullLogger:
@@ -20,7 +19,8 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            bad_input(f"--wandb-project {project} needs wandb: pip install wandb")
+            raise ValueError(f"--wandb-project {project} needs wandb: pip install wandb") \
+                from None
         self.run = wandb.init(project=project, config=config)
 
     def log(self, metrics, step):

@@ -13,18 +13,17 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 
+import formats
 import model
 import parallel
-from safetensors import safe_open
-
-from buffer import (ActivationBuffer, FanOut, file_producer, keep_rows, kept_rows,
-                    load_activations, take_rows)
-from sae import SAE, atomic_save_file, k_at, lr_at, save_checkpoint
-from sae import bad_input as die  # one line on stderr, exit code 2
+from buffer import ActivationBuffer, FanOut, file_producer, take_rows
+from evaluate import reconstruction_metrics
+from sae import SAE
 from tracking import make_logger
 
 PAPER_STEPS = 800_000_000 // 2048  # the released 8x runs: 390,625 steps of 2048 tokens
@@ -171,10 +170,11 @@ def check_args(args):
     """Every cheap check, before any slow work (no model load yet). Returns d_model."""
     bad_site = [s for s in args.site if s not in model.SITES]
     if bad_site:
-        die(f"--site {','.join(bad_site)} is unknown; allowed: {', '.join(model.SITES)}")
+        raise ValueError(f"--site {','.join(bad_site)} is unknown; allowed: "
+                         f"{', '.join(model.SITES)}")
     if args.activations:
         if not os.path.isfile(args.activations):
-            die(f"--activations {args.activations}: no such file")
+            raise ValueError(f"--activations {args.activations}: no such file")
         d_model, max_pos = None, None
     else:
         cfg = model.load_config(args.model)
@@ -182,50 +182,58 @@ def check_args(args):
         max_pos = cfg.get("max_position_embeddings")
         bad = [L for L in args.layer if not 0 <= L < n_layers]
         if bad:
-            die(f"--layer {bad[0]} is out of range: {args.model} has {n_layers} layers, "
-                f"allowed 0-{n_layers - 1}")
+            raise ValueError(f"--layer {bad[0]} is out of range: {args.model} has {n_layers} "
+                             f"layers, allowed 0-{n_layers - 1}")
         if max_pos and not 2 <= args.context_size <= max_pos:
-            die(f"--context-size {args.context_size} is out of range: allowed 2-{max_pos}")
+            raise ValueError(f"--context-size {args.context_size} is out of range: allowed "
+                             f"2-{max_pos}")
     sizes = args.n_features or args.expansion
     if min(sizes) <= 0:
-        die(f"--{'n-features' if args.n_features else 'expansion'} "
-            f"{min(sizes):g} must be positive")
+        raise ValueError(f"--{'n-features' if args.n_features else 'expansion'} "
+                         f"{min(sizes):g} must be positive")
     if args.batch_size < 1 or args.batch_size > args.buffer_size // 2:
-        die(f"--batch-size {args.batch_size} must be in 1..{args.buffer_size // 2} "
-            f"(half of --buffer-size {args.buffer_size})"
-            + (" (chosen by the budget rule; give --batch-size)" if "batch size" in args.rule
-               else ""))
+        raise ValueError(f"--batch-size {args.batch_size} must be in 1..{args.buffer_size // 2} "
+                         f"(half of --buffer-size {args.buffer_size})"
+                         + (" (chosen by the budget rule; give --batch-size)"
+                            if "batch size" in args.rule else ""))
     if args.passes < 1:
-        die(f"--passes {args.passes} must be at least 1")
+        raise ValueError(f"--passes {args.passes} must be at least 1")
     if args.total_tokens * args.passes < args.batch_size:
-        die(f"--total-tokens {args.total_tokens} x --passes {args.passes} is less than one batch "
-            f"({args.batch_size})")
+        raise ValueError(f"--total-tokens {args.total_tokens} x --passes {args.passes} is less "
+                         f"than one batch ({args.batch_size})")
     if args.k < 1:
-        die(f"--k {args.k} must be at least 1")
+        raise ValueError(f"--k {args.k} must be at least 1")
     if d_model:
-        n_min = min(args.n_features or [round(e * d_model) for e in args.expansion])
+        n_min = min(feature_counts(args, d_model))
         if args.k >= n_min:
-            die(f"--k {args.k} must be less than the number of features ({n_min})")
+            raise ValueError(f"--k {args.k} must be less than the number of features ({n_min})")
         if args.k_init is not None and not args.k <= args.k_init <= n_min:
-            die(f"--k-init {args.k_init} must be in {args.k}..{n_min}")
+            raise ValueError(f"--k-init {args.k_init} must be in {args.k}..{n_min}")
     if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        die(f"--resume {args.resume}: no such file (give a path or `auto`)")
+        raise ValueError(f"--resume {args.resume}: no such file (give a path or `auto`)")
     for name in ("decay_frac", "k_anneal_frac"):
         if not 0 <= getattr(args, name) <= 1:
-            die(f"--{name.replace('_', '-')} {getattr(args, name)} must be in [0, 1]")
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be in "
+                             f"[0, 1]")
     return d_model
+
+
+def feature_counts(args, d_model):
+    """F of every SAE to train at each site: --n-features, else --expansion x D."""
+    return args.n_features or [round(e * d_model) for e in args.expansion]
 
 
 def check_parallel(args, comms, d_model):
     """What torchrun's layout asks of the flags (parallel.py)."""
     if args.batch_size % comms.world:
-        die(f"--batch-size {args.batch_size} must be a multiple of the {comms.world} processes")
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the "
+                         f"{comms.world} processes")
     if args.batch_size // comms.world > args.buffer_size // 2:
-        die(f"--buffer-size {args.buffer_size} (per rank) must hold two per-rank minibatches of "
-            f"{args.batch_size // comms.world}")
-    widths = args.n_features or ([round(e * d_model) for e in args.expansion] if d_model else [])
-    if any(n % comms.tp for n in widths):
-        die(f"--tp {comms.tp} must divide the number of features ({widths})")
+        raise ValueError(f"--buffer-size {args.buffer_size} (per rank) must hold two per-rank "
+                         f"minibatches of {args.batch_size // comms.world}")
+    n_features = feature_counts(args, d_model) if d_model else args.n_features or []
+    if any(n % comms.tp for n in n_features):
+        raise ValueError(f"--tp {comms.tp} must divide the number of features ({n_features})")
 
 
 def schedule(args):
@@ -238,45 +246,40 @@ def schedule(args):
                 anneal=round(steps * args.k_anneal_frac))
 
 
+def k_at(step, k, k_init, anneal_steps):
+    """K-annealing (§3.3.2): linear from k_init down to k over the first anneal_steps, then k.
+    With k_init = D/2 this is the released code's ceil(max(1, m0 + (1 - m0) t / W) * K)."""
+    if step >= anneal_steps:
+        return k
+    return math.ceil(k_init + (k - k_init) * step / anneal_steps)
+
+
+def lr_at(step, total, lr, warmup, decay_steps, lr_end=0.0):
+    """Linear warm-up 0 -> lr, constant, then linear decay to lr_end over the last decay_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= total - decay_steps:
+        return lr_end + (lr - lr_end) * (total - step) / decay_steps
+    return lr
+
+
 def run_name(layer, site, n_features, d_model, act):
     return f"L{layer}{site}-{n_features / d_model:g}x-{'TopK' if act == 'topk' else 'Vanilla'}"
 
 
 # ----------------------------------------------------------------------------- data
 
-def lm_producers(args, lm, tok, sites, split="train", epochs=None, skip=0, rank=0, world=1):
-    """FanOut of (N, C) rows per site from one early-stopped LM pass per batch of documents.
-    skip: LM batches already made by the run being resumed (tokenized again, not run); each of
-    `world` ranks reads every world-th document."""
-    docs = model.iter_documents(args.dataset, split, seed=args.seed, epochs=epochs)
-    docs = itertools.islice(docs, rank, None, world)
-    batches = model.token_batches(tok, docs, args.context_size, args.lm_batch_size)
-    batches = itertools.islice(batches, skip, None)
-    return FanOut(model.activation_producer(lm, tok, sites, batches), sites, made=skip)
-
-
-def outlier_limits(rows, d_model, ratio, every_rank=lambda norms: norms):
-    """(max_in, max_out) norms: ratio x the median token norm of the first fill (of every
-    rank's); None when off."""
-    if ratio <= 0:
-        return None
-    med = [every_rank(rows[:, i:i + d_model].float().norm(dim=-1)).median().item()
-           for i in range(0, rows.shape[1], d_model)]
-    return ratio * med[0], ratio * med[-1]
-
-
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- one SAE
 
 class Run:
     """One SAE (this rank's shard of it) with its optimizer and running statistics."""
 
     def __init__(self, args, key, n_features, d_model, dtype, comms):
         layer, site = key
-        expansion = n_features / d_model
-        self.key, self.name, self.comms = key, run_name(layer, site, n_features, d_model,
-                                                        args.act), comms
-        full = SAE(d_model, n_features, args.act, args.k, transcoder=site == "TC",
-                   init_decoder_norm=args.init_decoder_norm or math.sqrt(2 / expansion))
+        self.key, self.comms = key, comms
+        self.name = run_name(layer, site, n_features, d_model, args.act)
+        full = SAE(d_model, n_features, args.act, args.k, model.is_transcoder(site),
+                   init_decoder_norm=args.init_decoder_norm)
         self.sae = comms.shard(full).to(comms.device, dtype)  # init identical on every rank
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=args.lr, betas=args.adam_betas,
                                     eps=1e-8, fused=True)  # one kernel: ~6x faster on CPU
@@ -285,10 +288,9 @@ class Run:
         self.log = {}
 
     def step(self, rows, k, lr, args, tokens):
-        d = self.sae.d_model
-        x_in, x_out = (rows[:, :d], rows[:, d:]) if self.sae.transcoder else (rows, rows)
-        out = self.sae.loss(x_in, x_out, k=min(k, self.sae.n_features * self.comms.tp),
-                            l1_coef=args.l1_coef, batch_norm_mse=args.loss == "batch-norm-mse")
+        out = self.sae.loss(*model.in_out(rows, self.sae.d_model),
+                            k=min(k, self.sae.n_features * self.comms.tp), l1_coef=args.l1_coef,
+                            batch_norm_mse=args.loss == "batch-norm-mse")
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.comms.reduce_grads_(self.sae)
@@ -317,79 +319,91 @@ class Run:
         self.logged = dict(loss=mse + l1, mse=mse, ev=ev, l0=l0, dead=dead)  # for the logger
         return f"loss {mse + l1:.4f} | ev {ev:.3f} | l0 {l0:.1f} | dead {100 * dead:.1f}%"
 
+    def state_dict(self):
+        return {"sae": self.sae.state_dict(), "adam": self.opt.state_dict(),
+                "last_fired": self.last_fired}
+
+    def load_state_dict(self, state):
+        self.sae.load_state_dict(state["sae"])
+        self.last_fired.copy_(state["last_fired"])
+        adam = state["adam"]  # a file's dict keys are strings; Adam's state is keyed by index
+        self.opt.load_state_dict(dict(adam, state={int(i): v for i, v in adam["state"].items()}))
+
+
+# ----------------------------------------------------------------------------- the run, in order
 
 RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device", "rule",
-               "wandb_project"}  # may change
+               "wandb_project"}  # flags a resumed run may change
 
 
-def save_resume(path, args, step, tokens, data, buffers, runs, limits, world=1):
-    """Everything to continue bit-identically, as safetensors + JSON (never pickle), atomically."""
-    t = {"rng.torch": torch.get_rng_state()}
-    for key, buf in buffers.items():
-        name = f"{key[0]}{key[1]}"
-        state = buf.state_dict()
-        t.update({f"buffer.{name}.data": state["data"], f"buffer.{name}.uses": state["uses"],
-                  f"buffer.{name}.pending": state["pending"],
-                  f"buffer.{name}.generator": state["generator"]})
-        queued = list(data.queues[key])
-        t[f"queue.{name}"] = torch.cat(queued) if queued else state["data"][:0]
-        t[f"queue.{name}.sizes"] = torch.tensor([len(q) for q in queued], dtype=torch.long)
-    for run in [r for rs in runs.values() for r in rs]:
-        t.update({f"{run.name}.{k}": v for k, v in run.sae.state_dict().items()})
-        t[f"{run.name}.last_fired"] = run.last_fired
-        for i, st in run.opt.state_dict()["state"].items():
-            t.update({f"{run.name}.adam.{i}.{k}": v.reshape(-1) if k == "step" else v
-                      for k, v in st.items()})
-    meta = {"args": {k: v for k, v in vars(args).items() if k not in RESUME_FREE}, "step": step,
-            "tokens": tokens, "made": data.made if data else 0, "world": world,
-            "limits": {f"{k[0]}{k[1]}": v for k, v in limits.items()},
-            "buffers": {f"{k[0]}{k[1]}": {"read": b.read, "remaining": b.remaining,
-                                          "exhausted": b.exhausted} for k, b in buffers.items()}}
-    atomic_save_file({k: v.detach().contiguous().cpu() for k, v in t.items()}, path,
-                     {"resume": json.dumps(meta)})
+def resumable(args):
+    return {k: v for k, v in json.loads(json.dumps(vars(args))).items() if k not in RESUME_FREE}
 
 
-def read_resume(path, args, comms):
-    """(meta, tensors) of a resumable checkpoint made by the same configuration."""
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads(f.metadata()["resume"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        die(f"--resume {path}: not a resumable checkpoint ({type(e).__name__}: {e})")
-    now = {k: v for k, v in json.loads(json.dumps(vars(args))).items() if k not in RESUME_FREE}
-    diff = [k for k in now if now[k] != meta["args"].get(k)]
+def read_resume(args, comms):
+    """The saved state of the run to continue, or None; refused if it is another run's."""
+    path = comms.shard_path(os.path.join(args.out, "resume.safetensors") if args.resume == "auto"
+                            else args.resume) if args.resume else None
+    state = formats.load_state(path) if path and os.path.isfile(path) else None
+    if len(set(comms.all_values(torch.tensor([state["step"] if state else -1])).tolist())) > 1:
+        raise ValueError(f"--resume: the ranks' files ({path}) are from different steps, or "
+                         f"missing")
+    if state is None:
+        return None
+    now = resumable(args)
+    diff = [k for k in now if now[k] != state["args"].get(k)]
     if diff:
-        k = diff[0]
-        die(f"--resume {path} is from a different configuration: --{k.replace('_', '-')} was "
-            f"{meta['args'].get(k)}, now {now[k]}")
-    if meta.get("world", 1) != comms.world:
-        die(f"--resume {path} was written by {meta.get('world', 1)} processes, now {comms.world}")
-    return meta, tensors
+        raise ValueError(f"--resume {path} is from a different configuration: "
+                         f"--{diff[0].replace('_', '-')} was {state['args'].get(diff[0])}, "
+                         f"now {now[diff[0]]}")
+    if state["world"] != comms.world:
+        raise ValueError(f"--resume {path} was written by {state['world']} processes, now "
+                         f"{comms.world}")
+    return state
 
 
-def restore_(meta, t, buffers, runs):
-    torch.set_rng_state(t["rng.torch"])
-    for key, buf in buffers.items():
-        name = f"{key[0]}{key[1]}"
-        buf.load_state_dict(dict(meta["buffers"][name], data=t[f"buffer.{name}.data"],
-                                 uses=t[f"buffer.{name}.uses"],
-                                 pending=t[f"buffer.{name}.pending"],
-                                 generator=t[f"buffer.{name}.generator"]))
-    for run in [r for rs in runs.values() for r in rs]:
-        run.sae.load_state_dict({k: t[f"{run.name}.{k}"] for k in run.sae.state_dict()})
-        run.last_fired.copy_(t[f"{run.name}.last_fired"])
-        state = run.opt.state_dict()
-        for i in range(len(state["param_groups"][0]["params"])):
-            st = {k.rsplit(".", 1)[1]: v for k, v in t.items()
-                  if k.startswith(f"{run.name}.adam.{i}.")}
-            state["state"][i] = dict(st, step=st["step"].reshape(()))
-        run.opt.load_state_dict(state)
+def open_data(args, comms, sites, dtype, skip):
+    """(FanOut of rows per site, lm, tok, D): one LM pass per batch of documents feeds every
+    site, each rank reading its own documents; or the rows of an --activations file. skip: LM
+    batches a resumed run has made already (tokenized again, not run)."""
+    if args.activations:
+        x, y = formats.load_activations(args.activations)
+        if (y is not None) != (sites == [(sites[0][0], "TC")]):
+            raise ValueError(f"--activations {args.activations}: a file with `targets` trains "
+                             f"one TC site, a file without trains R, A or M (got --site "
+                             f"{','.join(args.site)})")
+        rows = model.to_rows(x, y)[comms.rank::comms.world].to(dtype)
+        rows = file_producer(rows, seed=args.seed)
+        return FanOut(({sites[0]: r} for r in itertools.islice(rows, skip, None)), sites,
+                      skip), None, None, x.shape[1]
+    lm, tok = model.load_model(args.model, args.device, dtype)
+    batches = model.document_batches(tok, args.dataset, "train", args.context_size,
+                                     args.lm_batch_size, args.seed, rank=comms.rank,
+                                     world=comms.world)
+    batches = itertools.islice(batches, skip, None)
+    return FanOut(model.activation_producer(lm, tok, sites, batches), sites, made=skip), lm, tok, \
+        lm.config.hidden_size
+
+
+def first_fill(args, comms, key, rows, size, d_model, runs):
+    """The first `size` rows of a site set its massive-activation limit and the SAEs' dataset
+    norms (§3.3.3), both over every rank's rows."""
+    first = take_rows(rows, size)  # (size, C)
+    if not torch.isfinite(first).all():
+        raise ValueError(f"step 0 (the first buffer fill): NaN or Inf in the activations of site "
+                         f"{key}")
+    limit = model.outlier_limits(first[:size], d_model, args.max_norm_ratio, comms.all_values)
+    first = model.keep_rows(first, limit, d_model)
+    for run in runs:
+        run.sae.set_norms_(*model.in_out(first, d_model), comms.mean,
+                           center=args.init_bias == "mean")
+    return [first], limit
 
 
 def train(args):
+    # set-up: every check before slow work; torchrun's ranks, or no-op collectives for one process
     d_model = check_args(args)
-    comms = parallel.Comms(args.tp, args.device)  # dp x tp ranks under torchrun, else no-ops
+    comms = parallel.Comms(args.tp, args.device)
     check_parallel(args, comms, d_model)
     print0, args.device = comms.print0, comms.device
     logger = make_logger(args.wandb_project if comms.rank == 0 else None, vars(args))  # or no-op
@@ -397,171 +411,135 @@ def train(args):
     dtype = getattr(torch, args.dtype)
     sites = list(dict.fromkeys(itertools.product(args.layer, args.site)))
     sched = schedule(args)
-    save_path = comms.shard_path(os.path.join(args.out, "resume.safetensors"))  # one per rank
-    resume_path = save_path if args.resume == "auto" \
-        else args.resume and comms.shard_path(args.resume)
-    meta, saved = read_resume(resume_path, args, comms) \
-        if resume_path and os.path.isfile(resume_path) else (None, None)
-    if len(set(comms.all_values(torch.tensor([meta["step"] if meta else -1])).tolist())) > 1:
-        die(f"--resume: the ranks' files ({resume_path}) are from different steps, or missing")
-    skip = meta["made"] if meta else 0
+    state = read_resume(args, comms)
     t0 = time.time()
 
-    # data: one producer of rows per site; the LM runs once per batch of documents for all sites
-    if args.activations:
-        x, y = load_activations(args.activations)
-        if (y is not None) != (sites == [(sites[0][0], "TC")]):
-            die(f"--activations {args.activations}: a file with `targets` trains one TC site, "
-                f"a file without trains R, A or M (got --site {','.join(args.site)})")
-        d_model, lm, tok = x.shape[1], None, None
-        x, y = x[comms.rank::comms.world], None if y is None else y[comms.rank::comms.world]
-        rows = file_producer(x.to(dtype), None if y is None else y.to(dtype), seed=args.seed)
-        data = FanOut(({sites[0]: r} for r in itertools.islice(rows, skip, None)), sites, skip)
-    else:
-        lm, tok = model.load_model(args.model, args.device, dtype)
-        data = lm_producers(args, lm, tok, sites, skip=skip, rank=comms.rank, world=comms.world)
-    # each rank's minibatch; a tensor-parallel group gathers its ranks' into one of batch / dp
-    batch = args.batch_size // comms.world
+    # data: rows per site from the LM (or a file); a resumed run skips what it has made
+    data, lm, tok, d_model = open_data(args, comms, sites, dtype,
+                                       state["data"]["made"] if state else 0)
+    batch = args.batch_size // comms.world  # each rank's share; a tp group gathers its ranks'
     # a run shorter than the buffer fills only what it will use (never less than two batches);
     # the first fill's use counts are staggered over 1..passes (buffer.py), 2 / (passes + 1) each
     size = min(args.buffer_size, max(2 * batch, math.ceil(sched["steps"] * batch * 2
                                                            / (args.passes + 1))))
     print0(f"loaded in {time.time() - t0:.1f}s; "
-          f"{'resuming at step ' + str(meta['step']) if meta else 'filling'}"
-          f" {len(sites)} buffer(s) of {size:,} rows")
+           f"{'resuming at step ' + str(state['step']) if state else 'filling'}"
+           f" {len(sites)} buffer(s) of {size:,} rows")
 
-    buffers, limits, runs = {}, {}, {}
-    widths = args.n_features or [round(e * d_model) for e in args.expansion]
-    for key in sites:
-        runs[key] = [Run(args, key, n, d_model, dtype, comms) for n in widths]
-        if meta:  # norms, limits, buffer contents and weights come from the checkpoint
-            limits[key] = meta["limits"][f"{key[0]}{key[1]}"]
-            queued = saved[f"queue.{key[0]}{key[1]}"].split(
-                saved[f"queue.{key[0]}{key[1]}.sizes"].tolist())
-            data.queues[key].extend(queued)
-            first = []
-        else:
-            first = take_rows(data[key], size)  # (size, C)
-            if not torch.isfinite(first).all():
-                die(f"step 0 (the first buffer fill): NaN or Inf in the activations of site {key}")
-            limits[key] = outlier_limits(first[:size], d_model, args.max_norm_ratio,
-                                         comms.all_values)
-            first = [keep_rows(first, limits[key], d_model)]
-            for run in runs[key]:  # S_in, S_out from the first fill of every rank (§3.3.3)
-                run.sae.set_norms_(first[0][:, :d_model], first[0][:, -d_model:], comms.mean,
-                                   center=args.init_bias == "mean")
-        rest = kept_rows(data[key], limits[key], d_model)  # bound now, per site
+    # buffers: per site, the first fill sets limits and norms; then rows within the limit
+    runs = {key: [Run(args, key, n, d_model, dtype, comms) for n in feature_counts(args, d_model)]
+            for key in sites}
+    buffers, limits = {}, {}
+    for i, key in enumerate(sites):
+        first, limits[key] = ([], state["limits"][i]) if state else \
+            first_fill(args, comms, key, data[key], size, d_model, runs[key])
+        rest = model.kept_rows(data[key], limits[key], d_model)
         buffers[key] = ActivationBuffer(itertools.chain(first, rest), size, batch,
                                         seed=args.seed + comms.rank, device=args.device,
                                         limit=sched["steps"] * batch, passes=args.passes)
         sae0 = runs[key][0].sae
         print0(f"{key}: norms in {sae0.norm_in.item():.2f} out {sae0.norm_out.item():.2f}; "
                f"outlier limit {limits[key] and round(limits[key][0], 1)}")
-    if meta:
-        restore_(meta, saved, buffers, runs)
-
-    k_init = args.k_init or d_model
-    every = args.log_every or max(1, sched["steps"] // 40)
     all_runs = [r for rs in runs.values() for r in rs]
-    print0(f"{len(all_runs)} SAE(s): {', '.join(r.name for r in all_runs)} | D {d_model} | "
-          f"{sched['steps']:,} steps x {args.batch_size} tokens = "
-          f"{sched['steps'] * args.batch_size:,}"
-          f" tokens each ({args.passes} pass(es) over "
-          f"{sched['steps'] * args.batch_size // args.passes:,} tokens)\n{args.rule}"
-          f"\nschedule: warm-up {sched['warmup']} steps (asked {args.warmup_steps}; "
-          f"capped at 5% of a short run) | K {k_init} -> {args.k} over {sched['anneal']} steps | "
-          f"lr {args.lr:g}, decay to {args.lr_end:g} over the last {sched['decay']} steps"
-          + (f"\nparallel: {comms.world} ranks = dp {comms.dp} x tp {comms.tp}; {batch} rows per "
-             f"rank per step, {d_model * max(widths) // comms.tp:,} of each SAE's weights per "
-             f"matrix per rank" if comms.world > 1 else ""))
+    if state:  # everything else continues exactly where it stopped
+        data.load_state_dict(state["data"])
+        for obj, saved in zip([*buffers.values(), *all_runs], state["buffers"] + state["runs"]):
+            obj.load_state_dict(saved)
+        torch.set_rng_state(state["rng"])
+    print_plan(args, comms, d_model, sched, all_runs, batch)
 
-    # the loop: every SAE takes one minibatch from its site's buffer per step
-    os.makedirs(args.out, exist_ok=True)
-    start, tokens = (meta["step"], meta["tokens"]) if meta else (0, 0)
-    t_train, step = time.time(), start
-    for step in range(start, sched["steps"]):
-        lr = lr_at(step, sched["steps"], args.lr, sched["warmup"], sched["decay"], args.lr_end)
-        k = k_at(step, args.k, k_init, sched["anneal"])
-        batches = {key: buf.next_batch() for key, buf in buffers.items()}
-        ran_out = torch.tensor(int(None in batches.values()), device=args.device)
-        if comms.sum_(ran_out).item():
-            print0(f"data ran out at step {step}")  # on some rank: all stop together
-            break
-        batches = {key: comms.gather_rows(b) for key, b in batches.items()}
-        tokens += args.batch_size
-        for key, rows in batches.items():
-            if not torch.isfinite(rows).all():
-                die(f"step {step + 1}: NaN or Inf in the activations of site {key}; stopping "
-                    f"(the last resumable checkpoint, if any, is kept)")
-            for run in runs[key]:
-                loss = run.step(rows, k, lr, args, tokens)
-                if not math.isfinite(loss):
-                    die(f"step {step + 1}: {run.name} loss is {loss} (NaN or Inf); "
-                        f"stopping (the last resumable checkpoint, if any, is kept)")
-        if (step + 1) % every == 0 or step + 1 == sched["steps"]:
-            dt = time.time() - t_train
-            eta = dt / (step + 1 - start) * (sched["steps"] - step - 1)
-            for run in all_runs:
-                print0(f"{run.name} step {step + 1}/{sched['steps']} | {run.log_line(tokens)} | "
-                      f"k {k} | lr {lr:.1e} | "
-                      f"{(tokens - start * args.batch_size) / dt / 1e3:.1f}k "
-                      f"tok/s | eta {eta:.0f}s", flush=True)
-                logger.log({f"{run.name}/{key}": v for key, v in run.logged.items()}
-                           | {"k": k, "lr": lr, "tokens": tokens}, step=step + 1)
-        if args.save_every \
-                and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
-            save_resume(save_path, args, step + 1, tokens, data, buffers, runs, limits,
-                        comms.world)
-    step += 1
-    logger.finish()
-    print0(f"trained {tokens:,} rows ({tokens // args.passes:,} tokens x {args.passes} "
-           f"passes) in {time.time() - t_train:.0f}s")
-
-    for run in all_runs:  # rank 0 gathers every SAE whole; it alone checks and writes
+    # the loop, then the whole SAEs on rank 0, a held-out check and the checkpoints
+    step, tokens = loop(args, comms, sched, data, buffers, runs, limits, logger, state,
+                        d_model)
+    for run in all_runs:
         run.sae = comms.gather_sae(run.sae)
     comms.close()
     if comms.rank > 0:
         return []
     heldout = heldout_metrics(args, lm, tok, runs, limits) if lm is not None else {}
-    paths = []
-    for run in all_runs:
-        layer, site = run.key
-        hook_in, hook_out = model.hook_names(layer, site)
-        config = dict(
-            model_name=None if args.activations else args.model, layer=layer, site=site,
-            hook_point_in=hook_in, hook_point_out=hook_out,
-            expansion_factor=run.sae.n_features / d_model,
-            act_fn="topk" if args.act == "topk" else "relu", k_warmup_steps=sched["anneal"],
-            init_decoder_norm=args.init_decoder_norm
-                or math.sqrt(2 * d_model / run.sae.n_features),
-            use_batch_norm_mse=args.loss == "batch-norm-mse", norm_activation="dataset-wise",
-            apply_decoder_bias_to_pre_encoder=False, use_decoder_bias=True, lr=args.lr,
-            l1_coefficient=args.l1_coef, context_size=args.context_size, dataset_path=args.dataset,
-            prepend_bos=True, outlier_norm_limit=limits[run.key],
-            n_training_tokens=tokens // args.passes, passes=args.passes, n_rows_served=tokens,
-            step=step, folded=False, jump_relu_threshold=None, heldout=heldout.get(run.name),
-            train_args={k: v for k, v in vars(args).items() if k not in RESUME_FREE})
-        path = os.path.join(args.out, f"{run.name}.safetensors")
-        save_checkpoint(run.sae, config, path)
-        paths.append(path)
-    for path in paths:
-        print(f"saved {path}")
-    return paths
+    return save_all(args, all_runs, sched, limits, tokens, step, heldout)
+
+
+def print_plan(args, comms, d_model, sched, all_runs, batch):
+    """The derived arithmetic, printed once: SAEs, steps, the budget rule, the schedule."""
+    comms.print0(
+        f"{len(all_runs)} SAE(s): {', '.join(r.name for r in all_runs)} | D {d_model} | "
+        f"{sched['steps']:,} steps x {args.batch_size} tokens = "
+        f"{sched['steps'] * args.batch_size:,} tokens each ({args.passes} pass(es) over "
+        f"{sched['steps'] * args.batch_size // args.passes:,} tokens)\n{args.rule}"
+        f"\nschedule: warm-up {sched['warmup']} steps (asked {args.warmup_steps}; capped at 5% "
+        f"of a short run) | K {args.k_init or d_model} -> {args.k} over {sched['anneal']} steps "
+        f"| lr {args.lr:g}, decay to {args.lr_end:g} over the last {sched['decay']} steps"
+        + (f"\nparallel: {comms.world} ranks = dp {comms.dp} x tp {comms.tp}; {batch} rows per "
+           f"rank per step, {d_model * max(r.sae.n_features for r in all_runs):,} of each "
+           f"SAE's weights per matrix per rank" if comms.world > 1 else ""))
+
+
+def loop(args, comms, sched, data, buffers, runs, limits, logger, state, d_model):
+    """Every step, every SAE takes one minibatch from its site's buffer. Returns (steps, rows
+    served)."""
+    os.makedirs(args.out, exist_ok=True)
+    start, tokens = (state["step"], state["tokens"]) if state else (0, 0)
+    every = args.log_every or max(1, sched["steps"] // 40)
+    t_train, step = time.time(), start
+    for step in range(start, sched["steps"]):
+        lr = lr_at(step, sched["steps"], args.lr, sched["warmup"], sched["decay"], args.lr_end)
+        k = k_at(step, args.k, args.k_init or d_model, sched["anneal"])
+        batches = {key: buf.next_batch() for key, buf in buffers.items()}
+        if comms.sum_(torch.tensor(int(None in batches.values()), device=args.device)).item():
+            comms.print0(f"data ran out at step {step}")  # on some rank: all stop together
+            break
+        tokens += args.batch_size
+        for key, b in batches.items():
+            rows = comms.gather_rows(b)
+            if not torch.isfinite(rows).all():
+                raise ValueError(f"step {step + 1}: NaN or Inf in the activations of site {key}; "
+                                 f"stopping (the last resumable checkpoint, if any, is kept)")
+            for run in runs[key]:
+                loss = run.step(rows, k, lr, args, tokens)
+                if not math.isfinite(loss):
+                    raise ValueError(f"step {step + 1}: {run.name} loss is {loss} (NaN or Inf); "
+                                     f"stopping (the last resumable checkpoint, if any, is kept)")
+        if (step + 1) % every == 0 or step + 1 == sched["steps"]:
+            dt = time.time() - t_train
+            eta = dt / (step + 1 - start) * (sched["steps"] - step - 1)
+            for run in [r for rs in runs.values() for r in rs]:
+                comms.print0(f"{run.name} step {step + 1}/{sched['steps']} | "
+                             f"{run.log_line(tokens)} | k {k} | lr {lr:.1e} | "
+                             f"{(tokens - start * args.batch_size) / dt / 1e3:.1f}k tok/s | "
+                             f"eta {eta:.0f}s", flush=True)
+                logger.log({f"{run.name}/{key}": v for key, v in run.logged.items()}
+                           | {"k": k, "lr": lr, "tokens": tokens}, step=step + 1)
+        if args.save_every \
+                and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
+            save_resume(args, comms, step + 1, tokens, data, buffers, runs, limits)
+    logger.finish()
+    comms.print0(f"trained {tokens:,} rows ({tokens // args.passes:,} tokens x {args.passes} "
+                 f"passes) in {time.time() - t_train:.0f}s")
+    return step + 1, tokens
+
+
+def save_resume(args, comms, step, tokens, data, buffers, runs, limits):
+    """Everything to continue bit-identically: each object's state_dict(), one file per rank."""
+    formats.save_state(comms.shard_path(os.path.join(args.out, "resume.safetensors")), {
+        "args": resumable(args), "step": step, "tokens": tokens, "world": comms.world,
+        "rng": torch.get_rng_state(), "data": data.state_dict(), "limits": list(limits.values()),
+        "buffers": [b.state_dict() for b in buffers.values()],
+        "runs": [r.state_dict() for rs in runs.values() for r in rs]})
 
 
 def heldout_metrics(args, lm, tok, runs, limits):
     """EV (eq. 6), L0 and the never-firing share on held-out documents (evaluate.py does more)."""
     if args.eval_tokens <= 0:
         return {}
-    from evaluate import reconstruction_metrics
-    producers = lm_producers(args, lm, tok, list(runs), split="eval", epochs=1)
-    out = {}
+    batches = model.document_batches(tok, args.dataset, "eval", args.context_size,
+                                     args.lm_batch_size, epochs=1)
+    data, out = FanOut(model.activation_producer(lm, tok, list(runs), batches), list(runs)), {}
     for key, rs in runs.items():
-        rows = keep_rows(take_rows(producers[key], args.eval_tokens), limits[key],
-                         rs[0].sae.d_model)
+        rows = model.keep_rows(take_rows(data[key], args.eval_tokens), limits[key],
+                               rs[0].sae.d_model)
         for run in rs:
-            m = reconstruction_metrics(run.sae, rows)
-            out[run.name] = m
+            m = out[run.name] = reconstruction_metrics(run.sae, rows)
             print(f"{run.name} held-out ({m['n_tokens']:,} tokens): "
                   f"ev {m['explained_variance']:.3f}"
                   f" | ev centred {m['explained_variance_centered']:.3f} | l0 {m['l0']:.1f} | "
@@ -570,5 +548,28 @@ def heldout_metrics(args, lm, tok, runs, limits):
     return out
 
 
+def save_all(args, all_runs, sched, limits, tokens, step, heldout):
+    """One self-describing checkpoint per SAE (formats.py); the last lines are `saved <path>`."""
+    paths = []
+    for run in all_runs:
+        config = formats.training_config(args, run.key, run.sae, sched["anneal"], limits[run.key],
+                                         tokens, step, heldout.get(run.name),
+                                         {k: v for k, v in vars(args).items()
+                                          if k not in RESUME_FREE})
+        paths.append(os.path.join(args.out, f"{run.name}.safetensors"))
+        formats.save_checkpoint(run.sae, config, paths[-1])
+    for path in paths:
+        print(f"saved {path}")
+    return paths
+
+
+def main(argv=None):
+    try:
+        return train(get_args(argv))
+    except ValueError as e:  # bad input, found by any module: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 if __name__ == "__main__":
-    train(get_args())
+    main()
