@@ -56,28 +56,42 @@ def recovered(sae, dirs, threshold=0.9):
     return (cos.max(dim=0).values > threshold).float().mean().item()
 
 
-def run(d, k, tokens, tp, folder):
-    """Train on planted rows with train.py's defaults; (recovered, EV, never-fired share)."""
+def make_data(d, k, tokens, folder):
+    """(training file for --activations, 100K fresh held-out rows, directions) for one shape."""
     dirs, offset = directions(d)
-    train_path, held_path = (os.path.join(folder, f"{name}-{d}.safetensors")
-                             for name in ("train", "held"))
-    save_file({"activations": rows(dirs, offset, k, tokens, seed=1)}, train_path)
-    held = rows(dirs, offset, k, 100_000, seed=2)
+    path = os.path.join(folder, f"train-{d}.safetensors")
+    save_file({"activations": rows(dirs, offset, k, tokens, seed=1)}, path)
+    return path, rows(dirs, offset, k, 100_000, seed=2), dirs
+
+
+def train_flags(path, k, tokens, folder):
+    """train.py's defaults but for the data, the width, K and the budget."""
+    return ["--activations", path, "--expansion", str(EXPANSION), "--k", str(k),
+            "--total-tokens", str(tokens), "--out", folder, "--seed", "0"]
+
+
+def score(checkpoint, held, dirs):
+    """(recovered, EV, never-fired share) of a trained checkpoint on held-out planted rows."""
+    sae, _ = load_checkpoint(checkpoint)
+    m = evaluate.reconstruction_metrics(sae, held)
+    return recovered(sae, dirs), m["explained_variance"], m["dead_frac"]
+
+
+def run(d, k, tokens, tp, folder):
+    """Train on planted rows with train.py's defaults (a process, or tp under torchrun);
+    (recovered, EV, never-fired share, the budget rule it printed)."""
+    path, held, dirs = make_data(d, k, tokens, folder)
     cmd = [sys.executable, os.path.join(HERE, "train.py")]
     if tp > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp)]
         cmd += [os.path.join(HERE, "train.py"), "--tp", str(tp)]
-    cmd += ["--activations", train_path, "--expansion", str(EXPANSION), "--k", str(k),
-            "--total-tokens", str(tokens), "--out", folder, "--seed", "0"]
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // tp)))
-    p = subprocess.run(cmd, capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS=threads))
+    p = subprocess.run(cmd + train_flags(path, k, tokens, folder), capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
     if p.returncode != 0:
         sys.exit(f"train.py failed:\n{p.stderr[-2000:]}")
     rule = next((line for line in p.stdout.splitlines() if line.startswith("budget")), "")
-    sae, _ = load_checkpoint(p.stdout.strip().splitlines()[-1].removeprefix("saved "))
-    m = evaluate.reconstruction_metrics(sae, held)
-    return recovered(sae, dirs), m["explained_variance"], m["dead_frac"], rule
+    return (*score(p.stdout.strip().splitlines()[-1].removeprefix("saved "), held, dirs), rule)
 
 
 def main(argv=None):
