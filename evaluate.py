@@ -39,6 +39,7 @@ import features
 import formats
 import model
 import postprocess
+from buffer import FanOut, take_rows
 from sae import firing_counts
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
@@ -97,6 +98,24 @@ def reconstruction_metrics(sae, rows, norm_out=None, chunk=4096, freq=False):
     out = m.result()
     if not freq:
         del out["freq"]
+    return out
+
+
+def heldout_check(lm, tok, saes, limits, dataset, context_size, lm_batch_size, n_tokens):
+    """train.py's check after training: EV (eq. 6), L0 and the never-fired share of each SAE
+    {name: ((layer, site), sae)} on n_tokens held-out rows of its site (one LM pass for all);
+    prints a line per SAE and returns {name: metrics}."""
+    sites = list(dict.fromkeys(key for key, _ in saes.values()))
+    batches = model.document_batches(tok, dataset, "eval", context_size, lm_batch_size, epochs=1)
+    data, rows, out = FanOut(model.activation_producer(lm, tok, sites, batches), sites), {}, {}
+    for name, (key, sae) in saes.items():
+        if key not in rows:
+            rows[key] = model.keep_rows(take_rows(data[key], n_tokens), limits[key], sae.d_model)
+        m = out[name] = reconstruction_metrics(sae, rows[key])
+        print(f"{name} held-out ({m['n_tokens']:,} tokens): ev {m['explained_variance']:.3f} | "
+              f"ev centred {m['explained_variance_centered']:.3f} | l0 {m['l0']:.1f} | never "
+              f"fired {100 * m['dead_frac']:.1f}% (§4.4: no activation on any of these "
+              f"{m['n_tokens']:,} tokens)")
     return out
 
 

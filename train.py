@@ -5,8 +5,10 @@
     python train.py --layer 7,15 --site R,TC --expansion 8,32   # 8 SAEs fed by one LM pass
     torchrun --nproc_per_node=8 train.py --expansion 32 --tp 2  # 4 LM copies x SAEs in 2 shards
 
-Reads top to bottom: flags, checks, schedule, data (LM -> per-site buffers), SAEs, the loop, a
-check on held-out documents, checkpoints. The last line printed is `saved <path>` for each SAE.
+Reads top to bottom: flags, the budget rule and the checks, the schedules, one SAE with its
+optimizer (`Run`), then the run in order: set-up, data (LM -> per-site buffers), the loop, a check
+on held-out documents, checkpoints. The last lines printed are `saved <path>`, one per SAE. Files
+are formats.py's, the held-out check is evaluate.py's.
 """
 import argparse
 import itertools
@@ -18,11 +20,11 @@ import time
 
 import torch
 
+import evaluate
 import formats
 import model
 import parallel
 from buffer import ActivationBuffer, FanOut, file_producer, take_rows
-from evaluate import reconstruction_metrics
 from sae import SAE
 from tracking import make_logger
 
@@ -43,8 +45,7 @@ def get_args(argv=None):
     g = p.add_argument_group(
         "what to train (comma lists train every combination from one LM pass)")
     g.add_argument("--model", default=model.EMBEDDED_MODEL,
-                   help="Hugging Face id or folder of a Llama-like causal LM "
-                        "(default: embedded SmolLM2)")
+                   help="Hugging Face id or folder of a Llama-like causal LM (default: embedded)")
     g.add_argument("--layer", type=csv(int), default=[15], help="block index(es), from 0")
     g.add_argument("--site", type=csv(str), default=["R"],
                    help="R resid-post, A attn-out, M mlp-out, TC transcoder (MLP in -> MLP out)")
@@ -59,8 +60,7 @@ def get_args(argv=None):
                    help="Hub dataset (streamed, e.g. cerebras/SlimPajama-627B), a local "
                         ".txt/.jsonl/.json/.parquet file or folder, or the embedded Wikipedia "
                         "summaries")
-    g.add_argument("--context-size", type=int, default=1024,
-                   help="tokens per document, BOS included")
+    g.add_argument("--context-size", type=int, default=1024, help="tokens per document, with BOS")
     g.add_argument("--activations", default=None,
                    help="train on a safetensors file of `activations` (N, D) [+ `targets`]: no LM")
     g.add_argument("--max-norm-ratio", type=float, default=10.0,
@@ -72,21 +72,17 @@ def get_args(argv=None):
                         "800M for 8x, 1.6B for 32x); the SAE sees each --passes times; default "
                         "~10 min on CPU")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="tokens per step (paper: 2048); default: by the budget rule "
-                        "(`budget_rule`, printed)")
+                   help="tokens per step (paper: 2048); default: by the budget rule (printed)")
     g.add_argument("--passes", type=int, default=None,
                    help="times the SAE sees each row of data (paper: 1); default: by the "
                         "budget rule")
     g.add_argument("--lr", type=float, default=8e-4, help="Adam lr (released: 2e-4 for 128x)")
     g.add_argument("--warmup-steps", type=int, default=10_000,
                    help="linear warm-up (released: 5000); short runs scale it, see the printout")
-    g.add_argument("--decay-frac", type=float, default=0.2,
-                   help="linear decay over this last share")
-    g.add_argument("--lr-end", type=float, default=0.0,
-                   help="lr after decay (released: 0.01 x lr)")
+    g.add_argument("--decay-frac", type=float, default=0.2, help="linear decay over this share")
+    g.add_argument("--lr-end", type=float, default=0.0, help="lr after decay (released: 0.01 x lr)")
     g.add_argument("--k-anneal-frac", type=float, default=0.1, help="share of steps annealing K")
-    g.add_argument("--k-init", type=int, default=None,
-                   help="K at step 0 (default D; released D/2)")
+    g.add_argument("--k-init", type=int, default=None, help="K at step 0 (default D; released D/2)")
     g.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999],
                    help="released: 0.9 0.9999")
     g.add_argument("--grad-clip", type=float, default=0.0,
@@ -121,8 +117,7 @@ def get_args(argv=None):
                    help="continue from a resumable checkpoint; `auto` = <out>/resume.safetensors "
                         "if it exists")
     g = p.add_argument_group("logging")
-    g.add_argument("--log-every", type=int, default=0,
-                   help="steps between log lines; 0 = ~40 lines")
+    g.add_argument("--log-every", type=int, default=0, help="steps between log lines; 0 = ~40")
     g.add_argument("--eval-tokens", type=int, default=100_000,
                    help="held-out tokens scored after training (§4.4 counts never-firing "
                         "features over 100K; the whole held-out split when smaller); 0 = off")
@@ -167,54 +162,45 @@ def budget_rule(args):
 
 
 def check_args(args):
-    """Every cheap check, before any slow work (no model load yet). Returns d_model."""
-    bad_site = [s for s in args.site if s not in model.SITES]
-    if bad_site:
-        raise ValueError(f"--site {','.join(bad_site)} is unknown; allowed: "
-                         f"{', '.join(model.SITES)}")
-    if args.activations:
-        if not os.path.isfile(args.activations):
-            raise ValueError(f"--activations {args.activations}: no such file")
-        d_model, max_pos = None, None
-    else:
-        cfg = model.load_config(args.model)
-        d_model, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-        max_pos = cfg.get("max_position_embeddings")
-        bad = [L for L in args.layer if not 0 <= L < n_layers]
-        if bad:
-            raise ValueError(f"--layer {bad[0]} is out of range: {args.model} has {n_layers} "
-                             f"layers, allowed 0-{n_layers - 1}")
-        if max_pos and not 2 <= args.context_size <= max_pos:
-            raise ValueError(f"--context-size {args.context_size} is out of range: allowed "
-                             f"2-{max_pos}")
-    sizes = args.n_features or args.expansion
-    if min(sizes) <= 0:
-        raise ValueError(f"--{'n-features' if args.n_features else 'expansion'} "
-                         f"{min(sizes):g} must be positive")
-    if args.batch_size < 1 or args.batch_size > args.buffer_size // 2:
-        raise ValueError(f"--batch-size {args.batch_size} must be in 1..{args.buffer_size // 2} "
-                         f"(half of --buffer-size {args.buffer_size})"
-                         + (" (chosen by the budget rule; give --batch-size)"
-                            if "batch size" in args.rule else ""))
-    if args.passes < 1:
-        raise ValueError(f"--passes {args.passes} must be at least 1")
-    if args.total_tokens * args.passes < args.batch_size:
-        raise ValueError(f"--total-tokens {args.total_tokens} x --passes {args.passes} is less "
-                         f"than one batch ({args.batch_size})")
-    if args.k < 1:
-        raise ValueError(f"--k {args.k} must be at least 1")
-    if d_model:
-        n_min = min(feature_counts(args, d_model))
-        if args.k >= n_min:
-            raise ValueError(f"--k {args.k} must be less than the number of features ({n_min})")
-        if args.k_init is not None and not args.k <= args.k_init <= n_min:
-            raise ValueError(f"--k-init {args.k_init} must be in {args.k}..{n_min}")
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise ValueError(f"--resume {args.resume}: no such file (give a path or `auto`)")
-    for name in ("decay_frac", "k_anneal_frac"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be in "
-                             f"[0, 1]")
+    """Every cheap check, before any slow work (the model's config only, no weights). Returns D
+    (None with --activations: the file says)."""
+    cfg = {} if args.activations else model.load_config(args.model)
+    d_model, n_layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers", 0)
+    max_pos = cfg.get("max_position_embeddings") or args.context_size
+    n_min = min(feature_counts(args, d_model)) if d_model else math.inf
+    sizes, half = args.n_features or args.expansion, args.buffer_size // 2
+    bad_site = ",".join(s for s in args.site if s not in model.SITES)
+    bad_layer = [L for L in args.layer if not 0 <= L < n_layers] if d_model else []
+    k_init = args.k_init if args.k_init is not None else args.k
+    checks = [  # (failed, the one line that says so), in the order a user would fix them
+        (bad_site, f"--site {bad_site} is unknown; allowed: {', '.join(model.SITES)}"),
+        (args.activations and not os.path.isfile(args.activations),
+         f"--activations {args.activations}: no such file"),
+        (bad_layer, f"--layer {bad_layer[:1] and bad_layer[0]} is out of range: {args.model} has "
+                    f"{n_layers} layers, allowed 0-{n_layers - 1}"),
+        (not 2 <= args.context_size <= max_pos,
+         f"--context-size {args.context_size} is out of range: allowed 2-{max_pos}"),
+        (min(sizes) <= 0, f"--{'n-features' if args.n_features else 'expansion'} {min(sizes):g} "
+                          f"must be positive"),
+        (not 1 <= args.batch_size <= half,
+         f"--batch-size {args.batch_size} must be in 1..{half} (half of --buffer-size "
+         f"{args.buffer_size})" + (" (chosen by the budget rule; give --batch-size)"
+                                   if "batch size" in args.rule else "")),
+        (args.passes < 1, f"--passes {args.passes} must be at least 1"),
+        (args.total_tokens * args.passes < args.batch_size,
+         f"--total-tokens {args.total_tokens} x --passes {args.passes} is less than one batch "
+         f"({args.batch_size})"),
+        (args.k < 1, f"--k {args.k} must be at least 1"),
+        (args.k >= n_min, f"--k {args.k} must be less than the number of features ({n_min})"),
+        (not args.k <= k_init <= n_min, f"--k-init {args.k_init} must be in {args.k}..{n_min}"),
+        (args.resume not in (None, "auto") and not os.path.isfile(args.resume),
+         f"--resume {args.resume}: no such file (give a path or `auto`)"),
+        *[(not 0 <= getattr(args, name) <= 1,
+           f"--{name.replace('_', '-')} {getattr(args, name)} must be in [0, 1]")
+          for name in ("decay_frac", "k_anneal_frac")]]
+    for failed, message in checks:
+        if failed:
+            raise ValueError(message)
     return d_model
 
 
@@ -225,15 +211,18 @@ def feature_counts(args, d_model):
 
 def check_parallel(args, comms, d_model):
     """What torchrun's layout asks of the flags (parallel.py)."""
-    if args.batch_size % comms.world:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the "
-                         f"{comms.world} processes")
-    if args.batch_size // comms.world > args.buffer_size // 2:
-        raise ValueError(f"--buffer-size {args.buffer_size} (per rank) must hold two per-rank "
-                         f"minibatches of {args.batch_size // comms.world}")
+    per_rank = args.batch_size // comms.world
     n_features = feature_counts(args, d_model) if d_model else args.n_features or []
-    if any(n % comms.tp for n in n_features):
-        raise ValueError(f"--tp {comms.tp} must divide the number of features ({n_features})")
+    for failed, message in [
+            (args.batch_size % comms.world,
+             f"--batch-size {args.batch_size} must be a multiple of the {comms.world} processes"),
+            (per_rank > args.buffer_size // 2,
+             f"--buffer-size {args.buffer_size} (per rank) must hold two per-rank minibatches of "
+             f"{per_rank}"),
+            (any(n % comms.tp for n in n_features),
+             f"--tp {comms.tp} must divide the number of features ({n_features})")]:
+        if failed:
+            raise ValueError(message)
 
 
 def schedule(args):
@@ -368,7 +357,7 @@ def open_data(args, comms, sites, dtype, skip):
     batches a resumed run has made already (tokenized again, not run)."""
     if args.activations:
         x, y = formats.load_activations(args.activations)
-        if (y is not None) != (sites == [(sites[0][0], "TC")]):
+        if (y is not None) != (len(sites) == 1 and model.is_transcoder(sites[0][1])):
             raise ValueError(f"--activations {args.activations}: a file with `targets` trains "
                              f"one TC site, a file without trains R, A or M (got --site "
                              f"{','.join(args.site)})")
@@ -456,7 +445,11 @@ def train(args):
     comms.close()
     if comms.rank > 0:
         return []
-    heldout = heldout_metrics(args, lm, tok, runs, limits) if lm is not None else {}
+    heldout = {}
+    if lm is not None and args.eval_tokens > 0:  # a first look; evaluate.py does the rest
+        heldout = evaluate.heldout_check(lm, tok, {r.name: (r.key, r.sae) for r in all_runs},
+                                         limits, args.dataset, args.context_size,
+                                         args.lm_batch_size, args.eval_tokens)
     return save_all(args, all_runs, sched, limits, tokens, step, heldout)
 
 
@@ -526,26 +519,6 @@ def save_resume(args, comms, step, tokens, data, buffers, runs, limits):
         "rng": torch.get_rng_state(), "data": data.state_dict(), "limits": list(limits.values()),
         "buffers": [b.state_dict() for b in buffers.values()],
         "runs": [r.state_dict() for rs in runs.values() for r in rs]})
-
-
-def heldout_metrics(args, lm, tok, runs, limits):
-    """EV (eq. 6), L0 and the never-firing share on held-out documents (evaluate.py does more)."""
-    if args.eval_tokens <= 0:
-        return {}
-    batches = model.document_batches(tok, args.dataset, "eval", args.context_size,
-                                     args.lm_batch_size, epochs=1)
-    data, out = FanOut(model.activation_producer(lm, tok, list(runs), batches), list(runs)), {}
-    for key, rs in runs.items():
-        rows = model.keep_rows(take_rows(data[key], args.eval_tokens), limits[key],
-                               rs[0].sae.d_model)
-        for run in rs:
-            m = out[run.name] = reconstruction_metrics(run.sae, rows)
-            print(f"{run.name} held-out ({m['n_tokens']:,} tokens): "
-                  f"ev {m['explained_variance']:.3f}"
-                  f" | ev centred {m['explained_variance_centered']:.3f} | l0 {m['l0']:.1f} | "
-                  f"never fired {100 * m['dead_frac']:.1f}% (§4.4: no activation on any of "
-                  f"these {m['n_tokens']:,} tokens)")
-    return out
 
 
 def save_all(args, all_runs, sched, limits, tokens, step, heldout):
