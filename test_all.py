@@ -516,30 +516,43 @@ def test_resumable_state_round_trips(tmp_path):
     assert all(torch.equal(back["runs"][0][k], state["runs"][0][k]) for k in ("w", "n"))
 
 
-def test_bad_checkpoints_are_rejected_cleanly(tmp_path, capsys):
-    good = str(tmp_path / "good.safetensors")
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
+    """A good small checkpoint and broken ones beside it: (folder, the good file's bytes)."""
+    tmp = tmp_path_factory.mktemp("bad")
     sae = SAE(32, 64)
     sae.set_norms_(torch.ones(2, 32), torch.ones(2, 32))
-    formats.save_checkpoint(sae, {"site": "R", "layer": 1, "act_fn": "topk",
-                                  "model_name": model.EMBEDDED_MODEL}, good)
-    data = open(good, "rb").read()
-    cases = {"truncated": data[:len(data) // 2], "text": b"hello, not safetensors"}
-    for name, content in cases.items():
-        open(tmp_path / name, "wb").write(content)
-    save_file({"encoder.weight": torch.zeros(64, 32)}, str(tmp_path / "foreign"))
-    config = json.dumps(formats.read_checkpoint(good)[0])
-    save_file({"encoder.weight": torch.zeros(64, 31)}, str(tmp_path / "shapes"),
+    formats.save_checkpoint(sae, {"site": "R", "layer": 1, "model_name": model.EMBEDDED_MODEL},
+                            str(tmp / "good"))
+    data = open(tmp / "good", "rb").read()
+    (tmp / "truncated").write_bytes(data[:len(data) // 2])
+    (tmp / "text").write_bytes(b"hello, not safetensors")
+    save_file({"encoder.weight": torch.zeros(64, 32)}, str(tmp / "foreign"))
+    config = json.dumps(formats.read_checkpoint(str(tmp / "good"))[0])
+    save_file({"encoder.weight": torch.zeros(64, 31)}, str(tmp / "shapes"),
               metadata={"config": config})  # our config, but tensors of the wrong shapes
-    expect = {"missing": "no such file", "truncated": "not a readable safetensors file",
-              "text": "not a readable safetensors file", "foreign": "not a Llama Scope checkpoint",
-              "shapes": "do not match d_model 32"}
-    for name, message in expect.items():
-        assert message in one_line_error(capsys, evaluate.main, [str(tmp_path / name)]), name
-        assert message in one_line_error(capsys, postprocess.main, [str(tmp_path / name)]), name
-    # a well-formed checkpoint of the wrong width for its model: refused before the model loads
-    err = one_line_error(capsys, evaluate.main, [good])
+    return tmp, data
+
+
+BAD_CHECKPOINTS = [("missing", "no such file"), ("truncated", "not a readable safetensors file"),
+                   ("text", "not a readable safetensors file"),
+                   ("foreign", "not a Llama Scope checkpoint"),
+                   ("shapes", "do not match d_model 32")]
+
+
+@pytest.mark.parametrize("script", [evaluate, postprocess], ids=["evaluate", "postprocess"])
+@pytest.mark.parametrize("name,message", BAD_CHECKPOINTS)
+def test_bad_checkpoints_are_rejected_cleanly(name, message, script, bad_checkpoints, capsys):
+    folder, data = bad_checkpoints
+    assert message in one_line_error(capsys, script.main, [str(folder / name)])
+    assert open(folder / "good", "rb").read() == data  # nothing on disk was touched
+
+
+def test_a_checkpoint_for_another_model_width_is_refused_before_it_loads(bad_checkpoints,
+                                                                          capsys, monkeypatch):
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    err = one_line_error(capsys, evaluate.main, [str(bad_checkpoints[0] / "good")])
     assert "checkpoint d_model 32 does not match smollm2-135m-instruct (hidden size 576)" in err
-    assert open(good, "rb").read() == data  # nothing on disk was touched
 
 
 @pytest.mark.slow
@@ -762,14 +775,17 @@ def test_bad_flags_fail_in_one_line_before_the_model_loads(flags, message, capsy
     assert message in one_line_error(capsys, train.main, flags)
 
 
-def test_bad_data_is_rejected(tmp_path, capsys):
+BAD_DATA = [("a.safetensors", "--activations", "no tensor named `activations` (found: ['acts'])"),
+            ("empty.txt", "--dataset", "no text in its train split")]
+
+
+@pytest.mark.parametrize("name,flag,message", BAD_DATA)
+def test_bad_data_is_rejected(name, flag, message, tmp_path, capsys):
     save_file({"acts": torch.zeros(10, 8)}, str(tmp_path / "a.safetensors"))
-    err = one_line_error(capsys, train.main, ["--activations", str(tmp_path / "a.safetensors")])
-    assert "no tensor named `activations` (found: ['acts'])" in err
     (tmp_path / "empty.txt").write_text("\n\n   \n")
-    err = one_line_error(capsys, train.main, ["--dataset", str(tmp_path / "empty.txt"),
-                                              "--layer", "1", "--out", str(tmp_path)])
-    assert "no text in its train split" in err
+    err = one_line_error(capsys, train.main, [flag, str(tmp_path / name), "--layer", "1",
+                                              "--out", str(tmp_path)])
+    assert message in err
 
 
 def test_nan_stops_training_and_names_the_step(tmp_path, capsys):
