@@ -20,6 +20,7 @@ import collections
 import math
 
 import torch
+from tqdm import tqdm
 
 
 class ActivationBuffer:
@@ -153,14 +154,23 @@ class FanOut:
             q.extend(saved)
 
 
-def take_rows(rows, n):
-    """At least n rows from a producer, as one tensor (a buffer takes n and keeps the rest)."""
-    got, have = [], 0
+def progress(n_tokens, desc):
+    """A bar with rate and ETA over n_tokens, on a terminal only: logs stay clean."""
+    return tqdm(total=n_tokens, desc=desc, unit="tok", unit_scale=True, leave=False,
+                disable=None if desc else True)
+
+
+def take_rows(rows, n, desc=None):
+    """At least n rows from a producer, as one tensor (a buffer takes n and keeps the rest).
+    desc: the name of its progress bar (none without)."""
+    got, have, bar = [], 0, progress(n, desc)
     for x in rows:
         got.append(x)
         have += len(x)
+        bar.update(min(len(x), n - bar.n))
         if have >= n:
             break
+    bar.close()
     if have == 0:
         raise ValueError("the dataset yielded no tokens (every document empty or special tokens "
                          "only)")

@@ -39,7 +39,7 @@ import features
 import formats
 import model
 import postprocess
-from buffer import FanOut, take_rows
+from buffer import FanOut, progress, take_rows
 from sae import firing_counts
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
@@ -110,7 +110,8 @@ def heldout_check(lm, tok, saes, limits, dataset, context_size, lm_batch_size, n
     data, rows, out = FanOut(model.activation_producer(lm, tok, sites, batches), sites), {}, {}
     for name, (key, sae) in saes.items():
         if key not in rows:
-            rows[key] = model.keep_rows(take_rows(data[key], n_tokens), limits[key], sae.d_model)
+            rows[key] = model.keep_rows(take_rows(data[key], n_tokens, "held-out check"),
+                                        limits[key], sae.d_model)
         m = out[name] = reconstruction_metrics(sae, rows[key])
         print(f"{name} held-out ({m['n_tokens']:,} tokens): ev {m['explained_variance']:.3f} | "
               f"ev centred {m['explained_variance_centered']:.3f} | l0 {m['l0']:.1f} | never "
@@ -134,6 +135,7 @@ def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8):
     metrics = Metrics(sae)
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     ce = {"ce_loss": [0.0, 0], "ce_loss_with_sae": [0.0, 0], "ce_loss_ablated": [0.0, 0]}
+    bar = progress(n_tokens, "evaluate")
     for input_ids, mask in model.document_batches(tok, dataset, "eval", config["context_size"],
                                                   lm_batch_size, epochs=1):
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
@@ -157,8 +159,10 @@ def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8):
             ce[name][0] += total
             ce[name][1] += count
         metrics.add(*seen["x"], s_out)
+        bar.update(len(seen["x"][0]))
         if metrics.n >= n_tokens:
             break
+    bar.close()
     out = metrics.result()
     out.update({name: total / max(count, 1) for name, (total, count) in ce.items()})
     out["delta_lm_loss"] = out["ce_loss_with_sae"] - out["ce_loss"]
@@ -223,6 +227,7 @@ def long_context(lm, tok, sae, config, T, n_tokens, dataset):
     key, spans, n = (config["layer"], config["site"]), buckets(T), 0
     metrics = [Metrics(sae) for _ in spans]
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
+    bar = progress(n_tokens, "long context")
     for ids in long_sequences(tok, model.iter_documents(dataset, "eval", epochs=1), T):
         ids = ids.to(lm.device)
         mask = torch.ones_like(ids)
@@ -234,8 +239,10 @@ def long_context(lm, tok, sae, config, T, n_tokens, dataset):
             if k.any():
                 m.add(x_in[0][k], x_out[0][k], s_out)
         n += T
+        bar.update(T)
         if n >= n_tokens:
             break
+    bar.close()
     if n == 0:
         raise ValueError(f"--long-context {T}: the held-out text has fewer than {T} tokens")
     return [{"positions": f"{lo}-{hi - 1}", "first": lo, "last": hi - 1,

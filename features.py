@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import model
 import postprocess
+from buffer import progress
 
 BEFORE, AFTER = 24, 8  # tokens of context shown before and after the activating token
 NEIGHBOURS = 8  # nearest features by decoder cosine shown per feature
@@ -35,7 +36,7 @@ def feature_acts(sae, x_in, feats):
 def feature_pass(lm, tok, sae, config, feats, n_tokens, dataset, lm_batch_size=8):
     """One pass over held-out documents for every requested feature: [(ids (T,), acts (T, n))]
     per document (0 at unscored tokens) and the number of scored tokens."""
-    key, docs, n = (config["layer"], config["site"]), [], 0
+    key, docs, n, bar = (config["layer"], config["site"]), [], 0, progress(n_tokens, "features")
     for input_ids, mask in model.document_batches(tok, dataset, "eval", config["context_size"],
                                                   lm_batch_size, epochs=1):
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
@@ -46,8 +47,10 @@ def feature_pass(lm, tok, sae, config, feats, n_tokens, dataset, lm_batch_size=8
         docs += [(ids[m].cpu(), a[m].float().cpu()) for ids, m, a in
                  zip(input_ids, mask.bool(), acts)]
         n += keep.sum().item()
+        bar.update(keep.sum().item())
         if n >= n_tokens:
             break
+    bar.close()
     return docs, n
 
 

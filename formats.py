@@ -11,6 +11,7 @@ Only safetensors and JSON are read: no file can execute code. Every write goes a
 fsynced, then renamed, so a reader or a kill -9 never sees a half-written file. Bad files raise
 ValueError with a one-line message (the scripts print it and exit with code 2).
 """
+import glob
 import json
 import math
 import os
@@ -73,7 +74,10 @@ def training_config(args, key, sae, anneal_steps, limit, tokens, step, heldout, 
 def read_checkpoint(path):
     """(config, tensors) of one of our checkpoints, validated before use."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path}: no such file")
+        now = renamed(path)
+        raise ValueError(f"checkpoint {path}: no such file" + (
+            f"; checkpoints are named with K (or the L1 weight) now: {', '.join(now)}"
+            if now else ""))
     try:
         with safe_open(path, "pt") as f:
             meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
@@ -96,6 +100,16 @@ def read_checkpoint(path):
         raise ValueError(f"checkpoint {path}: tensors {shapes} or config do not match d_model "
                          f"{D}, d_sae {F}")
     return config, t
+
+
+def renamed(path):
+    """The files an old-style name (L15R-8x-TopK.safetensors, before K was in the name) stands
+    for now: L15R-8x-k50-TopK.safetensors, L15R-8x-k32-TopK.safetensors, ..."""
+    old = re.fullmatch(r"(.*L\d+(?:R|A|M|TC)-[\d.]+x)-(TopK|Vanilla)(-JumpReLU)?\.safetensors",
+                       path)
+    if not old:
+        return []
+    return sorted(glob.glob(f"{glob.escape(old[1])}-*-{old[2]}{old[3] or ''}.safetensors"))
 
 
 def load_checkpoint(path, device="cpu"):

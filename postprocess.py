@@ -1,7 +1,7 @@
 """Post-process a trained SAE into its inference form (§3.3.4, App. C).
 
-    python postprocess.py out/L15R-8x-TopK.safetensors  # -> out/L15R-8x-TopK-JumpReLU.safetensors
-    python postprocess.py out/L15R-8x-TopK.safetensors --export-saelens out/L15R-saelens
+    python postprocess.py out/L15R-8x-k50-TopK.safetensors   # -> ...-k50-TopK-JumpReLU.safetensors
+    python postprocess.py out/L15R-8x-k50-TopK.safetensors --export-saelens out/L15R-saelens
     python postprocess.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x  # a released SAE
 
 1. Fold the dataset-wise normalization into the weights, so the SAE maps raw x_in to raw x_out.
@@ -73,7 +73,7 @@ def training_rows(config, d_model, n_tokens, lm_batch_size=16):
                                      config["context_size"], lm_batch_size, epochs=1)
     rows = (r[key] for r in model.activation_producer(lm, tok, [key], batches))
     rows = model.kept_rows(rows, config.get("outlier_norm_limit"), d_model)
-    return model.in_out(take_rows(rows, n_tokens)[:n_tokens], d_model)[0]
+    return model.in_out(take_rows(rows, n_tokens, "theta fit")[:n_tokens], d_model)[0]
 
 
 def postprocess(sae, config, x):
@@ -105,7 +105,7 @@ def load_sae(path, device="cpu", model_name=None):
 
 
 def sae_name(path):
-    """L15R-8x-TopK for out/L15R-8x-TopK.safetensors, the subfolder's name for a released SAE."""
+    """L15R-8x-k50-TopK for out/L15R-8x-k50-TopK.safetensors; a released SAE's subfolder name."""
     return os.path.basename(os.path.normpath(path.split(":")[-1])).removesuffix(".safetensors")
 
 

@@ -10,6 +10,7 @@ processes. Training runs in this process, except where a process boundary is the
 contract (exit code, stderr), kill -9, torchrun.
 """
 import copy
+import io
 import json
 import math
 import os
@@ -715,8 +716,8 @@ def test_several_sites_train_from_one_lm_pass(tmp_path, capsys):
     names = [line.removeprefix("saved ") for line in capsys.readouterr().out.splitlines()
              if line.startswith("saved")]
     assert [os.path.basename(n) for n in names] == [
-        "L1R-1x-TopK.safetensors", "L1R-2x-TopK.safetensors", "L1TC-1x-TopK.safetensors",
-        "L1TC-2x-TopK.safetensors"]
+        "L1R-1x-k50-TopK.safetensors", "L1R-2x-k50-TopK.safetensors",
+        "L1TC-1x-k50-TopK.safetensors", "L1TC-2x-k50-TopK.safetensors"]
     limits = set()
     for n in names:
         config = formats.load_checkpoint(n)[1]
@@ -732,7 +733,7 @@ def test_embedded_training_writes_a_self_describing_checkpoint(site, tmp_path, c
                 "--buffer-size", "4096", "--batch-size", "1024", "--eval-tokens", "1000",
                 "--out", str(tmp_path)])
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last == f"saved {tmp_path}/L3{site}-2x-TopK.safetensors"
+    assert last == f"saved {tmp_path}/L3{site}-2x-k50-TopK.safetensors"
     sae, config = formats.load_checkpoint(last.removeprefix("saved "))
     assert config["hook_point_out"] == "blocks.3.hook_mlp_out" if site == "TC" else \
         config["hook_point_in"] == "blocks.3.hook_resid_post"
@@ -769,6 +770,47 @@ BAD_FLAGS = [
 ]
 
 
+def test_a_k_sweep_in_one_folder_keeps_every_checkpoint(tmp_path, capsys):
+    """K (or the L1 weight) is in the name; an old-style name is refused naming the new ones."""
+    save_file({"activations": torch.randn(4096, 16)}, str(tmp_path / "a.safetensors"))
+    flags = ["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4",
+             "--total-tokens", "2048", "--batch-size", "512", "--buffer-size", "2048",
+             "--out", str(tmp_path)]
+    paths = [train.main(flags + extra)[0] for extra in (["--k", "4"], ["--k", "8"],
+                                                        ["--act", "vanilla", "--k", "4"])]
+    assert [os.path.basename(p) for p in paths] == [
+        "L15R-4x-k4-TopK.safetensors", "L15R-4x-k8-TopK.safetensors",
+        "L15R-4x-l1_0.0002-Vanilla.safetensors"]
+    assert formats.load_checkpoint(paths[1])[0].k == 8 and all(map(os.path.exists, paths))
+    err = one_line_error(capsys, evaluate.main, [str(tmp_path / "L15R-4x-TopK.safetensors")])
+    assert f"named with K (or the L1 weight) now: {paths[0]}, {paths[1]}" in err
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    """The first fill and training show bars with rate and ETA on a terminal; written to a
+    file or pipe there are none, and the grep-friendly log lines are the same either way."""
+    save_file({"activations": torch.randn(4096, 16)}, str(tmp_path / "a.safetensors"))
+    flags = ["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4", "--k", "4",
+             "--total-tokens", "4096", "--batch-size", "512", "--buffer-size", "2048",
+             "--log-every", "4"]
+    train.main(flags + ["--out", str(tmp_path / "a")])
+    piped = capsys.readouterr()
+    assert piped.err == ""
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    train.main(flags + ["--out", str(tmp_path / "b")])
+    shown, out = sys.stderr.getvalue(), capsys.readouterr().out
+    assert "first fill" in shown and "training" in shown and "step/s" in shown
+    assert "<" in shown  # tqdm's [elapsed<remaining] ETA
+    logs = [[line.split(" | ")[:4] for line in o.splitlines() if " step " in line]
+            for o in (piped.out, out)]
+    assert logs[0] == logs[1] and len(logs[0]) == 64 // 4  # 4096 rows x 8 passes / 512
+
+
 @pytest.mark.parametrize("flags,message", BAD_FLAGS)
 def test_bad_flags_fail_in_one_line_before_the_model_loads(flags, message, capsys, monkeypatch):
     monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
@@ -797,7 +839,7 @@ def test_nan_stops_training_and_names_the_step(tmp_path, capsys):
         "--max-norm-ratio", "0", "--batch-size", "1024", "--buffer-size", "8192",
         "--total-tokens", "8192", "--out", str(tmp_path)])
     assert err.startswith("error: step ") and "NaN" in err
-    assert not os.path.exists(tmp_path / "L15R-4x-TopK.safetensors")
+    assert not os.path.exists(tmp_path / "L15R-4x-k4-TopK.safetensors")
 
 
 RESUMABLE = ["--layer", "1", "--expansion", "2", "--total-tokens", "16384",
@@ -816,17 +858,17 @@ def test_kill_9_then_resume_ends_bit_identical(tmp_path, capsys):
     time.sleep(0.3)
     proc.kill()  # SIGKILL, mid-run
     assert proc.wait() == -9, "the run ended before it could be killed"
-    assert not (a / "L1R-2x-TopK.safetensors").exists()
+    assert not (a / "L1R-2x-k50-TopK.safetensors").exists()
     assert tensors(str(a / "resume.safetensors"))  # the resume file is complete: it loads
     train.main([*RESUMABLE, "--out", str(a), "--resume", "auto"])
     assert "resuming at step" in capsys.readouterr().out
     train.main([*RESUMABLE, "--out", str(b)])
-    ta, tb = tensors(str(a / "L1R-2x-TopK.safetensors")), tensors(
-        str(b / "L1R-2x-TopK.safetensors"))
+    ta, tb = tensors(str(a / "L1R-2x-k50-TopK.safetensors")), tensors(
+        str(b / "L1R-2x-k50-TopK.safetensors"))
     assert all(torch.equal(ta[k], tb[k]) for k in tb)
     # determinism: the same seed and flags give the same bits
     train.main([*RESUMABLE, "--out", str(tmp_path / "c")])
-    tc = tensors(str(tmp_path / "c" / "L1R-2x-TopK.safetensors"))
+    tc = tensors(str(tmp_path / "c" / "L1R-2x-k50-TopK.safetensors"))
     assert all(torch.equal(tc[k], tb[k]) for k in tb)
     # a resume checkpoint refuses a different configuration
     err = one_line_error(capsys, train.main, [*RESUMABLE, "--lr", "1e-3", "--out", str(a),
@@ -967,11 +1009,11 @@ def test_torchrun_tp2_trains_like_one_process_and_evaluate_reads_it(tmp_path):
                        cwd=HERE, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
-    assert lines[-1] == f"saved {tmp_path / 'tp' / 'L15R-4x-TopK.safetensors'}"
+    assert lines[-1] == f"saved {tmp_path / 'tp' / 'L15R-4x-k3-TopK.safetensors'}"
     assert sum(line.startswith("saved") for line in lines) == 1  # rank 0 alone prints
     assert "dp 1 x tp 2" in p.stdout
     train.main([*flags[1:], "--out", str(tmp_path / "one")])  # the same run in one process
-    ev = {name: evaluate.main([str(tmp_path / name / "L15R-4x-TopK.safetensors"),
+    ev = {name: evaluate.main([str(tmp_path / name / "L15R-4x-k3-TopK.safetensors"),
                                "--activations", path])["explained_variance"]
           for name in ("tp", "one")}
     assert ev["tp"] > 0.7 and abs(ev["tp"] - ev["one"]) < 0.02, ev
@@ -1017,7 +1059,7 @@ def test_long_context_reports_mse_and_l0_by_position(embedded_ckpt, tmp_path, ca
     assert all(b["n_tokens"] >= 60 and b["mse"] > 0 for b in out["buckets"])
     assert all(b["l0"] == pytest.approx(50, abs=1) for b in out["buckets"])  # TopK: K per token
     assert sum(b["n_tokens"] for b in out["buckets"]) <= 2 * 255
-    assert os.path.exists(tmp_path / "L3R-2x-TopK-long-context.png")
+    assert os.path.exists(tmp_path / "L3R-2x-k50-TopK-long-context.png")
     assert "1-63" in capsys.readouterr().out
     assert evaluate.buckets(4096)[-1] == (2048, 4096) and evaluate.buckets(100) == [(1, 64),
                                                                                    (64, 100)]
@@ -1134,7 +1176,8 @@ def test_wandb_project_logs_every_log_line(tmp_path, monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
     assert log[0] == "scope" and log[-1] == "finish" and len(lines) == 4
     assert [e["step"] for e in log[1:-1]] == [2, 4, 6, 8]  # one entry per printed log line
-    assert {"L15R-4x-TopK/loss", "L15R-4x-TopK/ev", "L15R-4x-TopK/dead", "lr"} <= set(log[1])
+    assert {"L15R-4x-k4-TopK/loss", "L15R-4x-k4-TopK/ev", "L15R-4x-k4-TopK/dead",
+            "lr"} <= set(log[1])
     assert isinstance(tracking.make_logger(None, {}), tracking.NullLogger)  # the default: no-op
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a one-line error
     with pytest.raises(ValueError, match="--wandb-project scope needs wandb"):

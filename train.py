@@ -1,6 +1,6 @@
 """Train Llama Scope TopK SAEs and transcoders (§3) on activations made on the fly.
 
-    python train.py                                # L15R-8x-TopK, embedded SmolLM2, ~10 min on CPU
+    python train.py                                # L15R-8x-k50-TopK, embedded SmolLM2, ~8 min
     python train.py --layer 23 --site A --expansion 32
     python train.py --layer 7,15 --site R,TC --expansion 8,32   # 8 SAEs fed by one LM pass
     torchrun --nproc_per_node=8 train.py --expansion 32 --tp 2  # 4 LM copies x SAEs in 2 shards
@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import evaluate
 import formats
@@ -252,8 +253,11 @@ def lr_at(step, total, lr, warmup, decay_steps, lr_end=0.0):
     return lr
 
 
-def run_name(layer, site, n_features, d_model, act):
-    return f"L{layer}{site}-{n_features / d_model:g}x-{'TopK' if act == 'topk' else 'Vanilla'}"
+def run_name(layer, site, n_features, d_model, args):
+    """L15R-8x-k50-TopK (Vanilla: L15R-8x-l1_0.0002-Vanilla): K, or the L1 weight, is in the
+    name, so a sweep over it in one --out keeps every checkpoint."""
+    kind = f"k{args.k}-TopK" if args.act == "topk" else f"l1_{args.l1_coef:g}-Vanilla"
+    return f"L{layer}{site}-{n_features / d_model:g}x-{kind}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -266,7 +270,7 @@ class Run:
     def __init__(self, args, key, n_features, d_model, dtype, comms):
         layer, site = key
         self.key, self.comms = key, comms
-        self.name = run_name(layer, site, n_features, d_model, args.act)
+        self.name = run_name(layer, site, n_features, d_model, args)
         full = SAE(d_model, n_features, args.act, args.k, model.is_transcoder(site),
                    init_decoder_norm=args.init_decoder_norm)
         self.sae = comms.shard(full).to(comms.device, dtype)  # init identical on every rank
@@ -377,7 +381,7 @@ def open_data(args, comms, sites, dtype, skip):
 def first_fill(args, comms, key, rows, size, d_model, runs):
     """The first `size` rows of a site set its massive-activation limit and the SAEs' dataset
     norms (§3.3.3), both over every rank's rows."""
-    first = take_rows(rows, size)  # (size, C)
+    first = take_rows(rows, size, f"first fill {key}")  # (size, C)
     if not torch.isfinite(first).all():
         raise ValueError(f"step 0 (the first buffer fill): NaN or Inf in the activations of site "
                          f"{key}")
@@ -475,6 +479,8 @@ def loop(args, comms, sched, data, buffers, runs, limits, logger, state, d_model
     start, tokens = (state["step"], state["tokens"]) if state else (0, 0)
     every = args.log_every or max(1, sched["steps"] // 40)
     t_train, step = time.time(), start
+    bar = tqdm(total=sched["steps"], initial=start, desc="training", unit="step", leave=False,
+               disable=None if comms.rank == 0 else True)  # on a terminal; the log lines stay
     for step in range(start, sched["steps"]):
         lr = lr_at(step, sched["steps"], args.lr, sched["warmup"], sched["decay"], args.lr_end)
         k = k_at(step, args.k, args.k_init or d_model, sched["anneal"])
@@ -493,19 +499,24 @@ def loop(args, comms, sched, data, buffers, runs, limits, logger, state, d_model
                 if not math.isfinite(loss):
                     raise ValueError(f"step {step + 1}: {run.name} loss is {loss} (NaN or Inf); "
                                      f"stopping (the last resumable checkpoint, if any, is kept)")
+        bar.update()
         if (step + 1) % every == 0 or step + 1 == sched["steps"]:
             dt = time.time() - t_train
             eta = dt / (step + 1 - start) * (sched["steps"] - step - 1)
             for run in [r for rs in runs.values() for r in rs]:
-                comms.print0(f"{run.name} step {step + 1}/{sched['steps']} | "
-                             f"{run.log_line(tokens)} | k {k} | lr {lr:.1e} | "
-                             f"{(tokens - start * args.batch_size) / dt / 1e3:.1f}k tok/s | "
-                             f"eta {eta:.0f}s", flush=True)
+                line = (f"{run.name} step {step + 1}/{sched['steps']} | {run.log_line(tokens)} | "
+                        f"k {k} | lr {lr:.1e} | "
+                        f"{(tokens - start * args.batch_size) / dt / 1e3:.1f}k tok/s | "
+                        f"eta {eta:.0f}s")
+                if comms.rank == 0:
+                    bar.write(line)  # above the bar, which stays at the bottom
+                    sys.stdout.flush()
                 logger.log({f"{run.name}/{key}": v for key, v in run.logged.items()}
                            | {"k": k, "lr": lr, "tokens": tokens}, step=step + 1)
         if args.save_every \
                 and tokens // args.save_every > (tokens - args.batch_size) // args.save_every:
             save_resume(args, comms, step + 1, tokens, data, buffers, runs, limits)
+    bar.close()
     logger.finish()
     comms.print0(f"trained {tokens:,} rows ({tokens // args.passes:,} tokens x {args.passes} "
                  f"passes) in {time.time() - t_train:.0f}s")
