@@ -312,7 +312,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--activations", default=None,
-                   help="evaluate on a safetensors file of `activations` [+ `targets`] (no CE)")
+                   help="evaluate on pre-saved rows (no CE): a safetensors file of "
+                        "`activations` [+ `targets`], or a --cache-activations folder")
     g.add_argument("--features", default=None,
                    help="comma list of feature ids to inspect (features.py) instead of metrics")
     g.add_argument("--long-context", type=int, default=0,
@@ -339,7 +340,8 @@ def run(argv=None):
     dataset = args.dataset or config.get("dataset_path")
     t0 = time.time()
     if args.activations:
-        rows = model.to_rows(*formats.load_activations(args.activations))[:args.tokens]
+        rows = formats.activation_rows(args.activations, (config["layer"], config["site"]),
+                                       args.tokens)
         out = reconstruction_metrics(sae, rows, config["dataset_average_activation_norm"]["out"],
                                      freq=True)
         return report(args, name, sae, out, t0)

@@ -6,12 +6,15 @@
   code calls them n_features, k and "vanilla".
 - The resumable state of a run (train.py --save-every): any nested state_dict() as one file.
 - Released Llama Scope SAEs (a folder, or a Hub reference to one) and SAELens's on-disk format.
-- Activation files for --activations: `activations` (N, D) [+ `targets` (N, D)].
+- Activation files for --activations: `activations` (N, D) [+ `targets` (N, D)], and the
+  activation cache train.py --cache-activations writes: a folder of such files (shards of bounded
+  size, per site) with a manifest.json, read lazily shard by shard.
 Only safetensors and JSON are read: no file can execute code. Every write goes aside, is
 fsynced, then renamed, so a reader or a kill -9 never sees a half-written file. Bad files raise
 ValueError with a one-line message (the scripts print it and exit with code 2).
 """
 import glob
+import itertools
 import json
 import math
 import os
@@ -23,10 +26,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import model
+from buffer import progress, take_rows
 from sae import SAE
 
 ACT_FN = {"topk": "topk", "vanilla": "relu", "jumprelu": "jumprelu"}  # ours -> Llama Scope's
 RELEASED_FILES = ("hyperparams.json", "lm_config.json", "checkpoints/final.safetensors")
+SHARD_BYTES = 256 * 2**20  # an activation cache's shard: at most this many bytes of fp32 rows
 
 
 def atomic_save_file(tensors, path, metadata):
@@ -61,12 +66,16 @@ def training_config(args, key, sae, anneal_steps, limit, tokens, step, heldout, 
     """What train.py's checkpoints say beyond the SAE itself, in the released hyperparams.json
     names: where it reads, how it was trained, the held-out check."""
     layer, site = key
-    return dict(model_name=None if args.activations else args.model, layer=layer, site=site,
+    source = dict(model=None if args.activations else args.model, dataset=args.dataset,
+                  context_size=args.context_size)
+    if args.activations and os.path.isdir(args.activations):  # a cache knows where it came from
+        source = read_cache(args.activations)
+    return dict(model_name=source["model"], layer=layer, site=site,
                 k_warmup_steps=anneal_steps, init_decoder_norm=sae.init_decoder_norm,
                 use_batch_norm_mse=args.loss == "batch-norm-mse", norm_activation="dataset-wise",
                 apply_decoder_bias_to_pre_encoder=False, use_decoder_bias=True, lr=args.lr,
-                l1_coefficient=args.l1_coef, context_size=args.context_size,
-                dataset_path=args.dataset, prepend_bos=True, outlier_norm_limit=limit,
+                l1_coefficient=args.l1_coef, context_size=source["context_size"],
+                dataset_path=source["dataset"], prepend_bos=True, outlier_norm_limit=limit,
                 n_training_tokens=tokens // args.passes, passes=args.passes, n_rows_served=tokens,
                 step=step, folded=False, heldout=heldout, train_args=train_args)
 
@@ -330,3 +339,92 @@ def load_activations(path):
                          f"`targets` of the same shape, got {tuple(x.shape)} and "
                          f"{None if y is None else tuple(y.shape)}")
     return x, y
+
+
+def site_name(key):
+    """(15, "R") -> "L15R", as in checkpoint and cache file names."""
+    return f"L{key[0]}{key[1]}"
+
+
+def is_cache(folder):
+    return os.path.isfile(os.path.join(folder, "manifest.json"))
+
+
+def write_cache(folder, producer, sites, n_rows, d_model, about):
+    """Write n_rows rows of every site from producer ({(layer, site): (n, C)} per LM batch; the
+    sites' rows come from the same tokens, so the same count) as shards of at most shard_bytes
+    of fp32 per site (SHARD_BYTES), then manifest.json: a folder without it is an unfinished cache."""
+    if is_cache(folder):
+        raise ValueError(f"--cache-activations {folder} already holds a cache; give a new folder")
+    os.makedirs(folder, exist_ok=True)
+    per_shard = max(1, SHARD_BYTES // (2 * d_model * 4))  # rows; a transcoder row is 2D wide
+    pending, shards, written, bar = {key: [] for key in sites}, [], 0, progress(n_rows, "cache")
+    for out in itertools.chain(producer, [None]):
+        if out is not None:
+            for key in sites:
+                pending[key].append(out[key].cpu())
+        held = sum(len(r) for r in pending[sites[0]])
+        while held and (held >= per_shard or out is None or written + held >= n_rows):
+            n = min(held, per_shard, n_rows - written)
+            shards.append(f"{len(shards):05d}")
+            for key in sites:
+                rows = torch.cat(pending[key])
+                x_in, x_out = model.in_out(rows[:n], d_model)
+                t = {"activations": x_in} if not model.is_transcoder(key[1]) else \
+                    {"activations": x_in, "targets": x_out}
+                atomic_save_file({k: v.contiguous() for k, v in t.items()},
+                                 os.path.join(folder, f"{site_name(key)}-{shards[-1]}.safetensors"),
+                                 {})
+                pending[key] = [rows[n:]]
+            written, held = written + n, held - n
+            bar.update(n)
+            if written >= n_rows:
+                break
+        if written >= n_rows or out is None:
+            break
+    bar.close()
+    manifest = dict(about, d_model=d_model, rows=written, shards=shards, sites={
+        site_name(key): dict(layer=key[0], site=key[1], hook_point_in=model.hook_names(*key)[0],
+                             hook_point_out=model.hook_names(*key)[1]) for key in sites})
+    with open(os.path.join(folder, "manifest.json.tmp"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(os.path.join(folder, "manifest.json.tmp"), os.path.join(folder, "manifest.json"))
+    return manifest
+
+
+def read_cache(folder, sites=None):
+    """The manifest of a cache folder, after checking that it holds the sites asked for."""
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--activations {folder}: not an activation cache (no readable "
+                         f"manifest.json: {type(e).__name__})") from None
+    missing = [site_name(key) for key in sites or [] if site_name(key) not in manifest["sites"]]
+    if missing:
+        raise ValueError(f"--activations {folder} holds {', '.join(manifest['sites'])}, not "
+                         f"{', '.join(missing)}: give --layer and --site of a cached site")
+    return manifest
+
+
+def cache_rows(folder, manifest, sites, rank=0, world=1, epochs=None):
+    """{(layer, site): (n, C)} per shard, in the order the LM made them, epoch after epoch (the
+    buffer shuffles). Each shard is opened (memory-mapped) only when its turn comes, and of it
+    each of `world` ranks reads every world-th row."""
+    for _ in itertools.count() if epochs is None else range(epochs):
+        for shard in manifest["shards"]:
+            out = {}
+            for key in sites:
+                with safe_open(os.path.join(folder, f"{site_name(key)}-{shard}.safetensors"),
+                               "pt") as f:
+                    y = f.get_tensor("targets") if "targets" in f.keys() else None
+                    out[key] = model.to_rows(f.get_tensor("activations"), y)[rank::world]
+            yield out
+
+
+def activation_rows(path, key, n):
+    """The first n rows (N, C) of an --activations file, or of site key in a cache folder."""
+    if os.path.isdir(path):
+        manifest = read_cache(path, [key])
+        return take_rows((r[key] for r in cache_rows(path, manifest, [key], epochs=1)), n)[:n]
+    return model.to_rows(*load_activations(path))[:n]

@@ -124,7 +124,9 @@ def firing_frequency(sae, x, chunk=4096):
 def inputs(args, sae, config):
     """Raw SAE inputs from the training distribution: to fit theta and count firing frequency."""
     if args.activations:
-        return formats.load_activations(args.activations)[0][:args.tokens]
+        return model.in_out(formats.activation_rows(args.activations, (config["layer"],
+                                                                       config["site"]),
+                                                    args.tokens), sae.d_model)[0]
     if config.get("model_name"):
         return training_rows(config, sae.d_model, args.tokens)
     raise ValueError("trained on --activations: give --activations FILE to fit theta")

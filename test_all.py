@@ -811,6 +811,34 @@ def test_progress_bars_on_a_terminal_only(tmp_path, capsys, monkeypatch):
     assert logs[0] == logs[1] and len(logs[0]) == 64 // 4  # 4096 rows x 8 passes / 512
 
 
+@pytest.mark.slow
+def test_training_from_the_cache_equals_training_from_the_lm(tmp_path, capsys, monkeypatch):
+    """--cache-activations writes shards of bounded size and a manifest; training from the folder
+    is bit-identical to training from the LM on the same rows, and evaluation needs no LM."""
+    monkeypatch.setattr(formats, "SHARD_BYTES", 3000 * 2 * 576 * 4)  # 3,000 rows a shard
+    cache = str(tmp_path / "cache")
+    train.main(["--cache-activations", cache, "--layer", "1", "--site", "R,TC",
+                "--total-tokens", "20000"])
+    manifest = json.load(open(os.path.join(cache, "manifest.json")))
+    assert manifest["rows"] == 20_000 and len(manifest["shards"]) == 7
+    assert manifest["model"] == model.EMBEDDED_MODEL and set(manifest["sites"]) == {"L1R", "L1TC"}
+    with safe_open(os.path.join(cache, "L1TC-00006.safetensors"), "pt") as f:
+        assert f.get_slice("targets").get_shape() == [2000, 576]  # the rest: 20,000 - 6 x 3,000
+    flags = ["--layer", "1", "--expansion", "2", "--total-tokens", "8192", "--batch-size", "512",
+             "--buffer-size", "4096", "--eval-tokens", "0"]
+    lm = tensors(train.main(flags + ["--out", str(tmp_path / "lm")])[0])
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    path = train.main(flags + ["--activations", cache, "--out", str(tmp_path / "cache_run")])[0]
+    assert all(torch.equal(tensors(path)[k], lm[k]) for k in lm)
+    assert formats.read_checkpoint(path)[0]["model_name"] == model.EMBEDDED_MODEL
+    m = evaluate.main([path, "--activations", cache, "--tokens", "5000"])
+    assert m["n_tokens"] == 5000 and 0 < m["explained_variance"] < 1
+    err = one_line_error(capsys, train.main, flags + ["--activations", cache, "--site", "A"])
+    assert f"--activations {cache} holds L1R, L1TC, not L1A" in err
+    err = one_line_error(capsys, train.main, ["--cache-activations", cache, "--layer", "1"])
+    assert "already holds a cache; give a new folder" in err
+
+
 @pytest.mark.parametrize("flags,message", BAD_FLAGS)
 def test_bad_flags_fail_in_one_line_before_the_model_loads(flags, message, capsys, monkeypatch):
     monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))

@@ -63,7 +63,11 @@ def get_args(argv=None):
                         "summaries")
     g.add_argument("--context-size", type=int, default=1024, help="tokens per document, with BOS")
     g.add_argument("--activations", default=None,
-                   help="train on a safetensors file of `activations` (N, D) [+ `targets`]: no LM")
+                   help="train on pre-saved rows, no LM: a safetensors file of `activations` "
+                        "(N, D) [+ `targets`], or a folder written by --cache-activations")
+    g.add_argument("--cache-activations", default=None, metavar="DIR",
+                   help="instead of training, run the LM once and write --total-tokens rows of "
+                        "every --layer x --site to DIR (shards + manifest.json)")
     g.add_argument("--max-norm-ratio", type=float, default=10.0,
                    help="drop tokens whose norm exceeds this x the median (massive activations); "
                         "0 = off")
@@ -165,18 +169,26 @@ def budget_rule(args):
 def check_args(args):
     """Every cheap check, before any slow work (the model's config only, no weights). Returns D
     (None with --activations: the file says)."""
-    cfg = {} if args.activations else model.load_config(args.model)
+    cache = formats.read_cache(args.activations, itertools.product(args.layer, args.site)) \
+        if args.activations and os.path.isdir(args.activations) else {}
+    cfg = {"hidden_size": cache["d_model"]} if cache else {} if args.activations else \
+        model.load_config(args.model)
     d_model, n_layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers", 0)
     max_pos = cfg.get("max_position_embeddings") or args.context_size
     n_min = min(feature_counts(args, d_model)) if d_model else math.inf
     sizes, half = args.n_features or args.expansion, args.buffer_size // 2
     bad_site = ",".join(s for s in args.site if s not in model.SITES)
-    bad_layer = [L for L in args.layer if not 0 <= L < n_layers] if d_model else []
+    bad_layer = [L for L in args.layer if not 0 <= L < n_layers] if n_layers else []
     k_init = args.k_init if args.k_init is not None else args.k
     checks = [  # (failed, the one line that says so), in the order a user would fix them
         (bad_site, f"--site {bad_site} is unknown; allowed: {', '.join(model.SITES)}"),
-        (args.activations and not os.path.isfile(args.activations),
-         f"--activations {args.activations}: no such file"),
+        (args.activations and not os.path.exists(args.activations),
+         f"--activations {args.activations}: no such file or folder"),
+        (args.activations and args.cache_activations,
+         "--cache-activations runs the LM: it cannot read --activations"),
+        (args.cache_activations and formats.is_cache(args.cache_activations),
+         f"--cache-activations {args.cache_activations} already holds a cache; give a new "
+         f"folder"),
         (bad_layer, f"--layer {bad_layer[:1] and bad_layer[0]} is out of range: {args.model} has "
                     f"{n_layers} layers, allowed 0-{n_layers - 1}"),
         (not 2 <= args.context_size <= max_pos,
@@ -359,6 +371,12 @@ def open_data(args, comms, sites, dtype, skip):
     """(FanOut of rows per site, lm, tok, D): one LM pass per batch of documents feeds every
     site, each rank reading its own documents; or the rows of an --activations file. skip: LM
     batches a resumed run has made already (tokenized again, not run)."""
+    if args.activations and os.path.isdir(args.activations):  # a cache: read shard by shard
+        manifest = formats.read_cache(args.activations, sites)
+        rows = formats.cache_rows(args.activations, manifest, sites, comms.rank, comms.world)
+        rows = ({key: r.to(dtype) for key, r in out.items()} for out in rows)
+        return FanOut(itertools.islice(rows, skip, None), sites, skip), None, None, \
+            manifest["d_model"]
     if args.activations:
         x, y = formats.load_activations(args.activations)
         if (y is not None) != (len(sites) == 1 and model.is_transcoder(sites[0][1])):
@@ -378,19 +396,41 @@ def open_data(args, comms, sites, dtype, skip):
         lm.config.hidden_size
 
 
+def cache_activations(args, comms, sites, dtype):
+    """Run the LM once and write --total-tokens rows of every site (formats.write_cache): then
+    train, sweep K or width, and evaluate from the folder with no LM (--activations DIR)."""
+    if comms.world > 1:
+        raise ValueError("--cache-activations runs in one process (no torchrun)")
+    lm, tok = model.load_model(args.model, args.device, dtype)
+    batches = model.document_batches(tok, args.dataset, "train", args.context_size,
+                                     args.lm_batch_size, args.seed)
+    t0 = time.time()
+    manifest = formats.write_cache(
+        args.cache_activations, model.activation_producer(lm, tok, sites, batches), sites,
+        args.total_tokens, lm.config.hidden_size,
+        dict(model=args.model, dataset=args.dataset, split="train", seed=args.seed,
+             context_size=args.context_size, dtype=args.dtype))
+    print(f"cached {manifest['rows']:,} rows of {', '.join(manifest['sites'])} in "
+          f"{len(manifest['shards'])} shard(s) in {time.time() - t0:.0f}s")
+    print(f"saved {args.cache_activations}")
+    return [args.cache_activations]
+
+
 def first_fill(args, comms, key, rows, size, d_model, runs):
-    """The first `size` rows of a site set its massive-activation limit and the SAEs' dataset
-    norms (§3.3.3), both over every rank's rows."""
-    first = take_rows(rows, size, f"first fill {key}")  # (size, C)
+    """Exactly the first `size` rows of a site (however the stream is chunked: LM batches or
+    cache shards) set its massive-activation limit and the SAEs' dataset norms (§3.3.3), both
+    over every rank's rows. Returns the rows for the buffer and the limit."""
+    first = take_rows(rows, size, f"first fill {key}")  # (>= size, C): whole chunks
+    first, extra = first[:size], first[size:]
     if not torch.isfinite(first).all():
         raise ValueError(f"step 0 (the first buffer fill): NaN or Inf in the activations of site "
                          f"{key}")
-    limit = model.outlier_limits(first[:size], d_model, args.max_norm_ratio, comms.all_values)
-    first = model.keep_rows(first, limit, d_model)
+    limit = model.outlier_limits(first, d_model, args.max_norm_ratio, comms.all_values)
+    first, extra = (model.keep_rows(r, limit, d_model) for r in (first, extra))
     for run in runs:
         run.sae.set_norms_(*model.in_out(first, d_model), comms.mean,
                            center=args.init_bias == "mean")
-    return [first], limit
+    return [first, extra], limit
 
 
 def train(args):
@@ -403,6 +443,8 @@ def train(args):
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     sites = list(dict.fromkeys(itertools.product(args.layer, args.site)))
+    if args.cache_activations:
+        return cache_activations(args, comms, sites, dtype)
     sched = schedule(args)
     state = read_resume(args, comms)
     t0 = time.time()
