@@ -1,10 +1,10 @@
 """Evaluate any checkpoint the way §4 of the paper does, and look inside it.
 
-    python evaluate.py out/L15R-8x-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
-    python evaluate.py out/L15R-8x-TopK-JumpReLU.safetensors --mode topk   # §C: does folding hurt?
-    python evaluate.py out/L15R-8x-TopK.safetensors --features 12,345 --top 20   # §4.3, §4.6
-    python evaluate.py out/L15R-8x-TopK.safetensors --long-context 4096          # §4.5.1
-    python evaluate.py out/L15R-8x-TopK.safetensors --eval-model ID              # §4.5.2
+    python evaluate.py out/L15R-8x-k50-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
+    python evaluate.py out/L15R-8x-k50-TopK-JumpReLU.safetensors --mode topk   # §C: folding hurts?
+    python evaluate.py out/L15R-8x-k50-TopK.safetensors --features 12,345 --top 20   # §4.3, §4.6
+    python evaluate.py out/L15R-8x-k50-TopK.safetensors --long-context 4096          # §4.5.1
+    python evaluate.py out/L15R-8x-k50-TopK.safetensors --eval-model ID              # §4.5.2
     python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
 
 Everything comes from the file: model, layer, site, normalization, the massive-activation limit.
@@ -321,6 +321,8 @@ def get_args(argv=None):
     g.add_argument("--eval-model", default=None,
                    help="also evaluate on this model's activations at the same site (§4.5.2)")
     p.add_argument("--top", type=int, default=20, help="--features: contexts per feature")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="--features: also write one self-contained HTML page of them here")
     return p.parse_args(argv)
 
 
@@ -336,6 +338,8 @@ def run(argv=None):
             or args.top < 1:
         raise ValueError(f"--features {args.features} --top {args.top}: give feature ids in "
                          f"0..{sae.n_features - 1}, comma separated, and --top at least 1")
+    if args.html and not feats:
+        raise ValueError(f"--html {args.html} needs --features (the features to show)")
     name = postprocess.sae_name(args.checkpoint)
     dataset = args.dataset or config.get("dataset_path")
     t0 = time.time()
@@ -356,7 +360,8 @@ def run(argv=None):
     sae = sae.to(args.device)
     if feats:
         return dump(args, features.show(lm, tok, for_lm(sae, config, lm), config,
-                                        [int(v) for v in feats], args.tokens, args.top, dataset))
+                                        [int(v) for v in feats], args.tokens, args.top, dataset,
+                                        args.html))
     if args.long_context:
         rows = long_context(lm, tok, for_lm(sae, config, lm), config, args.long_context,
                             args.tokens, dataset)

@@ -9,6 +9,7 @@ Kept apart from evaluate.py (metrics) for length; the scored tokens are model.sc
 training and evaluation.
 Shapes: B sequences, T tokens, N rows, D model width, F features.
 """
+import html
 import math
 
 import torch
@@ -20,6 +21,7 @@ from buffer import progress
 
 BEFORE, AFTER = 24, 8  # tokens of context shown before and after the activating token
 NEIGHBOURS = 8  # nearest features by decoder cosine shown per feature
+HIST_BINS = 30  # bins of a feature's activation histogram, 0 .. its largest activation
 
 
 def feature_acts(sae, x_in, feats):
@@ -78,8 +80,13 @@ def inspect_features(docs, n, sae, feats, top, tok):
         cos[i] = -2
         near = cos.topk(min(NEIGHBOURS, sae.n_features - 1))
         fired = sum((a[:, j] > 0).sum().item() for _, a in docs)
+        acts = torch.cat([a[:, j][a[:, j] > 0] for _, a in docs])  # every nonzero activation
+        counts = torch.histc(acts, bins=HIST_BINS, min=0, max=acts.max().item()) if len(acts) \
+            else torch.zeros(HIST_BINS)
         out["features"].append({
             "feature": i, "fired": fired, "frequency": fired / max(n, 1), "contexts": contexts,
+            "histogram": {"max": acts.max().item() if len(acts) else 0.0,
+                          "counts": counts.long().tolist()},
             "neighbours": [{"feature": k, "cosine": c, "above_jl": c > eps}
                            for c, k in zip(near.values.tolist(), near.indices.tolist())]})
     return out
@@ -116,14 +123,65 @@ def print_features(out):
                         for n in f["neighbours"]) + "\n")
 
 
-def show(lm, tok, sae, config, feats, n_tokens, top, dataset):
-    """Inspect and print features; returns what --json writes. An unfolded SAE is folded first
-    (steps 1-2, exact): activations are then raw magnitudes along unit decoder directions."""
+STYLE = ("<style>body{font:14px sans-serif;max-width:60em;margin:auto}section{border-top:1px "
+         "solid #ccc}.ctx{font-family:monospace;white-space:pre-wrap}.peak{outline:1px solid "
+         "#c00}.bar{fill:#e67e22}</style>")
+
+
+def histogram_svg(hist, width=300, height=60):
+    """The activation histogram as inline SVG bars (0 .. the largest activation)."""
+    counts, most = hist["counts"], max(hist["counts"] + [1])
+    w = width / len(counts)
+    bars = "".join(f"<rect class=bar x='{i * w:.1f}' y='{height - height * c / most:.1f}' "
+                   f"width='{w - 1:.1f}' height='{height * c / most:.1f}'/>"
+                   for i, c in enumerate(counts))
+    return (f"<svg width='{width}' height='{height + 14}'>{bars}<text x='0' y='{height + 12}' "
+            f"font-size='10'>0</text><text x='{width}' y='{height + 12}' font-size='10' "
+            f"text-anchor='end'>{hist['max']:.2f}</text></svg>")
+
+
+def html_page(out, title):
+    """One self-contained page (no network, no script): an index, then per feature its firing
+    frequency, activation histogram, top contexts with each token shaded by its activation
+    (`data-act` holds the value), and nearest decoder neighbours against the JL baseline."""
+    e, shown = html.escape, {f["feature"] for f in out["features"]}
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>{STYLE}"
+            f"</head><body><h1>{e(title)}</h1><p>{out['n_tokens']:,} held-out tokens; "
+            f"JL baseline eps = sqrt(12 ln F / D) = {out['jl_eps']:.3f}</p><ul>"]
+    page += [f"<li><a href='#feature-{f['feature']}'>feature {f['feature']}</a>: "
+             f"{100 * f['frequency']:.3f}%</li>" for f in out["features"]]
+    page.append("</ul>")
+    for f in out["features"]:
+        page.append(f"<section id='feature-{f['feature']}'><h2>feature {f['feature']}</h2><p>"
+                    f"fires on {f['fired']:,} of {out['n_tokens']:,} tokens "
+                    f"({100 * f['frequency']:.3f}%)</p>{histogram_svg(f['histogram'])}")
+        top = max([c["activation"] for c in f["contexts"]] + [1e-9])
+        for c in f["contexts"]:
+            spans = "".join(
+                f"<span data-act='{a}' title='{a}' style='background:rgba(230,126,34,"
+                f"{max(0.0, min(a / top, 1.0)):.3f})'{' class=peak' if k == c['marked'] else ''}>"
+                f"{e(t)}</span>" for k, (t, a) in enumerate(zip(c["tokens"], c["activations"])))
+            page.append(f"<p class=ctx><b>{c['activation']:.3f}</b>  {spans}</p>")
+        near = [(f"<a href='#feature-{n['feature']}'>{n['feature']}</a>" if n["feature"] in shown
+                 else str(n["feature"])) + f" {n['cosine']:.3f}" + ("*" if n["above_jl"] else "")
+                for n in f["neighbours"]]
+        page.append(f"<p>nearest by decoder cosine (* above eps): {', '.join(near)}</p></section>")
+    return "".join(page + ["</body></html>"])
+
+
+def show(lm, tok, sae, config, feats, n_tokens, top, dataset, html_path=None):
+    """Inspect and print features, and write the page to html_path; returns what --json writes.
+    An unfolded SAE is folded first (steps 1-2, exact): activations are then raw magnitudes along
+    unit decoder directions."""
     if not config.get("folded"):
         postprocess.fold_norm_(sae)
         postprocess.unit_decoder_(sae)
     docs, n = feature_pass(lm, tok, sae, config, feats, n_tokens, dataset)
     out = inspect_features(docs, n, sae, feats, top, tok)
     print_features(out)
+    if html_path:
+        with open(html_path, "w") as f:
+            f.write(html_page(out, f"L{config['layer']}{config['site']} features"))
+        print(f"wrote {html_path}")
     return out
 

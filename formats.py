@@ -352,8 +352,8 @@ def is_cache(folder):
 
 def write_cache(folder, producer, sites, n_rows, d_model, about):
     """Write n_rows rows of every site from producer ({(layer, site): (n, C)} per LM batch; the
-    sites' rows come from the same tokens, so the same count) as shards of at most shard_bytes
-    of fp32 per site (SHARD_BYTES), then manifest.json: a folder without it is an unfinished cache."""
+    sites' rows come from the same tokens, so the same count) as shards of at most SHARD_BYTES
+    of fp32 per site, then manifest.json: a folder without it is an unfinished cache."""
     if is_cache(folder):
         raise ValueError(f"--cache-activations {folder} already holds a cache; give a new folder")
     os.makedirs(folder, exist_ok=True)

@@ -10,6 +10,7 @@ processes. Training runs in this process, except where a process boundary is the
 contract (exit code, stderr), kill -9, torchrun.
 """
 import copy
+import html.parser
 import io
 import json
 import math
@@ -1142,6 +1143,26 @@ def test_released_transcoder_reads_our_gain_applied_mlp_input():
 # neighbours are consistent with the SAE itself.
 
 
+class PageParser(html.parser.HTMLParser):
+    """What a feature page shows: its sections, histograms, per-feature token shading, and any
+    script or remote resource."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.svgs, self.shading, self.external = [], 0, [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs["id"])
+            self.shading.append([])
+        self.svgs += tag == "svg"
+        if "data-act" in attrs:
+            self.shading[-1].append(float(attrs["data-act"]))
+        if tag == "script" or any(str(v).startswith(("http", "//")) for v in attrs.values()):
+            self.external.append(tag)
+
+
 @pytest.mark.slow
 def test_feature_inspection_in_one_pass(released_embedded, embedded_rows, tmp_path, capsys,
                                         monkeypatch):
@@ -1152,9 +1173,9 @@ def test_feature_inspection_in_one_pass(released_embedded, embedded_rows, tmp_pa
     passes = []
     capture = model.capture
     monkeypatch.setattr(model, "capture", lambda *a: passes.append(1) or capture(*a))
-    path = str(tmp_path / "features.json")
+    path, page = str(tmp_path / "features.json"), str(tmp_path / "features.html")
     evaluate.main([folder, "--features", ",".join(map(str, feats)), "--top", "3",
-                   "--tokens", "300", "--json", path])
+                   "--tokens", "300", "--json", path, "--html", page])
     printed = capsys.readouterr().out
     out = json.load(open(path))
     eps = math.sqrt(12 * math.log(sae.n_features) / sae.d_model)
@@ -1176,6 +1197,15 @@ def test_feature_inspection_in_one_pass(released_embedded, embedded_rows, tmp_pa
         assert cos[0] == pytest.approx((W @ W[f["feature"]]).sort().values[-2].item(), abs=1e-5)
     assert printed.count("<START>") == sum(len(f["contexts"]) for f in out["features"])
     assert "Sentence 1:" in printed and "JL baseline eps = sqrt(12 ln F / D)" in printed
+    # the HTML page: every feature, its histogram, and the JSON's activations as token shading
+    parser = PageParser()
+    parser.feed(open(page).read())
+    assert parser.sections == [f"feature-{i}" for i in feats] and parser.svgs == len(feats)
+    assert parser.shading == [[a for c in f["contexts"] for a in c["activations"]]
+                              for f in out["features"]]
+    assert not parser.external  # self-contained: no script, no remote resource
+    for f in out["features"]:
+        assert sum(f["histogram"]["counts"]) == f["fired"]
     one = len(passes)
     evaluate.main([folder, "--features", str(feats[0]), "--top", "3", "--tokens", "300"])
     assert len(passes) == 2 * one  # two features cost the same single pass as one
