@@ -278,26 +278,35 @@ def read_released(folder, ref=None):
 
 # ----------------------------------------------------------------------------- SAELens
 
-def export_saelens(sae, config, folder, architecture, freq=None):
+def export_saelens(sae, config, folder, architecture, freq=None, gain=None):
     """A folded SAE in SAELens's on-disk format, so that `SAE.load_from_disk(folder)` computes our
     features with nothing left to fold: no input normalization, no b_dec subtracted first,
     f = act(x @ W_enc + b_enc), x_hat = f @ W_dec + b_dec. jumprelu: threshold_i = theta for every
     feature; topk: SAELens ranks by h alone, the same as our h_i ||W_dec[i]|| once the decoder
     columns are unit (step 2). freq (F,) -> sparsity.safetensors (log10, +1e-10 as SAELens).
-    Sites R, A, M only: SAELens's SAE classes splice their output back at their input hook."""
-    assert config.get("folded") and not model.is_transcoder(config["site"])
+    Transcoders: `jumprelu_transcoder`, `transcoder` (Vanilla: ReLU), and TopK as `topk` with
+    `hook_name_out` (SAELens has no TopK transcoder; d_in = d_out here). They read TransformerLens
+    `ln2.hook_normalized` = x / rms(x), as the released ones do, so the RMSNorm gain (D,) our TC
+    input includes is folded into the encoder: W_enc[:, j] * gain_j (model.site_of)."""
+    assert config.get("folded")
+    tc = model.is_transcoder(config["site"])
     architecture = "standard" if sae.act == "vanilla" else architecture
     if architecture == "jumprelu" and sae.threshold is None:
         raise ValueError("--architecture jumprelu needs a JumpReLU threshold; use "
                          "--architecture topk")
-    tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    w_enc = sae.W_enc * gain if tc else sae.W_enc  # (F, D)
+    tensors = {"W_enc": w_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if architecture == "jumprelu":
         tensors["threshold"] = torch.full((sae.n_features,), float(sae.threshold))
+    if tc and architecture != "topk":
+        architecture = {"jumprelu": "jumprelu_transcoder", "standard": "transcoder"}[architecture]
+    hook_in, hook_out = model.hook_names(config["layer"], config["site"])
     cfg = {"architecture": architecture, "d_in": sae.d_model, "d_sae": sae.n_features,
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
            "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"model_name": config.get("model_name"),
-                        "hook_name": model.hook_names(config["layer"], config["site"])[0],
+           **({"d_out": sae.d_model} if "transcoder" in architecture else {}),
+           "metadata": {"model_name": config.get("model_name"), "hook_name": hook_in,
+                        **({"hook_name_out": hook_out} if tc else {}),
                         "hook_layer": config["layer"],
                         "hook_head_index": None, "context_size": config.get("context_size"),
                         "prepend_bos": True, "exclude_special_tokens": True,
@@ -313,7 +322,71 @@ def export_saelens(sae, config, folder, architecture, freq=None):
                          os.path.join(folder, "sparsity.safetensors"), {})
     with open(os.path.join(folder, "cfg.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+    save_checkpoint(sae, config, os.path.join(folder, OURS))  # the same SAE, for this project
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(model_card(sae, config, cfg))
     return cfg
+
+
+OURS = "llama_scope.safetensors"  # our single-file checkpoint inside an export folder
+
+
+def model_card(sae, config, cfg):
+    """README.md of an export folder, as the Hugging Face Hub shows it: front matter with
+    library_name and tags, what was trained, the held-out numbers, how to load it."""
+    layer, site, tokens = config["layer"], config["site"], config.get("n_training_tokens")
+    hook_in, hook_out = model.hook_names(layer, site)
+    held = config.get("heldout") or {}
+    rows = [("explained variance (eq. 6)", held.get("explained_variance")),
+            ("explained variance, centred", held.get("explained_variance_centered")),
+            ("L0", held.get("l0")), ("never fired", held.get("dead_frac")),
+            ("held-out tokens", held.get("n_tokens"))]
+    table = "\n".join(f"| {k} | {v:.4g} |" for k, v in rows if v is not None) or \
+        "| (not evaluated at training time: run evaluate.py) | |"
+    base = f"\nbase_model: {config['model_name']}" if config.get("model_name") else ""
+    return f"""---
+library_name: saelens
+tags:
+- sparse-autoencoder
+- llama-scope
+- {cfg["architecture"]}{base}
+---
+# {site_name((layer, site))}-{sae.n_features / sae.d_model:g}x-k{sae.k}: a {cfg["architecture"]} \
+sparse autoencoder
+
+Trained with a Llama Scope implementation (He et al. 2024, arXiv 2410.20526).
+
+| | |
+|---|---|
+| model | {config.get("model_name")} |
+| layer, site | {layer}, {site}: `{hook_in}` -> `{hook_out}` |
+| width | {sae.n_features:,} features ({sae.n_features / sae.d_model:g} x d_model {sae.d_model}) |
+| K | {sae.k} (JumpReLU threshold {sae.threshold}) |
+| training tokens | {f"{tokens:,}" if tokens else "unknown"} ({config.get("passes", 1)} pass(es)) |
+| dataset | {config.get("dataset_path")}, context {config.get("context_size")} |
+
+Held-out evaluation at training time:
+
+| metric | value |
+|---|---|
+{table}
+
+## Load it
+
+With SAELens (weights already folded: no input normalization):
+
+```python
+from huggingface_hub import snapshot_download
+from sae_lens import SAE
+sae = SAE.load_from_disk(snapshot_download("<this repo>"))
+```
+
+With this project (`{OURS}` is the same SAE in its own format):
+
+```bash
+python evaluate.py {OURS}
+```
+"""
 
 
 # ----------------------------------------------------------------------------- activation files

@@ -76,13 +76,21 @@ def _embedded_model_path():
 
 def load_model(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):
     """(model, tokenizer) for a Hub id, a local folder, or the embedded default; eval mode."""
+    lm = load_lm(name, device, dtype)
+    return lm, AutoTokenizer.from_pretrained(_path(name))
+
+
+def load_lm(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):
+    """The model alone (no tokenizer), eval mode, no gradients, checked to be Llama-like."""
     logging.disable_progress_bar()
-    path = _embedded_model_path() if name == EMBEDDED_MODEL else name
-    tok = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    lm = AutoModelForCausalLM.from_pretrained(_path(name), dtype=dtype).to(device).eval()
     lm.requires_grad_(False)
     check_llama_like(lm)
-    return lm, tok
+    return lm
+
+
+def _path(name):
+    return _embedded_model_path() if name == EMBEDDED_MODEL else name
 
 
 def load_config(name=EMBEDDED_MODEL):

@@ -121,6 +121,19 @@ def firing_frequency(sae, x, chunk=4096):
     return counts / len(x)
 
 
+def ln2_gain(config, sae):
+    """(D,) the gain of the RMSNorm before the MLP of a transcoder's layer: our TC input includes
+    it, SAELens's (TransformerLens ln2.hook_normalized) does not. A released TC already reads
+    x / rms(x): ones."""
+    if config.get("tc_input_before_gain"):
+        return torch.ones(sae.d_model)
+    if not config.get("model_name"):
+        raise ValueError("--export-saelens of a transcoder needs its LM's RMSNorm gain: give "
+                         "--model (it was trained on --activations)")
+    lm = model.load_lm(config["model_name"])
+    return lm.model.layers[config["layer"]].post_attention_layernorm.weight.detach().float()
+
+
 def inputs(args, sae, config):
     """Raw SAE inputs from the training distribution: to fit theta and count firing frequency."""
     if args.activations:
@@ -153,9 +166,9 @@ def run(argv=None):
     args = p.parse_args(argv)
     sae, config = load_sae(args.checkpoint, model_name=args.model)
     ours = os.path.isfile(args.checkpoint)
-    if args.export_saelens and model.is_transcoder(config["site"]):
-        raise ValueError("--export-saelens: transcoders are not exported (SAELens's SAE classes "
-                         "splice their output back at their input hook)")
+    gain = None
+    if args.export_saelens and model.is_transcoder(config["site"]):  # before any slow work
+        gain = ln2_gain(config, sae)
     if ours and config.get("folded") and not args.export_saelens:
         raise ValueError(f"{args.checkpoint} is already post-processed")
     out = args.out or (args.checkpoint.removesuffix(".safetensors") if ours
@@ -175,7 +188,7 @@ def run(argv=None):
         if sae.act != "vanilla":
             sae.act = args.architecture  # the inference SAELens will run, for the firing counts
         formats.export_saelens(sae, config, args.export_saelens, args.architecture,
-                               firing_frequency(sae, x))
+                               firing_frequency(sae, x), gain)
         print(f"exported {args.export_saelens} (SAELens {sae.act}, sparsity from {len(x):,} "
               f"tokens)")
 

@@ -611,11 +611,12 @@ def test_hub_reference_downloads_only_that_sae(released_embedded, monkeypatch, t
 
 
 def saelens_forward(cfg, w, x):
-    """SAELens's documented inference forward (saes/{jumprelu,topk,standard}_sae.py), from the
-    exported files alone: (feature activations (N, F), reconstruction (N, D))."""
+    """SAELens's documented inference forward (saes/{jumprelu,topk,standard}_sae.py and
+    transcoder.py: a transcoder never subtracts b_dec from its input), from the exported files
+    alone: (feature activations (N, F), reconstruction (N, D))."""
     assert cfg["normalize_activations"] == "none"
     hidden_pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
-    if cfg["architecture"] == "jumprelu":
+    if cfg["architecture"] in ("jumprelu", "jumprelu_transcoder"):
         acts = torch.relu(hidden_pre) * (hidden_pre > w["threshold"])
     elif cfg["architecture"] == "topk":
         top = hidden_pre.topk(cfg["k"], dim=-1)
@@ -653,6 +654,14 @@ def test_saelens_export_matches_the_documented_forward(architecture, planted_sae
         raw, _ = formats.load_checkpoint(ckpt)
         s_in, s_out = raw.scales()
         torch.testing.assert_close(x_ref, raw(x * s_in)[0] / s_out, rtol=1e-4, atol=1e-4)
+    card = open(os.path.join(folder, "README.md")).read()  # the model card the Hub shows
+    assert "library_name: saelens" in card.split("---")[1] and f"- {architecture}" in card
+    assert "| K | 3 " in card and "blocks.15.hook_resid_post" in card
+    tokens = formats.read_checkpoint(ckpt)[0]["n_training_tokens"]
+    assert f"| training tokens | {tokens:,} (1 pass(es)) |" in card and "load_from_disk" in card
+    mine, _ = formats.load_checkpoint(os.path.join(folder, formats.OURS))  # and for this project
+    mine.act = architecture
+    torch.testing.assert_close(mine(x)[0], x_ref, rtol=1e-4, atol=1e-5)
     freq = (f_ref > 0).double().mean(0)
     sparsity = load_file(os.path.join(folder, "sparsity.safetensors"))["sparsity"]
     assert sparsity.shape == (512,)  # log10 firing frequency on the --tokens rows
@@ -955,15 +964,74 @@ def test_postprocess_never_overwrites_its_input(planted_sae, capsys):
     assert "would overwrite the input" in err
 
 
-def test_transcoder_export_is_refused_before_any_lm_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
-    tc = SAE(32, 64, transcoder=True)
-    tc.set_norms_(torch.ones(2, 32), torch.ones(2, 32))
-    path = str(tmp_path / "L1TC-2x-TopK.safetensors")
-    formats.save_checkpoint(tc, {"site": "TC", "layer": 1, "act_fn": "topk",
-                                 "model_name": model.EMBEDDED_MODEL}, path)
-    err = one_line_error(capsys, postprocess.main, [path, "--export-saelens", str(tmp_path / "x")])
-    assert "transcoders are not exported" in err and not os.path.exists(tmp_path / "x")
+def export_tc(tmp_path, architecture):
+    """A TopK transcoder on a tiny Llama whose pre-MLP RMSNorm gain is far from 1, post-processed
+    and exported: (the SAELens folder, our TC input x_in, TransformerLens's x / rms(x), our SAE)."""
+    lm = tiny_llama()
+    norm = lm.model.layers[1].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    lm.save_pretrained(tmp_path / "lm")
+    ids = torch.randint(3, 100, (16, 32))
+    x_in, x_out = (x.flatten(0, 1).clone() for x in
+                   model.capture(lm, ids, torch.ones_like(ids), [(1, "TC")])[(1, "TC")])
+    torch.manual_seed(0)
+    tc = SAE(64, 256, k=8, transcoder=True)
+    tc.set_norms_(x_in, x_out)
+    ckpt, acts = str(tmp_path / "L1TC-4x-k8-TopK.safetensors"), str(tmp_path / "acts.safetensors")
+    formats.save_checkpoint(tc, {"site": "TC", "layer": 1, "model_name": str(tmp_path / "lm")},
+                            ckpt)
+    save_file({"activations": x_in, "targets": x_out}, acts)
+    folder, out = str(tmp_path / "saelens"), str(tmp_path / "folded.safetensors")
+    postprocess.main([ckpt, "--activations", acts, "--out", out, "--export-saelens", folder,
+                      "--architecture", architecture])
+    ours, _ = formats.load_checkpoint(out)
+    ours.act = architecture
+    return folder, x_in, (x_in / norm.weight).detach(), ours
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+def test_transcoder_export_reads_x_over_rms_and_matches_ours(architecture, tmp_path):
+    """A transcoder goes out as jumprelu_transcoder (TopK: topk with hook_name_out; SAELens has
+    no TopK transcoder), reading TransformerLens ln2.hook_normalized = x / rms(x) like the
+    released ones: the gain our input includes is folded into its encoder."""
+    folder, x_in, released_view, ours = export_tc(tmp_path, architecture)
+    cfg = json.load(open(os.path.join(folder, "cfg.json")))
+    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    assert cfg["architecture"] == {"jumprelu": "jumprelu_transcoder", "topk": "topk"}[architecture]
+    assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hook_name_out"]) == (
+        "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    assert cfg.get("d_out", 64) == 64 and cfg["apply_b_dec_to_input"] is False
+    _, x_ref = saelens_forward(cfg, w, released_view)
+    torch.testing.assert_close(x_ref, ours(x_in)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+def test_real_sae_lens_loads_our_sae_export(architecture, planted_sae, tmp_path):
+    """With the sae-lens package installed (it is not a dependency): an exported SAE, loaded by
+    SAE.load_from_disk, gives our reconstruction."""
+    sae_lens = pytest.importorskip("sae_lens")
+    ckpt, _, acts = planted_sae
+    out, folder = str(tmp_path / "folded.safetensors"), str(tmp_path / "saelens")
+    postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
+                      "--export-saelens", folder, "--architecture", architecture])
+    x = formats.load_activations(acts)[0][:5000]
+    ours, _ = formats.load_checkpoint(out)
+    ours.act = architecture
+    with torch.no_grad():
+        torch.testing.assert_close(sae_lens.SAE.load_from_disk(folder)(x), ours(x)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+def test_real_sae_lens_loads_our_exports(architecture, tmp_path):
+    """With the sae-lens package installed (it is not a dependency): SAE.load_from_disk on an
+    exported transcoder gives our reconstruction."""
+    sae_lens = pytest.importorskip("sae_lens")
+    folder, x_in, released_view, ours = export_tc(tmp_path, architecture)
+    theirs = sae_lens.SAE.load_from_disk(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(released_view), ours(x_in)[0], rtol=1e-4, atol=1e-4)
 
 
 # ====================================================================================== parallel.py
