@@ -39,11 +39,13 @@ import features
 import formats
 import model
 import postprocess
+import saebench
 from buffer import FanOut, progress, take_rows
 from sae import firing_counts
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
-        "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "dead_frac", "ultra_active_frac"]
+        "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "kl_div_with_sae",
+        "kl_div_ablated", "dead_frac", "ultra_active_frac"]
 NOTES = {"dead_frac": "   never fired on any of these tokens (§4.4: over 100K)",
          "ultra_active_frac": "   fired on more than 10% of them (§4.4)"}
 
@@ -52,15 +54,21 @@ class Metrics:
     """Running sums over evaluated rows, in the SAE's normalized space (EV is scale-free
     anyway)."""
 
-    def __init__(self, sae):
-        self.sae, self.n, self.err, self.sq = sae, 0, 0.0, 0.0
+    def __init__(self, sae, core=None):
+        self.sae, self.n, self.err, self.sq, self.core = sae, 0, 0.0, 0.0, core
         self.sum_y = torch.zeros(sae.d_model, dtype=torch.float64)
         self.counts = torch.zeros(sae.n_features, dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, x_in, x_out, s_out):
-        """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space."""
-        x_hat = reconstruct(self.sae, x_in, self.counts)
+    def add(self, x_in, x_out, s_out, seq=None):
+        """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space; seq (N,): the
+        sequence of each row, for SAEBench's per-feature statistics (core)."""
+        s_in, s_raw = self.sae.scales()
+        x_hat, f = self.sae(x_in.to(self.sae.W_enc.dtype) * s_in)
+        x_hat = x_hat / s_raw
+        self.counts += firing_counts(f, self.sae.n_features).double().cpu()
+        if self.core is not None:
+            self.core.add(x_out, x_hat, f, seq)
         err, y = (x_hat - x_out.to(x_hat.dtype)).double() * s_out, x_out.double() * s_out
         self.err += err.pow(2).sum().item()
         self.sq += y.pow(2).sum().item()
@@ -128,11 +136,14 @@ def _ce(logits, input_ids, mask, scored):
 
 
 @torch.no_grad()
-def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8):
+def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=None):
     """One held-out pass: each batch runs the LM clean (capturing the site), with the SAE spliced
-    in, and with the site zero-ablated. Returns (metrics dict, firing frequencies (F,))."""
+    in, and with the site zero-ablated; KL(clean || patched) of the next-token distributions at
+    the scored positions. Returns the metrics dict (firing frequencies (F,) under "freq").
+    core: a saebench.Core that also takes every batch."""
     layer, site, limit = config["layer"], config["site"], config.get("outlier_norm_limit")
-    metrics = Metrics(sae)
+    metrics, kl = Metrics(sae, core), {"kl_div_with_sae": 0.0, "kl_div_ablated": 0.0}
+    n_seq = 0
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     ce = {"ce_loss": [0.0, 0], "ce_loss_with_sae": [0.0, 0], "ce_loss_ablated": [0.0, 0]}
     bar = progress(n_tokens, "evaluate")
@@ -152,19 +163,27 @@ def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8):
 
         def ablated(x_in, x_out):
             return torch.where(seen["keep"][..., None], torch.zeros_like(x_out), x_out)
-        for name, fn in zip(ce, (clean, spliced, ablated)):
+        for name, fn, kl_key in zip(ce, (clean, spliced, ablated), [None, *kl]):
             with model.splice(lm, layer, site, fn):
                 logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
             total, count = _ce(logits, input_ids, mask, seen["keep"])
             ce[name][0] += total
             ce[name][1] += count
-        metrics.add(*seen["x"], s_out)
+            ok = seen["keep"][:, :-1] & mask[:, 1:].bool()  # the scored predictions
+            if kl_key is None:
+                lp_clean = F.log_softmax(logits[:, :-1][ok].float(), -1)  # (n, V)
+            else:
+                kl[kl_key] += saebench.kl_sum(lp_clean, logits[:, :-1][ok])
+        seq = torch.arange(n_seq, n_seq + len(input_ids), device=lm.device)[:, None]  # (B, 1)
+        metrics.add(*seen["x"], s_out, seq.expand_as(seen["keep"])[seen["keep"]])
+        n_seq += len(input_ids)
         bar.update(len(seen["x"][0]))
         if metrics.n >= n_tokens:
             break
     bar.close()
     out = metrics.result()
     out.update({name: total / max(count, 1) for name, (total, count) in ce.items()})
+    out.update({key: total / max(ce["ce_loss"][1], 1) for key, total in kl.items()})
     out["delta_lm_loss"] = out["ce_loss_with_sae"] - out["ce_loss"]
     return out
 
@@ -321,6 +340,10 @@ def get_args(argv=None):
     g.add_argument("--eval-model", default=None,
                    help="also evaluate on this model's activations at the same site (§4.5.2)")
     p.add_argument("--top", type=int, default=20, help="--features: contexts per feature")
+    p.add_argument("--saebench-json", default=None, metavar="FILE",
+                   help="also write SAEBench's core-eval results file (its CoreEvalOutput) here")
+    p.add_argument("--saebench-details", action="store_true",
+                   help="--saebench-json: with the per-feature eval_result_details")
     p.add_argument("--html", default=None, metavar="FILE",
                    help="--features: also write one self-contained HTML page of them here")
     return p.parse_args(argv)
@@ -338,6 +361,11 @@ def run(argv=None):
             or args.top < 1:
         raise ValueError(f"--features {args.features} --top {args.top}: give feature ids in "
                          f"0..{sae.n_features - 1}, comma separated, and --top at least 1")
+    if args.saebench_json and (args.activations or feats or args.long_context
+                               or args.eval_model):
+        raise ValueError(f"--saebench-json {args.saebench_json} needs the LM pass of a plain "
+                         f"evaluation (no --activations, --features, --long-context, "
+                         f"--eval-model)")
     if args.html and not feats:
         raise ValueError(f"--html {args.html} needs --features (the features to show)")
     name = postprocess.sae_name(args.checkpoint)
@@ -372,7 +400,10 @@ def run(argv=None):
             plot_long_context(rows, path, name, config["context_size"])
             print(f"plotted {path}")
         return dump(args, {"T": args.long_context, "buckets": rows})
-    out = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
+    core = saebench.Core(sae.n_features) if args.saebench_json else None
+    out = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset, core=core)
+    if core is not None:
+        write_saebench(args, core, out, sae, config, lm_name, dataset)
     if not args.eval_model:
         return report(args, name, sae, out, t0)
     del lm
@@ -384,6 +415,30 @@ def run(argv=None):
           f"({time.time() - t0:.0f}s):")
     side_by_side({lm_name: out, args.eval_model: other}, KEYS)
     return dump(args, {lm_name: out, args.eval_model: other})
+
+
+def write_saebench(args, core, out, sae, config, lm_name, dataset):
+    """SAEBench's core results file for this pass (saebench.py); weights in the raw space."""
+    raw = copy.deepcopy(sae)
+    if not config.get("folded"):
+        postprocess.fold_norm_(raw)
+    eval_config = dict(
+        model_name=lm_name, llm_dtype=str(next(iter(sae.parameters())).dtype).split(".")[-1],
+        batch_size_prompts=8, n_eval_reconstruction_batches=core.batches,
+        n_eval_sparsity_variance_batches=core.batches, dataset=dataset,
+        context_size=config["context_size"], compute_kl=True, compute_ce_loss=True,
+        compute_l2_norms=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True,
+        exclude_special_tokens_from_reconstruction=True, verbose=False)
+    result = saebench.output(
+        core, {"clean": out["ce_loss"], "sae": out["ce_loss_with_sae"],
+               "ablated": out["ce_loss_ablated"]},
+        {"sae": out["kl_div_with_sae"], "ablated": out["kl_div_ablated"]}, raw,
+        config, eval_config, args.saebench_details)
+    with open(args.saebench_json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.saebench_json} (SAEBench core)")
 
 
 def print_long_context(rows, name, T, context_size, t0):

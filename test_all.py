@@ -26,6 +26,7 @@ import huggingface_hub
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -37,6 +38,7 @@ import model
 import parallel
 import planted as planted_bench
 import postprocess
+import saebench
 import tracking
 import train
 from sae import SAE
@@ -1135,15 +1137,132 @@ def test_identity_splice_has_zero_delta_lm_loss(smollm, monkeypatch):
     assert m["ce_loss_ablated"] > m["ce_loss"] + 1
 
 
+def saebench_run(monkeypatch):
+    """evaluate.lm_metrics with a saebench.Core on three fixed batches of a tiny Llama (L2R, an
+    SAE with norms from those activations): (lm, batches, sae, our metrics, the core JSON)."""
+    lm, tok = tiny_llama(), types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    g, batches = torch.Generator().manual_seed(0), []
+    for _ in range(3):
+        ids = torch.randint(3, 100, (4, 16), generator=g)
+        ids[:, 0], mask = 1, torch.ones(4, 16, dtype=torch.long)
+        ids[0, 12:], mask[0, 12:] = 2, 0  # padding
+        batches.append((ids, mask))
+    monkeypatch.setattr(model, "document_batches", lambda *a, **k: iter(batches))
+    torch.manual_seed(0)
+    sae = SAE(64, 256, k=8)
+    x = torch.cat([model.capture(lm, i, m, [(2, "R")])[(2, "R")][0][m.bool()] for i, m in batches])
+    sae.set_norms_(x, x)
+    config = {"layer": 2, "site": "R", "context_size": 16, "outlier_norm_limit": None,
+              "dataset_average_activation_norm": {"in": sae.norm_in.item(),
+                                                  "out": sae.norm_out.item()}}
+    core = saebench.Core(256)
+    ours = evaluate.lm_metrics(lm, tok, sae, config, 10**6, "any", core=core)
+    result = saebench.output(core, {"clean": ours["ce_loss"], "sae": ours["ce_loss_with_sae"],
+                                    "ablated": ours["ce_loss_ablated"]},
+                             {"sae": ours["kl_div_with_sae"], "ablated": ours["kl_div_ablated"]},
+                             sae, config, {"model_name": "tiny"}, details=True)
+    return lm, batches, sae, ours, result
+
+
+@torch.no_grad()
+def test_saebench_core_metrics_match_a_direct_computation(monkeypatch):
+    """Each SAEBench core metric, recomputed here from the tiny model's own forwards with
+    SAEBench's formulas (main.py): KL(clean || patched), the CE score, its two EVs, mse, cossim,
+    shrinkage, sparsity, the feature statistics."""
+    lm, batches, sae, ours, result = saebench_run(monkeypatch)
+    m = result["eval_result_metrics"]
+    s_in, s_out = sae.scales()
+    kl, ce, rows = {"sae": [], "ablated": []}, {"clean": [], "sae": [], "ablated": []}, []
+    for ids, mask in batches:
+        keep = mask.bool() & (ids > 2)
+        x = model.capture(lm, ids, mask, [(2, "R")])[(2, "R")][0].clone()  # (B, T, D)
+        x_hat = (sae((x * s_in).flatten(0, 1))[0] / s_out).view_as(x)
+        rows.append((x[keep].double(), x_hat[keep].double(), sae.encode(x[keep] * s_in), keep))
+        ok = keep[:, :-1] & mask[:, 1:].bool()
+        logits = {}
+        for name, new in (("clean", x), ("sae", x_hat), ("ablated", torch.zeros_like(x))):
+            with model.splice(lm, 2, "R", lambda a, b: torch.where(keep[..., None], new, b)):
+                logits[name] = lm(input_ids=ids, attention_mask=mask).logits[:, :-1][ok]
+            ce[name].append(F.cross_entropy(logits[name], ids[:, 1:][ok], reduction="none"))
+        p = F.softmax(logits["clean"], -1)
+        for name in kl:
+            kl[name].append((p * (p.log() - F.softmax(logits[name], -1).log())).sum(-1))
+    kl, ce = ({k: torch.cat(v).mean().item() for k, v in d.items()} for d in (kl, ce))
+    close = lambda a, b: pytest.approx(float(b), rel=1e-3, abs=1e-6) == a  # noqa: E731
+    assert close(m["model_behavior_preservation"]["kl_div_with_sae"], kl["sae"])
+    assert close(m["model_behavior_preservation"]["kl_div_score"],
+                 (kl["ablated"] - kl["sae"]) / kl["ablated"])
+    assert close(m["model_performance_preservation"]["ce_loss_score"],
+                 (ce["ablated"] - ce["sae"]) / (ce["ablated"] - ce["clean"]))
+    assert close(ours["kl_div_with_sae"], kl["sae"]) and close(ours["ce_loss"], ce["clean"])
+    x, x_hat = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    sse = (x - x_hat).pow(2).sum(-1)
+    q = m["reconstruction_quality"]
+    assert close(q["mse"], torch.cat([(r[0] - r[1]).pow(2).sum(-1) / len(r[0])
+                                      for r in rows]).mean().item())
+    assert close(q["cossim"], F.cosine_similarity(x, x_hat, dim=-1).mean().item())
+    assert close(q["explained_variance_legacy"], torch.cat(
+        [1 - (r[0] - r[1]).pow(2).sum(-1) / (r[0] - r[0].mean(0)).pow(2).sum(-1)
+         for r in rows]).mean().item())
+    total = torch.stack([r[0].pow(2).sum(-1).mean() for r in rows]).mean() \
+        - torch.cat([r[0].pow(2).mean(0) for r in rows]).mean() ** 2
+    assert close(q["explained_variance"], 1 - torch.stack(
+        [(r[0] - r[1]).pow(2).sum(-1).mean() for r in rows]).mean().item() / total.item())
+    assert close(m["shrinkage"]["l2_ratio"], (x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item())
+    assert close(m["shrinkage"]["relative_reconstruction_bias"], torch.stack(
+        [r[1].norm(dim=-1).pow(2).mean() / (r[0] * r[1]).sum(-1).mean() for r in rows]).mean())
+    dense = torch.cat([torch.zeros(len(r[0]), 256).scatter(1, r[2][1], r[2][0]) for r in rows])
+    assert close(m["sparsity"]["l0"], (dense != 0).sum(-1).double().mean().item())
+    assert close(m["sparsity"]["l1"], dense.sum(-1).double().mean().item())
+    density = (dense > 0).double().mean(0)
+    assert close(m["misc_metrics"]["frac_alive"], (density > 0).double().mean().item())
+    assert close(m["misc_metrics"]["freq_over_1_percent"], (density > 0.01).double().mean())
+    W = F.normalize(sae.W_dec.double(), dim=1)
+    cos = W @ W.T - 3 * torch.eye(256, dtype=torch.float64)
+    assert close(m["misc_metrics"]["average_max_decoder_cosine_sim"], cos.max(1).values.mean())
+    prompts = torch.zeros(256)
+    for r in rows:  # sequences (prompts) in which each feature fires at least once
+        per_seq = torch.zeros(len(r[3]), 256)
+        seq = torch.arange(len(r[3]))[:, None].expand_as(r[3])[r[3]]
+        per_seq.index_add_(0, seq, (torch.zeros(len(r[0]), 256).scatter(
+            1, r[2][1], r[2][0]) > 0).float())
+        prompts += (per_seq > 0).float().sum(0)
+    fires = (dense > 0).sum(0)
+    i = int(fires.argmax())
+    detail = result["eval_result_details"][i]
+    assert detail["index"] == i and close(detail["feature_density"], density[i].item())
+    assert close(detail["consistent_activation_heuristic"], (fires[i] / prompts[i]).item())
+    assert m["token_stats"]["total_tokens_eval_reconstruction"] == len(x) == ours["n_tokens"]
+
+
+def test_saebench_json_validates_with_sae_bench(monkeypatch):
+    """The file SAEBench's own output model accepts (sae-bench is not a dependency: skipped
+    when it is not installed)."""
+    eval_output = pytest.importorskip("sae_bench.evals.core.eval_output")
+    pydantic = pytest.importorskip("pydantic")
+    result = saebench_run(monkeypatch)[-1]
+    parsed = pydantic.TypeAdapter(eval_output.CoreEvalOutput).validate_json(json.dumps(result))
+    assert parsed.eval_result_metrics.model_behavior_preservation.kl_div_score == \
+        result["eval_result_metrics"]["model_behavior_preservation"]["kl_div_score"]
+    assert len(parsed.eval_result_details) == 256
+
+
 @pytest.mark.slow
-def test_evaluate_reports_every_key(embedded_ckpt, tmp_path):
-    path = str(tmp_path / "m.json")
-    evaluate.main([embedded_ckpt, "--tokens", "300", "--json", path])
+def test_evaluate_reports_every_key(embedded_ckpt, tmp_path, capsys):
+    path, core = str(tmp_path / "m.json"), str(tmp_path / "core.json")
+    evaluate.main([embedded_ckpt, "--tokens", "300", "--json", path, "--saebench-json", core])
     m = json.load(open(path))
     assert set(evaluate.KEYS) <= set(m) and m["n_tokens"] >= 300
     assert m["ce_loss_ablated"] > m["ce_loss_with_sae"] > m["ce_loss"] > 0
     assert m["delta_lm_loss"] == pytest.approx(m["ce_loss_with_sae"] - m["ce_loss"])
     assert 0 < m["explained_variance"] < 1 and m["l0"] == pytest.approx(50, abs=1e-6)
+    assert m["kl_div_ablated"] > m["kl_div_with_sae"] > 0 and "kl_div_with_sae" in \
+        capsys.readouterr().out
+    c = json.load(open(core))  # the SAEBench file from the same pass
+    assert c["eval_type_id"] == "core" and c["eval_result_details"] == []
+    assert c["eval_result_metrics"]["model_behavior_preservation"]["kl_div_with_sae"] == \
+        pytest.approx(m["kl_div_with_sae"])
+    assert c["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(50, abs=1e-6)
 
 
 @pytest.mark.slow
