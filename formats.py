@@ -337,13 +337,14 @@ def model_card(sae, config, cfg):
     layer, site, tokens = config["layer"], config["site"], config.get("n_training_tokens")
     hook_in, hook_out = model.hook_names(layer, site)
     held = config.get("heldout") or {}
-    rows = [("explained variance (eq. 6)", held.get("explained_variance")),
-            ("explained variance, centred", held.get("explained_variance_centered")),
-            ("L0", held.get("l0")), ("never fired", held.get("dead_frac")),
-            ("held-out tokens", held.get("n_tokens"))]
-    table = "\n".join(f"| {k} | {v:.4g} |" for k, v in rows if v is not None) or \
+    rows = [("explained variance (eq. 6)", "{:.3f}", held.get("explained_variance")),
+            ("explained variance, centred", "{:.3f}", held.get("explained_variance_centered")),
+            ("L0", "{:.1f}", held.get("l0")), ("never fired", "{:.1%}", held.get("dead_frac")),
+            ("held-out tokens", "{:,}", held.get("n_tokens"))]
+    table = "\n".join(f"| {k} | {f.format(v)} |" for k, f, v in rows if v is not None) or \
         "| (not evaluated at training time: run evaluate.py) | |"
-    base = f"\nbase_model: {config['model_name']}" if config.get("model_name") else ""
+    hub_id = "/" in (config.get("model_name") or "")  # the Hub wants a real repo id there
+    base = f"\nbase_model: {config['model_name']}" if hub_id else ""
     return f"""---
 library_name: saelens
 tags:
