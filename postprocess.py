@@ -187,10 +187,10 @@ def run(argv=None):
     if args.export_saelens:
         if sae.act != "vanilla":
             sae.act = args.architecture  # the inference SAELens will run, for the firing counts
-        formats.export_saelens(sae, config, args.export_saelens, args.architecture,
-                               firing_frequency(sae, x), gain)
-        print(f"exported {args.export_saelens} (SAELens {sae.act}, sparsity from {len(x):,} "
-              f"tokens)")
+        cfg = formats.export_saelens(sae, config, args.export_saelens, args.architecture,
+                                     firing_frequency(sae, x), gain)
+        print(f"exported {args.export_saelens} (SAELens {cfg['architecture']}, sparsity from "
+              f"{len(x):,} tokens; model card README.md)")
 
 
 def main(argv=None):
