@@ -421,16 +421,14 @@ def first_fill(args, comms, key, rows, size, d_model, runs):
     cache shards) set its massive-activation limit and the SAEs' dataset norms (§3.3.3), both
     over every rank's rows. Returns the rows for the buffer and the limit."""
     first = take_rows(rows, size, f"first fill {key}")  # (>= size, C): whole chunks
-    first, extra = first[:size], first[size:]
     if not torch.isfinite(first).all():
         raise ValueError(f"step 0 (the first buffer fill): NaN or Inf in the activations of site "
                          f"{key}")
-    limit = model.outlier_limits(first, d_model, args.max_norm_ratio, comms.all_values)
-    first, extra = (model.keep_rows(r, limit, d_model) for r in (first, extra))
+    limit = model.outlier_limits(first[:size], d_model, args.max_norm_ratio, comms.all_values)
     for run in runs:
-        run.sae.set_norms_(*model.in_out(first, d_model), comms.mean,
-                           center=args.init_bias == "mean")
-    return [first, extra], limit
+        run.sae.set_norms_(*model.in_out(model.keep_rows(first[:size], limit, d_model), d_model),
+                           comms.mean, center=args.init_bias == "mean")
+    return [model.keep_rows(first, limit, d_model)], limit  # one tensor: resumable as before
 
 
 def train(args):
