@@ -243,10 +243,22 @@ def _embedded_documents():
         return [d["extract"] for d in json.load(f).values()]
 
 
+def check_dataset(name):
+    """Refuse a --dataset meant as a local path (not a Hub id such as cerebras/SlimPajama-627B)
+    that does not exist, in one line and before any slow work."""
+    local = name.startswith(("/", ".", "~")) or name.endswith((".txt", ".jsonl", ".json",
+                                                               ".parquet"))
+    if local and not os.path.exists(name):
+        raise ValueError(f"--dataset {name}: no such file or folder; give a .txt, .jsonl, .json "
+                         f"or .parquet file or a folder of them, a Hub dataset id, or "
+                         f"{EMBEDDED_DATASET}")
+
+
 def _dataset_documents(name):
     """Texts from a local .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset
     (streamed)."""
     import datasets  # here, not at the top: heavy, and only for a dataset other than the embedded
+    check_dataset(name)
     if os.path.exists(name):
         files = [name] if os.path.isfile(name) else sorted(
             os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs)

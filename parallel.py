@@ -140,12 +140,15 @@ class Comms:
 
     def sharded_topk(self, score, k):
         """Exact global top K of eq. 5 from local scores (N, F/tp): local (values, indices), each
-        (N, K), with 0 for the entries that lost to other shards."""
-        top, idx = score.topk(k, dim=-1, sorted=False)  # (N, K)
-        every = self.gather_rows(top.T).T  # (N, tp*K): all shards' candidates, rank order
+        (N, K'), K' = min(K, F/tp), with 0 for the entries that lost to other shards. A shard
+        offers at most its own width (K-annealing starts at K = D, which may exceed F/tp); the
+        global top K is still within the union of what the shards offer."""
+        mine = min(k, score.shape[-1])
+        top, idx = score.topk(mine, dim=-1, sorted=False)  # (N, K')
+        every = self.gather_rows(top.T).T  # (N, tp*K'): all shards' candidates, rank order
         won = torch.zeros_like(every, dtype=torch.bool)
         won.scatter_(1, every.topk(k, dim=-1, sorted=False).indices, True)
-        return top * won[:, self.tp_rank * k:(self.tp_rank + 1) * k], idx
+        return top * won[:, self.tp_rank * mine:(self.tp_rank + 1) * mine], idx
 
     def reduce_grads_(self, sae):
         """Average gradients over data-parallel replicas; the replicated decoder bias over the

@@ -701,7 +701,7 @@ def test_budget_rule_adapts_short_runs_and_keeps_the_paper_recipe_at_scale():
     paper = train.get_args(["--total-tokens", "800000000"])
     assert (paper.passes, paper.batch_size) == (1, 2048)
     assert train.schedule(paper) == dict(steps=390_625, warmup=10_000, decay=78_125,
-                                         anneal=39_062)
+                                         anneal=39_062, l1_warmup=0)
     assert short.init_bias == "mean" and paper.init_bias == "zero"
     given = train.get_args(["--batch-size", "2048", "--passes", "1", "--init-bias", "zero"])
     assert (given.passes, given.batch_size, given.init_bias, given.rule) == (1, 2048, "zero",
@@ -777,6 +777,8 @@ BAD_FLAGS = [
     (["--batch-size", "4096", "--buffer-size", "4096"], "--batch-size 4096 must be in 1..2048"),
     (["--context-size", "100000"], "--context-size 100000 is out of range: allowed 2-8192"),
     (["--passes", "0"], "--passes 0 must be at least 1"),
+    (["--dataset", "./nope.jsonl"], "--dataset ./nope.jsonl: no such file or folder; give a .txt"),
+    (["--l1-warmup-frac", "2"], "--l1-warmup-frac 2.0 must be in [0, 1]"),
     (["--activations", "nope.safetensors"], "--activations nope.safetensors: no such file"),
     (["--resume", "nope.safetensors"], "--resume nope.safetensors: no such file"),
 ]
@@ -849,6 +851,21 @@ def test_training_from_the_cache_equals_training_from_the_lm(tmp_path, capsys, m
     assert f"--activations {cache} holds L1R, L1TC, not L1A" in err
     err = one_line_error(capsys, train.main, ["--cache-activations", cache, "--layer", "1"])
     assert "already holds a cache; give a new folder" in err
+
+
+def test_vanilla_warms_its_l1_weight_up_linearly(tmp_path, monkeypatch):
+    """The released trainer's L1 warm-up: the weight rises linearly over --l1-warmup-frac of the
+    steps, then stays; TopK SAEs have none."""
+    seen, step = [], train.Run.step
+    monkeypatch.setattr(train.Run, "step", lambda self, *a: seen.append(a[-1]) or step(self, *a))
+    save_file({"activations": torch.randn(4096, 16)}, str(tmp_path / "a.safetensors"))
+    train.main(["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4",
+                "--act", "vanilla", "--l1-coef", "1e-3", "--l1-warmup-frac", "0.25",
+                "--total-tokens", "4096", "--batch-size", "512", "--buffer-size", "2048",
+                "--out", str(tmp_path)])
+    assert len(seen) == 64 and seen[0] == pytest.approx(1e-3 / 16)  # 64 steps, 16 warming up
+    assert seen[7] == pytest.approx(1e-3 / 2) and seen[15:] == [pytest.approx(1e-3)] * 49
+    assert train.schedule(train.get_args([]))["l1_warmup"] == 0
 
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS)
@@ -1047,13 +1064,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _one_step_worker(rank, world, tp, port, transcoder):
+def _one_step_worker(rank, world, tp, port, transcoder, k=5):
     """One training step of a dp x tp sharded SAE vs the same step in one process (float64)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)  # tiny tensors, several processes on few cores
     torch.manual_seed(0)
-    full = SAE(16, 64, k=5, transcoder=transcoder).double()
+    full = SAE(16, 64, k=k, transcoder=transcoder).double()
     x, y = torch.randn(48, 16, dtype=torch.float64), torch.randn(48, 16, dtype=torch.float64)
     y = y if transcoder else x
     full.set_norms_(x, y)
@@ -1092,9 +1109,11 @@ def _one_step_worker(rank, world, tp, port, transcoder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,dp,transcoder", [(2, 1, False), (1, 2, False), (2, 2, True)])
-def test_parallel_step_equals_one_process(tp, dp, transcoder):
-    mp.spawn(_one_step_worker, args=(tp * dp, tp, _free_port(), transcoder), nprocs=tp * dp)
+@pytest.mark.parametrize("tp,dp,transcoder,k", [(2, 1, False, 5), (1, 2, False, 5),
+                                                 (2, 2, True, 5), (2, 1, False, 40)])
+def test_parallel_step_equals_one_process(tp, dp, transcoder, k):
+    """k = 40 > F/tp = 32: each shard offers at most its width (K-annealing starts at K = D)."""
+    mp.spawn(_one_step_worker, args=(tp * dp, tp, _free_port(), transcoder, k), nprocs=tp * dp)
 
 
 @pytest.mark.slow

@@ -56,6 +56,9 @@ def get_args(argv=None):
                    help="TopK (eq. 5) or the ReLU + L1 baseline (§4.2)")
     g.add_argument("--k", type=int, default=50, help="active features per token after annealing")
     g.add_argument("--l1-coef", type=float, default=2e-4, help="Vanilla only: L1 weight")
+    g.add_argument("--l1-warmup-frac", type=float, default=0.05,
+                   help="Vanilla only: share of steps warming the L1 weight up linearly from 0, "
+                        "as the released trainer does (default: SAELens's total // 20); 0 = off")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=model.EMBEDDED_DATASET,
                    help="Hub dataset (streamed, e.g. cerebras/SlimPajama-627B), a local "
@@ -171,6 +174,8 @@ def check_args(args):
     (None with --activations: the file says)."""
     cache = formats.read_cache(args.activations, itertools.product(args.layer, args.site)) \
         if args.activations and os.path.isdir(args.activations) else {}
+    if not args.activations:
+        model.check_dataset(args.dataset)
     cfg = {"hidden_size": cache["d_model"]} if cache else {} if args.activations else \
         model.load_config(args.model)
     d_model, n_layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers", 0)
@@ -210,7 +215,7 @@ def check_args(args):
          f"--resume {args.resume}: no such file (give a path or `auto`)"),
         *[(not 0 <= getattr(args, name) <= 1,
            f"--{name.replace('_', '-')} {getattr(args, name)} must be in [0, 1]")
-          for name in ("decay_frac", "k_anneal_frac")]]
+          for name in ("decay_frac", "k_anneal_frac", "l1_warmup_frac")]]
     for failed, message in checks:
         if failed:
             raise ValueError(message)
@@ -245,7 +250,8 @@ def schedule(args):
     warmup = min(args.warmup_steps, round(steps * 0.05)) if steps < PAPER_STEPS \
         else args.warmup_steps
     return dict(steps=steps, warmup=warmup, decay=round(steps * args.decay_frac),
-                anneal=round(steps * args.k_anneal_frac))
+                anneal=round(steps * args.k_anneal_frac),
+                l1_warmup=round(steps * args.l1_warmup_frac) if args.act == "vanilla" else 0)
 
 
 def k_at(step, k, k_init, anneal_steps):
@@ -292,9 +298,9 @@ class Run:
                                       device=comms.device)  # token count when each last fired
         self.log = {}
 
-    def step(self, rows, k, lr, args, tokens):
+    def step(self, rows, k, lr, args, tokens, l1_coef=0.0):
         out = self.sae.loss(*model.in_out(rows, self.sae.d_model),
-                            k=min(k, self.sae.n_features * self.comms.tp), l1_coef=args.l1_coef,
+                            k=min(k, self.sae.n_features * self.comms.tp), l1_coef=l1_coef,
                             batch_norm_mse=args.loss == "batch-norm-mse")
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -507,6 +513,8 @@ def print_plan(args, comms, d_model, sched, all_runs, batch):
         f"\nschedule: warm-up {sched['warmup']} steps (asked {args.warmup_steps}; capped at 5% "
         f"of a short run) | K {args.k_init or d_model} -> {args.k} over {sched['anneal']} steps "
         f"| lr {args.lr:g}, decay to {args.lr_end:g} over the last {sched['decay']} steps"
+        + (f" | L1 {args.l1_coef:g} warmed up over {sched['l1_warmup']} steps"
+           if args.act == "vanilla" else "")
         + (f"\nparallel: {comms.world} ranks = dp {comms.dp} x tp {comms.tp}; {batch} rows per "
            f"rank per step, {d_model * max(r.sae.n_features for r in all_runs):,} of each "
            f"SAE's weights per matrix per rank" if comms.world > 1 else ""))
@@ -524,6 +532,7 @@ def loop(args, comms, sched, data, buffers, runs, limits, logger, state, d_model
     for step in range(start, sched["steps"]):
         lr = lr_at(step, sched["steps"], args.lr, sched["warmup"], sched["decay"], args.lr_end)
         k = k_at(step, args.k, args.k_init or d_model, sched["anneal"])
+        l1 = args.l1_coef * min(1.0, (step + 1) / max(sched["l1_warmup"], 1))  # Vanilla only
         batches = {key: buf.next_batch() for key, buf in buffers.items()}
         if comms.sum_(torch.tensor(int(None in batches.values()), device=args.device)).item():
             comms.print0(f"data ran out at step {step}")  # on some rank: all stop together
@@ -535,7 +544,7 @@ def loop(args, comms, sched, data, buffers, runs, limits, logger, state, d_model
                 raise ValueError(f"step {step + 1}: NaN or Inf in the activations of site {key}; "
                                  f"stopping (the last resumable checkpoint, if any, is kept)")
             for run in runs[key]:
-                loss = run.step(rows, k, lr, args, tokens)
+                loss = run.step(rows, k, lr, args, tokens, l1)
                 if not math.isfinite(loss):
                     raise ValueError(f"step {step + 1}: {run.name} loss is {loss} (NaN or Inf); "
                                      f"stopping (the last resumable checkpoint, if any, is kept)")
