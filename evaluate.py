@@ -63,9 +63,7 @@ class Metrics:
     def add(self, x_in, x_out, s_out, seq=None):
         """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space; seq (N,): the
         sequence of each row, for SAEBench's per-feature statistics (core)."""
-        s_in, s_raw = self.sae.scales()
-        x_hat, f = self.sae(x_in.to(self.sae.W_enc.dtype) * s_in)
-        x_hat = x_hat / s_raw
+        x_hat, f = forward_raw(self.sae, x_in)
         self.counts += firing_counts(f, self.sae.n_features).double().cpu()
         if self.core is not None:
             self.core.add(x_out, x_hat, f, seq)
@@ -86,13 +84,16 @@ class Metrics:
                 "ultra_active_frac": (freq > 0.1).double().mean().item(), "freq": freq}
 
 
-def reconstruct(sae, x_in, counts=None):
-    """Raw x_in (N, D) -> raw x_hat (N, D); adds each feature's firing count to counts (F,)."""
+def forward_raw(sae, x_in):
+    """Raw x_in (N, D) -> (raw x_hat (N, D), f): the SAE in its normalized space, units restored."""
     s_in, s_out = sae.scales()
     x_hat, f = sae(x_in.to(sae.W_enc.dtype) * s_in)
-    if counts is not None:
-        counts += firing_counts(f, sae.n_features).double().cpu()
-    return x_hat / s_out
+    return x_hat / s_out, f
+
+
+def reconstruct(sae, x_in):
+    """Raw x_in (N, D) -> raw x_hat (N, D): what the splice puts back in the LM."""
+    return forward_raw(sae, x_in)[0]
 
 
 def reconstruction_metrics(sae, rows, norm_out=None, chunk=4096, freq=False):
@@ -128,13 +129,6 @@ def heldout_check(lm, tok, saes, limits, dataset, context_size, lm_batch_size, n
     return out
 
 
-def _ce(logits, input_ids, mask, scored):
-    """Summed CE of predicting token t+1 at the scored positions t, and their count."""
-    ok = scored[:, :-1] & mask[:, 1:].bool()
-    ce = F.cross_entropy(logits[:, :-1][ok].float(), input_ids[:, 1:][ok], reduction="sum")
-    return ce.item(), ok.sum().item()
-
-
 @torch.no_grad()
 def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=None):
     """One held-out pass: each batch runs the LM clean (capturing the site), with the SAE spliced
@@ -166,14 +160,15 @@ def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=No
         for name, fn, kl_key in zip(ce, (clean, spliced, ablated), [None, *kl]):
             with model.splice(lm, layer, site, fn):
                 logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-            total, count = _ce(logits, input_ids, mask, seen["keep"])
-            ce[name][0] += total
-            ce[name][1] += count
-            ok = seen["keep"][:, :-1] & mask[:, 1:].bool()  # the scored predictions
+            if kl_key is None:  # the clean pass has set the scored positions t (predicting t+1)
+                ok = seen["keep"][:, :-1] & mask[:, 1:].bool()
+            pred = logits[:, :-1][ok].float()  # (n, V)
+            ce[name][0] += F.cross_entropy(pred, input_ids[:, 1:][ok], reduction="sum").item()
+            ce[name][1] += len(pred)
             if kl_key is None:
-                lp_clean = F.log_softmax(logits[:, :-1][ok].float(), -1)  # (n, V)
+                lp_clean = F.log_softmax(pred, -1)
             else:
-                kl[kl_key] += saebench.kl_sum(lp_clean, logits[:, :-1][ok])
+                kl[kl_key] += saebench.kl_sum(lp_clean, pred)
         seq = torch.arange(n_seq, n_seq + len(input_ids), device=lm.device)[:, None]  # (B, 1)
         metrics.add(*seen["x"], s_out, seq.expand_as(seen["keep"])[seen["keep"]])
         n_seq += len(input_ids)

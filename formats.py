@@ -432,30 +432,35 @@ def write_cache(folder, producer, sites, n_rows, d_model, about):
         raise ValueError(f"--cache-activations {folder} already holds a cache; give a new folder")
     os.makedirs(folder, exist_ok=True)
     per_shard = max(1, SHARD_BYTES // (2 * d_model * 4))  # rows; a transcoder row is 2D wide
-    pending, shards, written, bar = {key: [] for key in sites}, [], 0, progress(n_rows, "cache")
-    for out in itertools.chain(producer, [None]):
-        if out is not None:
-            for key in sites:
-                pending[key].append(out[key].cpu())
-        held = sum(len(r) for r in pending[sites[0]])
-        while held and (held >= per_shard or out is None or written + held >= n_rows):
+    pending, shards, bar = {key: [] for key in sites}, [], progress(n_rows, "cache")
+    held = written = 0
+
+    def shard(n):  # the first n pending rows of every site, as one file each
+        shards.append(f"{len(shards):05d}")
+        for key in sites:
+            rows = torch.cat(pending[key])
+            x_in, x_out = model.in_out(rows[:n], d_model)
+            t = {"activations": x_in} if not model.is_transcoder(key[1]) else \
+                {"activations": x_in, "targets": x_out}
+            atomic_save_file({k: v.contiguous() for k, v in t.items()},
+                             os.path.join(folder, f"{site_name(key)}-{shards[-1]}.safetensors"),
+                             {})
+            pending[key] = [rows[n:]]
+        bar.update(n)
+
+    for out in producer:
+        for key in sites:
+            pending[key].append(out[key].cpu())
+        held += len(out[sites[0]])
+        while written < n_rows and (held >= per_shard or written + held >= n_rows):
             n = min(held, per_shard, n_rows - written)
-            shards.append(f"{len(shards):05d}")
-            for key in sites:
-                rows = torch.cat(pending[key])
-                x_in, x_out = model.in_out(rows[:n], d_model)
-                t = {"activations": x_in} if not model.is_transcoder(key[1]) else \
-                    {"activations": x_in, "targets": x_out}
-                atomic_save_file({k: v.contiguous() for k, v in t.items()},
-                                 os.path.join(folder, f"{site_name(key)}-{shards[-1]}.safetensors"),
-                                 {})
-                pending[key] = [rows[n:]]
+            shard(n)
             written, held = written + n, held - n
-            bar.update(n)
-            if written >= n_rows:
-                break
-        if written >= n_rows or out is None:
+        if written >= n_rows:
             break
+    if held and written < n_rows:  # the producer ran dry first
+        shard(min(held, n_rows - written))
+        written += min(held, n_rows - written)
     bar.close()
     manifest = dict(about, d_model=d_model, rows=written, shards=shards, sites={
         site_name(key): dict(layer=key[0], site=key[1], hook_point_in=model.hook_names(*key)[0],

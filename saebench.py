@@ -15,6 +15,8 @@ import uuid
 import torch
 import torch.nn.functional as F
 
+from sae import firing_counts
+
 PRODUCER = "llama-scope evaluate.py --saebench-json (SAEBench core formulas; not sae_bench code)"
 
 
@@ -56,9 +58,9 @@ class Core:
         vals, idx = f if isinstance(f, tuple) else (f, None)
         s["l0"] += (vals != 0).sum().item()
         s["l1"] += vals.sum().item()  # SAEBench: no abs
+        self.fired += firing_counts(f, len(self.fired)).double().cpu()
         rows, feats = (vals > 0).nonzero(as_tuple=True)
         feats = feats if idx is None else idx[rows, feats]
-        self.fired += torch.bincount(feats.cpu(), minlength=len(self.fired)).double()
         self.pairs.update(zip(seq[rows].tolist(), feats.tolist()))
         self.n += len(x)
         self.batches += 1
