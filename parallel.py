@@ -31,9 +31,11 @@ MAX = dist.ReduceOp.MAX
 
 def _like(sae, n_features):
     """A new SAE with sae's settings and n_features features (weights still to be filled)."""
-    return SAE(sae.d_model, n_features, sae.act, sae.k, sae.transcoder,
+    like = SAE(sae.d_model, n_features, sae.act, sae.k, sae.transcoder,
                init_decoder_norm=sae.init_decoder_norm,
                rank_by_decoder_norm=sae.rank_by_decoder_norm, threshold=sae.threshold)
+    like.compute_dtype = sae.compute_dtype
+    return like
 
 
 class AllReduceSum(torch.autograd.Function):

@@ -62,7 +62,10 @@ class SAE(torch.nn.Module):
     released (D, F) layout. Decoder norms are never renormalized during training: they enter the
     ranking instead (§2.4). A transcoder is the same map with a target other than its input.
     S_in = sqrt(D) / E||x_in||, S_out = sqrt(D) / E||x_out|| (§3.3.3): one scalar each, kept as the
-    dataset average norms `norm_in`, `norm_out` (0 until `set_norms_` sees data)."""
+    dataset average norms `norm_in`, `norm_out` (0 until `set_norms_` sees data).
+    `compute_dtype` (e.g. bfloat16, the paper's GPU precision): the matmuls run in it (autocast)
+    while the parameters, their gradients and Adam's state keep their own dtype (float32). Pure
+    bf16 parameters would round away any update below ~2^-9 of a weight (README)."""
 
     def __init__(self, d_model, n_features, act="topk", k=50, transcoder=False,
                  init_decoder_norm=None, rank_by_decoder_norm=True, threshold=None):
@@ -79,6 +82,7 @@ class SAE(torch.nn.Module):
         self.register_buffer("norm_out", torch.zeros(()))
         # how a shard of F joins the others (parallel.py); one device: plain TopK, no reduction
         self.select, self.reduce = local_topk, lambda partial: partial
+        self.compute_dtype = None  # None: the parameters' dtype
         self.init_decoder_norm = init_decoder_norm or math.sqrt(2 * d_model / n_features)
         self.init_(self.init_decoder_norm)
 
@@ -118,15 +122,26 @@ class SAE(torch.nn.Module):
             return torch.ones(self.n_features, device=self.W_dec.device, dtype=self.W_dec.dtype)
         return self.W_dec.detach().norm(dim=1)
 
+    def autocast(self):
+        """The context the SAE's matmuls run in: compute_dtype, or as they are."""
+        dtype = self.compute_dtype or self.W_enc.dtype
+        return torch.autocast(self.W_enc.device.type, dtype, enabled=dtype != self.W_enc.dtype)
+
+    def pre_acts(self, x):
+        """(N, F) W_enc x + b_enc, in the compute dtype."""
+        with self.autocast():
+            return F.linear(x, self.W_enc, self.b_enc)
+
     def encode(self, x, k=None):
         """(values, indices), each (N, K), for TopK; dense f (N, F) for Vanilla and JumpReLU."""
         if self.act == "vanilla":
-            return F.relu(F.linear(x, self.W_enc, self.b_enc))
+            return F.relu(self.pre_acts(x))
         if self.act == "jumprelu":
-            h = F.linear(x, self.W_enc, self.b_enc)
+            h = self.pre_acts(x)
             return h * (h > self.threshold)
-        return TopKEncode.apply(x, self.W_enc, self.b_enc, self.rank_scale(), k or self.k,
-                                self.select)
+        with self.autocast():  # the (N, F) scores in compute_dtype, the K values back in fp32
+            return TopKEncode.apply(x, self.W_enc, self.b_enc, self.rank_scale(), k or self.k,
+                                    self.select)
 
     def decode(self, f):
         """x_hat (N, D) from (values, indices) or from dense f (N, F)."""
@@ -134,7 +149,8 @@ class SAE(torch.nn.Module):
             vals, idx = f  # only the K active rows of W_dec are read (and get gradient)
             partial = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
         else:
-            partial = f @ self.W_dec  # (N, D)
+            with self.autocast():
+                partial = f @ self.W_dec  # (N, D)
         return self.reduce(partial) + self.b_dec
 
     def forward(self, x, k=None):

@@ -692,6 +692,37 @@ def test_k_annealing_and_lr_schedule():
     assert lr_at(999, 1000, 8e-4, 0, 200, 8e-6) > 8e-6
 
 
+def test_bf16_runs_keep_float32_weights_that_learn_where_bf16_weights_stall():
+    """--dtype bfloat16 (the paper's GPU precision) runs the SAE's matmuls in bf16 but keeps its
+    weights and Adam state in float32. At a small lr (the tail of the decay), Adam's steps are
+    below half a bf16 ulp of the weights: pure bf16 weights round them away and stall, the
+    float32 weights learn. Same init, same rows, same steps."""
+    g = torch.Generator().manual_seed(0)
+    dirs = F.normalize(torch.randn(256, 64, generator=g), dim=1)
+    idx = torch.rand(102_400, 256, generator=g).argsort(dim=1)[:, :4]
+    coef = torch.zeros(102_400, 256).scatter_(1, idx, 0.5 + torch.rand(102_400, 4, generator=g))
+    rows = (coef @ dirs).to(torch.bfloat16)  # the buffer's dtype
+    args = train.get_args(["--device", "cpu", "--dtype", "bfloat16", "--k", "4", "--lr", "5e-5"])
+    torch.manual_seed(0)
+    master = train.Run(args, (3, "R"), 256, 64, torch.bfloat16, parallel.Comms())
+    pure = copy.deepcopy(master)
+    pure.sae.to(torch.bfloat16)  # what --dtype bfloat16 used to build
+    pure.opt = torch.optim.Adam(pure.sae.parameters(), lr=args.lr, betas=args.adam_betas)
+    result = {}
+    for name, run in (("master", master), ("pure", pure)):
+        run.sae.set_norms_(rows[:4096], rows[:4096], center=True)
+        w0 = run.sae.W_dec.detach().clone()
+        losses = [run.step(b, 4, args.lr, args, i) for i, b in enumerate(rows.split(256) * 2)]
+        result[name] = (sum(losses[:20]) / 20 - sum(losses[-20:]) / 20,  # loss drop
+                        (run.sae.W_dec.detach() != w0).float().mean().item())  # share moved
+    assert master.sae.W_dec.dtype == torch.float32
+    assert all(s.dtype == torch.float32 for p in master.opt.state.values() for s in p.values()
+               if s.dim() > 0)  # Adam's moments
+    assert master.sae.pre_acts(rows[:8].float()).dtype == torch.bfloat16  # bf16 matmuls
+    assert result["master"][0] > 0.03 and result["master"][1] > 0.99  # every weight learns
+    assert result["pure"][0] < 0.005 and result["pure"][1] < 0.25  # stalls: most never move
+
+
 def test_budget_rule_adapts_short_runs_and_keeps_the_paper_recipe_at_scale():
     """A short run reuses its rows and takes small batches so it makes thousands of steps;
     explicit flags win; at the paper's 800M tokens the paper's recipe is unchanged."""

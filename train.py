@@ -112,8 +112,9 @@ def get_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="LM, buffer and SAE (default: bfloat16 on GPU as in the paper, float32 "
-                        "on CPU)")
+                   help="LM, buffer and the SAE's matmuls; the SAE's weights and Adam state are "
+                        "always float32 (default: bfloat16 on GPU as in the paper, float32 on "
+                        "CPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tp", type=int, default=1,
                    help="tensor parallel: ranks that split each SAE's features; the rest of the "
@@ -291,7 +292,8 @@ class Run:
         self.name = run_name(layer, site, n_features, d_model, args)
         full = SAE(d_model, n_features, args.act, args.k, model.is_transcoder(site),
                    init_decoder_norm=args.init_decoder_norm)
-        self.sae = comms.shard(full).to(comms.device, dtype)  # init identical on every rank
+        self.sae = comms.shard(full).to(comms.device)  # init identical on every rank
+        self.sae.compute_dtype = dtype  # matmuls in --dtype; weights and Adam stay float32
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=args.lr, betas=args.adam_betas,
                                     eps=1e-8, fused=True)  # one kernel: ~6x faster on CPU
         self.last_fired = torch.zeros(self.sae.n_features, dtype=torch.long,
