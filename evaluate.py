@@ -7,7 +7,9 @@
     python evaluate.py out/L15R-8x-k50-TopK.safetensors --eval-model ID              # §4.5.2
     python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
 
-Everything comes from the file: model, layer, site, normalization, the massive-activation limit.
+Everything comes from the file: model, layer, site, normalization, the massive-activation limit,
+and where and in what precision to run (its training device type and dtype, when that kind of
+device is here; --device, --dtype override).
 A released SAE (folder or Hub reference) is read by postprocess.load_sae with the authors' recipe.
 Only held-out documents are read (model.py: every 10th document of any dataset). Reported:
 - L0; explained variance, eq. 6 (`explained_variance` = 1 - sum ||x - x_hat||^2 / sum ||x||^2 over
@@ -87,7 +89,7 @@ class Metrics:
 def forward_raw(sae, x_in):
     """Raw x_in (N, D) -> (raw x_hat (N, D), f): the SAE in its normalized space, units restored."""
     s_in, s_out = sae.scales()
-    x_hat, f = sae(x_in.to(sae.W_enc.dtype) * s_in)
+    x_hat, f = sae(x_in.to(sae.W_enc) * s_in)
     return x_hat / s_out, f
 
 
@@ -103,7 +105,7 @@ def reconstruction_metrics(sae, rows, norm_out=None, chunk=4096, freq=False):
     m = Metrics(sae)
     s_out = math.sqrt(sae.d_model) / (norm_out or sae.norm_out.item())
     for r in rows.split(chunk):
-        m.add(*model.in_out(r, sae.d_model), s_out)
+        m.add(*model.in_out(r.to(sae.W_enc.device), sae.d_model), s_out)
     out = m.result()
     if not freq:
         del out["freq"]
@@ -323,7 +325,12 @@ def get_args(argv=None):
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
                    help="inference of a folded TopK SAE (default: what the file says)")
     p.add_argument("--plot", default=None, help="folder for the PNG plot (Fig. 4, or Fig. 5)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None,
+                   help="default: where it trained if that kind of device is here, else as "
+                        "train.py chooses")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the LM and the SAE's matmuls (default: as trained on that device, "
+                        "else as train.py chooses)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--activations", default=None,
                    help="evaluate on pre-saved rows (no CE): a safetensors file of "
@@ -346,7 +353,11 @@ def get_args(argv=None):
 
 def run(argv=None):
     args = get_args(argv)
-    sae, config = postprocess.load_sae(args.checkpoint, args.device, args.model)
+    sae, config = postprocess.load_sae(args.checkpoint, model_name=args.model)
+    args.device, args.dtype, note = postprocess.placement(config, args.device, args.dtype)
+    dtype = getattr(torch, args.dtype)
+    sae.to(args.device).compute_dtype = dtype  # float32 weights, matmuls in dtype
+    print(f"running on {args.device} in {args.dtype} ({note})")
     if args.mode == "jumprelu" and sae.threshold is None:
         raise ValueError(f"--mode jumprelu needs a post-processed checkpoint (postprocess.py), "
                          f"got a {sae.act} SAE")
@@ -379,8 +390,7 @@ def run(argv=None):
                          f"2-{max_pos} ({lm_name}'s max_position_embeddings)")
     if args.eval_model:
         check_lm(args.eval_model, sae, config)
-    lm, tok = model.load_model(lm_name, args.device)
-    sae = sae.to(args.device)
+    lm, tok = model.load_model(lm_name, args.device, dtype)
     if feats:
         return dump(args, features.show(lm, tok, for_lm(sae, config, lm), config,
                                         [int(v) for v in feats], args.tokens, args.top, dataset,
@@ -402,7 +412,7 @@ def run(argv=None):
     if not args.eval_model:
         return report(args, name, sae, out, t0)
     del lm
-    lm, tok = model.load_model(args.eval_model, args.device)
+    lm, tok = model.load_model(args.eval_model, args.device, dtype)
     other = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
     for m in (out, other):
         m.pop("freq")
@@ -418,7 +428,7 @@ def write_saebench(args, core, out, sae, config, lm_name, dataset):
     if not config.get("folded"):
         postprocess.fold_norm_(raw)
     eval_config = dict(
-        model_name=lm_name, llm_dtype=str(next(iter(sae.parameters())).dtype).split(".")[-1],
+        model_name=lm_name, llm_dtype=args.dtype,
         batch_size_prompts=8, n_eval_reconstruction_batches=core.batches,
         n_eval_sparsity_variance_batches=core.batches, dataset=dataset,
         context_size=config["context_size"], compute_kl=True, compute_ce_loss=True,
@@ -448,7 +458,8 @@ def print_long_context(rows, name, T, context_size, t0):
 
 def report(args, name, sae, out, t0):
     freq = out.pop("freq")
-    out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint)
+    out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint,
+               device=args.device, dtype=args.dtype)
     print(f"{name} ({sae.act}, {out['n_tokens']:,} held-out tokens, {out['time_s']:.0f}s)")
     for key in KEYS:
         if key in out:

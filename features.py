@@ -27,7 +27,7 @@ HIST_BINS = 30  # bins of a feature's activation histogram, 0 .. its largest act
 def feature_acts(sae, x_in, feats):
     """(N, len(feats)) activations of some features on raw inputs (N, D), however the SAE infers
     (TopK competes over all F features, so the whole encoder runs)."""
-    f = sae.encode(x_in.to(sae.W_enc.dtype) * sae.scales()[0])
+    f = sae.encode(x_in.to(sae.W_enc) * sae.scales()[0])
     if isinstance(f, tuple):
         vals, idx = f  # (N, K) each
         return torch.stack([(vals * (idx == i)).sum(1) for i in feats], 1)

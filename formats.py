@@ -64,7 +64,8 @@ def save_checkpoint(sae, config, path):
 
 def training_config(args, key, sae, anneal_steps, limit, tokens, step, heldout, train_args):
     """What train.py's checkpoints say beyond the SAE itself, in the released hyperparams.json
-    names: where it reads, how it was trained, the held-out check."""
+    names: where it reads, how it was trained, the held-out check; `device` (type) and `dtype`:
+    where and in what precision it trained, which evaluate.py and postprocess.py default to."""
     layer, site = key
     source = dict(model=None if args.activations else args.model, dataset=args.dataset,
                   context_size=args.context_size)
@@ -77,7 +78,8 @@ def training_config(args, key, sae, anneal_steps, limit, tokens, step, heldout, 
                 l1_coefficient=args.l1_coef, context_size=source["context_size"],
                 dataset_path=source["dataset"], prepend_bos=True, outlier_norm_limit=limit,
                 n_training_tokens=tokens // args.passes, passes=args.passes, n_rows_served=tokens,
-                step=step, folded=False, heldout=heldout, train_args=train_args)
+                step=step, folded=False, heldout=heldout, train_args=train_args,
+                device=torch.device(args.device).type, dtype=args.dtype)
 
 
 def read_checkpoint(path):

@@ -76,8 +76,41 @@ def _embedded_model_path():
 
 def load_model(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):
     """(model, tokenizer) for a Hub id, a local folder, or the embedded default; eval mode."""
-    lm = load_lm(name, device, dtype)
-    return lm, AutoTokenizer.from_pretrained(_path(name))
+    return load_lm(name, device, dtype), load_tokenizer(name)
+
+
+def load_tokenizer(name=EMBEDDED_MODEL):
+    return AutoTokenizer.from_pretrained(_path(name))
+
+
+def default_device():
+    """Where train.py, evaluate.py and postprocess.py run unless told: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_here(kind):
+    """Whether this machine has a device of this type ("cpu", "cuda", ...)."""
+    return kind == "cpu" or torch.accelerator.is_available() and \
+        torch.accelerator.current_accelerator().type == kind
+
+
+def check_device(device):
+    """Refuse a --device this machine does not have, in one line."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if not device_here(kind):
+        gpu = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        raise ValueError(f"--device {device}: no such device here; allowed: cpu" +
+                         (f", {gpu.type}, {gpu.type}:N" if gpu else " (no GPU found)"))
+
+
+def default_dtype(device):
+    """The LM's, the buffer's and the SAE matmuls' precision unless told: bfloat16 on GPU as in
+    the paper, float32 on CPU (the precision every quality number in README was measured in;
+    bf16 matmul speed on CPUs ranges from far slower to faster, by instruction set)."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def load_lm(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):

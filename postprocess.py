@@ -9,7 +9,8 @@
    is then the feature's direction and f_i its magnitude. Steps 1-2 are exact reparametrizations.
 3. JumpReLU: one global threshold theta such that, on training-distribution tokens, K features fire
    per token on average; at inference f_i = h_i if h_i > theta else 0, no TopK needed.
-The folded file keeps K, so it can still be run in TopK mode (evaluate.py --mode topk).
+The folded file keeps K, so it can still be run in TopK mode (evaluate.py --mode topk). Theta is
+fit on the device and in the precision the SAE trained in (`placement`; --device, --dtype).
 `load_sae` gives any SAE in inference form: ours, or a released Llama Scope SAE (formats.py reads
 it) with the authors' recipe, steps 1-2 and then their global theta. The files themselves (ours,
 released, SAELens's) are formats.py's.
@@ -55,7 +56,7 @@ def jumprelu_threshold(sae, x, k, chunk=4096):
     answer is exact when no row has more than m values above theta, else m doubles."""
     m = min(sae.n_features, 4 * k)
     while True:
-        top = torch.cat([torch.relu(c.to(sae.W_enc.dtype) @ sae.W_enc.T + sae.b_enc).topk(m).values
+        top = torch.cat([torch.relu(sae.pre_acts(c.to(sae.W_enc))).topk(m).values
                          for c in x.split(chunk)])  # (N, m), each row descending
         a, b = top.flatten().float().topk(len(x) * k + 1).values[-2:]
         theta = ((a + b) / 2).item()
@@ -64,10 +65,9 @@ def jumprelu_threshold(sae, x, k, chunk=4096):
         m = min(sae.n_features, 2 * m)
 
 
-def training_rows(config, d_model, n_tokens, lm_batch_size=16):
+def training_rows(lm, tok, config, d_model, n_tokens, lm_batch_size=16):
     """n_tokens rows of the SAE's input from the documents it was trained on (train split), with
     the same special-token and massive-activation rules as training."""
-    lm, tok = model.load_model(config["model_name"])
     key = (config["layer"], config["site"])
     batches = model.document_batches(tok, config["dataset_path"], "train",
                                      config["context_size"], lm_batch_size, epochs=1)
@@ -104,6 +104,24 @@ def load_sae(path, device="cpu", model_name=None):
     return sae, config
 
 
+def placement(config, device=None, dtype=None):
+    """(device, dtype, note) to run a checkpoint in: the flags; else where and in what precision
+    it trained (`device`, `dtype` in its config) when that kind of device is here; else
+    train.py's defaults for this machine. The LM and the SAE's matmuls run in dtype (the SAE's
+    weights stay float32), so clean CE and theta are measured as in training."""
+    trained_device, trained_dtype = config.get("device"), config.get("dtype")
+    if device:
+        model.check_device(device)
+    device = device or (trained_device if model.device_here(trained_device)
+                        else model.default_device())
+    same = torch.device(device).type == trained_device
+    dtype = dtype or (trained_dtype if same else model.default_dtype(device))
+    note = "as trained" if same and dtype == trained_dtype else \
+        f"trained on {trained_device} in {trained_dtype}" if trained_device else \
+        "the checkpoint does not say where it trained"
+    return device, dtype, note
+
+
 def sae_name(path):
     """L15R-8x-k50-TopK for out/L15R-8x-k50-TopK.safetensors; a released SAE's subfolder name."""
     return os.path.basename(os.path.normpath(path.split(":")[-1])).removesuffix(".safetensors")
@@ -116,33 +134,40 @@ def firing_frequency(sae, x, chunk=4096):
     """(F,) the share of raw input rows x (N, D) on which each feature fires."""
     counts = torch.zeros(sae.n_features, dtype=torch.float64)
     for c in x.split(chunk):
-        f = sae.encode(c.to(sae.W_enc.dtype) * sae.scales()[0])
+        f = sae.encode(c.to(sae.W_enc) * sae.scales()[0])
         counts += firing_counts(f, sae.n_features).cpu()
     return counts / len(x)
 
 
-def ln2_gain(config, sae):
+def ln2_gain(config, sae, lm):
     """(D,) the gain of the RMSNorm before the MLP of a transcoder's layer: our TC input includes
     it, SAELens's (TransformerLens ln2.hook_normalized) does not. A released TC already reads
     x / rms(x): ones."""
     if config.get("tc_input_before_gain"):
         return torch.ones(sae.d_model)
-    if not config.get("model_name"):
-        raise ValueError("--export-saelens of a transcoder needs its LM's RMSNorm gain: give "
-                         "--model (it was trained on --activations)")
-    lm = model.load_lm(config["model_name"])
-    return lm.model.layers[config["layer"]].post_attention_layernorm.weight.detach().float()
+    return lm.model.layers[config["layer"]].post_attention_layernorm.weight.detach().float().cpu()
 
 
-def inputs(args, sae, config):
+def needs_lm(args, config, rows):
+    """Whether this run needs the LM (rows: theta or firing counts are wanted), checked before
+    any slow work: the training rows come from it unless --activations, a transcoder's export
+    needs its RMSNorm gain."""
+    gain = args.export_saelens and model.is_transcoder(config["site"]) \
+        and not config.get("tc_input_before_gain")
+    if (rows and not args.activations or gain) and not config.get("model_name"):
+        raise ValueError("trained on --activations: give --activations FILE to fit theta" if
+                         not gain else "--export-saelens of a transcoder needs its LM's "
+                         "RMSNorm gain: give --model (it was trained on --activations)")
+    return bool(rows and not args.activations or gain)
+
+
+def inputs(args, sae, config, lm, tok):
     """Raw SAE inputs from the training distribution: to fit theta and count firing frequency."""
     if args.activations:
         return model.in_out(formats.activation_rows(args.activations, (config["layer"],
                                                                        config["site"]),
                                                     args.tokens), sae.d_model)[0]
-    if config.get("model_name"):
-        return training_rows(config, sae.d_model, args.tokens)
-    raise ValueError("trained on --activations: give --activations FILE to fit theta")
+    return training_rows(lm, tok, config, sae.d_model, args.tokens)
 
 
 def run(argv=None):
@@ -163,12 +188,15 @@ def run(argv=None):
                         "sae_weights.safetensors, sparsity.safetensors)")
     p.add_argument("--architecture", choices=["jumprelu", "topk"], default="jumprelu",
                    help="SAELens architecture for --export-saelens (Vanilla SAEs: standard)")
+    p.add_argument("--device", default=None,
+                   help="default: where it trained if that kind of device is here, else as "
+                        "train.py chooses")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the LM and the SAE's matmuls (default: as trained on that device, "
+                        "else as train.py chooses)")
     args = p.parse_args(argv)
     sae, config = load_sae(args.checkpoint, model_name=args.model)
     ours = os.path.isfile(args.checkpoint)
-    gain = None
-    if args.export_saelens and model.is_transcoder(config["site"]):  # before any slow work
-        gain = ln2_gain(config, sae)
     if ours and config.get("folded") and not args.export_saelens:
         raise ValueError(f"{args.checkpoint} is already post-processed")
     out = args.out or (args.checkpoint.removesuffix(".safetensors") if ours
@@ -176,7 +204,18 @@ def run(argv=None):
     if os.path.abspath(out) == os.path.abspath(args.checkpoint):
         raise ValueError(f"--out {out} would overwrite the input")
     folded = config.get("folded")
-    x = inputs(args, sae, config) if args.export_saelens or not folded else None
+    rows = args.export_saelens or not folded  # theta and/or firing counts
+    lm, tok = None, None
+    args.device, args.dtype, note = placement(config, args.device, args.dtype)
+    print(f"running on {args.device} in {args.dtype} ({note})")
+    if needs_lm(args, config, rows):  # loaded once: the rows and a transcoder's gain
+        lm = model.load_lm(config["model_name"], args.device, getattr(torch, args.dtype))
+        tok = None if args.activations else model.load_tokenizer(config["model_name"])
+    sae.to(args.device).compute_dtype = getattr(torch, args.dtype)
+    gain = ln2_gain(config, sae, lm) if args.export_saelens and model.is_transcoder(
+        config["site"]) else None
+    x = inputs(args, sae, config, lm, tok) if rows else None
+    del lm
     if not folded:
         config = postprocess(sae, config, x)
         print(f"folded S_in, S_out; decoder columns unit-norm; theta "

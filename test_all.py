@@ -785,6 +785,7 @@ def test_embedded_training_writes_a_self_describing_checkpoint(site, tmp_path, c
     assert config["dataset_average_activation_norm"]["in"] > 0 \
         and config["heldout"]["n_tokens"] > 0
     assert json.loads(json.dumps(config["train_args"]))["site"] == [site]
+    assert (config["device"], config["dtype"]) == ("cpu", "float32")  # where and how it trained
 
 
 @pytest.mark.slow
@@ -812,6 +813,7 @@ BAD_FLAGS = [
     (["--l1-warmup-frac", "2"], "--l1-warmup-frac 2.0 must be in [0, 1]"),
     (["--activations", "nope.safetensors"], "--activations nope.safetensors: no such file"),
     (["--resume", "nope.safetensors"], "--resume nope.safetensors: no such file"),
+    (["--device", "tpu"], "--device tpu: no such device here; allowed: cpu"),
 ]
 
 
@@ -1054,6 +1056,44 @@ def test_transcoder_export_reads_x_over_rms_and_matches_ours(architecture, tmp_p
     assert cfg.get("d_out", 64) == 64 and cfg["apply_b_dec_to_input"] is False
     _, x_ref = saelens_forward(cfg, w, released_view)
     torch.testing.assert_close(x_ref, ours(x_in)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_evaluation_runs_where_and_in_the_precision_it_trained():
+    """evaluate.py and postprocess.py default to the checkpoint's training device type and dtype
+    when that kind of device is here, else to train.py's defaults for this machine; flags win."""
+    gpu = model.device_here("cuda")
+    cpu_bf16 = {"device": "cpu", "dtype": "bfloat16"}
+    assert postprocess.placement(cpu_bf16) == ("cpu", "bfloat16", "as trained")
+    assert postprocess.placement(cpu_bf16, dtype="float32")[:2] == ("cpu", "float32")
+    assert postprocess.placement({"device": "cuda", "dtype": "bfloat16"}) == (
+        ("cuda", "bfloat16", "as trained") if gpu else
+        ("cpu", "float32", "trained on cuda in bfloat16"))  # no GPU here: train.py's choice
+    assert postprocess.placement({})[:2] == (model.default_device(),
+                                             model.default_dtype(model.default_device()))
+    with pytest.raises(ValueError, match="--device tpu: no such device here; allowed: cpu"):
+        postprocess.placement(cpu_bf16, device="tpu")
+
+
+def test_theta_is_fit_in_the_dtype_asked(planted_sae, tmp_path, capsys):
+    """postprocess.py --dtype bfloat16 runs the SAE's matmuls in bf16 (its weights stay
+    float32): theta moves by bf16 rounding only, and the JumpReLU file still fires K per row."""
+    ckpt, _, acts = planted_sae
+    x = formats.load_activations(acts)[0][:5000]
+    thetas = {}
+    for dtype in ("float32", "bfloat16"):
+        out = str(tmp_path / f"{dtype}.safetensors")
+        postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
+                          "--dtype", dtype])
+        assert f"running on cpu in {dtype}" in capsys.readouterr().out
+        sae, config = formats.load_checkpoint(out)
+        assert sae.W_enc.dtype == torch.float32 and config["dtype"] == "float32"
+        sae.compute_dtype = getattr(torch, dtype)
+        with torch.no_grad():
+            l0 = (sae.encode(x) > 0).float().sum(-1).mean().item()
+        thetas[dtype] = sae.threshold
+        assert l0 == pytest.approx(sae.k, rel=0.02)
+    assert thetas["bfloat16"] != thetas["float32"]
+    assert thetas["bfloat16"] == pytest.approx(thetas["float32"], rel=0.02)
 
 
 @pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
@@ -1313,6 +1353,26 @@ def test_evaluate_reports_every_key(embedded_ckpt, tmp_path, capsys):
     assert c["eval_result_metrics"]["model_behavior_preservation"]["kl_div_with_sae"] == \
         pytest.approx(m["kl_div_with_sae"])
     assert c["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(50, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_measures_in_the_dtype_asked(embedded_ckpt, tmp_path, capsys):
+    """--dtype bfloat16: the LM and the SAE's matmuls run in bf16, so clean CE itself moves (by
+    bf16 rounding only); the JSON says where and in what it ran. This float32 checkpoint
+    defaults to float32 on this CPU."""
+    ms = {}
+    for dtype in (None, "bfloat16"):
+        path = str(tmp_path / f"{dtype}.json")
+        evaluate.main([embedded_ckpt, "--tokens", "300", "--json", path]
+                      + (["--dtype", dtype] if dtype else []))
+        ms[dtype] = json.load(open(path))
+    assert (ms[None]["device"], ms[None]["dtype"]) == ("cpu", "float32")
+    assert "running on cpu in float32 (as trained)" in capsys.readouterr().out
+    assert ms["bfloat16"]["dtype"] == "bfloat16" and ms["bfloat16"]["n_tokens"] == \
+        ms[None]["n_tokens"]
+    for key in ("ce_loss", "ce_loss_with_sae", "explained_variance"):
+        assert ms["bfloat16"][key] != ms[None][key]
+        assert ms["bfloat16"][key] == pytest.approx(ms[None][key], rel=0.02)
 
 
 @pytest.mark.slow

@@ -110,7 +110,7 @@ def get_args(argv=None):
                         "over ~passes x this many served rows")
     g.add_argument("--lm-batch-size", type=int, default=32, help="documents per LM forward")
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default=model.default_device())
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="LM, buffer and the SAE's matmuls; the SAE's weights and Adam state are "
                         "always float32 (default: bfloat16 on GPU as in the paper, float32 on "
@@ -133,7 +133,7 @@ def get_args(argv=None):
     g.add_argument("--wandb-project", default=None,
                    help="log every log line to this Weights & Biases project; default off")
     args = p.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.dtype = args.dtype or model.default_dtype(args.device)
     args.rule = budget_rule(args)  # fills in --batch-size and --passes when not given
     return args
 
@@ -175,6 +175,7 @@ def check_args(args):
     (None with --activations: the file says)."""
     cache = formats.read_cache(args.activations, itertools.product(args.layer, args.site)) \
         if args.activations and os.path.isdir(args.activations) else {}
+    model.check_device(args.device)
     if not args.activations:
         model.check_dataset(args.dataset)
     cfg = {"hidden_size": cache["d_model"]} if cache else {} if args.activations else \
