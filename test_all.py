@@ -247,6 +247,19 @@ def test_special_tokens_and_padding_are_dropped():
     torch.testing.assert_close(rows[(1, "R")], full[ordinary])
 
 
+def test_every_token_the_tokenizer_marks_special_is_unscored():
+    """Not only BOS/EOS/PAD: a chat template's turn markers and every added token flagged special
+    (SmolLM2 flags 17, its all_special_ids lists 3) are never trained on, replaced or scored."""
+    tok = model.load_tokenizer()
+    text = "<|im_start|>user\nThe file <filename>a.py in <repo_name>x<|im_end|>\n"
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    marked = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    assert len(marked) == 17 > len(tok.all_special_ids) and {1, 2, 3, 6} <= set(ids[0].tolist())
+    keep = model.scored(ids, torch.ones_like(ids), tok)[0]
+    assert keep.tolist() == [i not in marked for i in ids[0].tolist()]
+    assert keep.sum() >= 8  # the ordinary tokens are scored
+
+
 def test_token_batches_prepend_bos_truncate_and_pad():
     class Tok:
         bos_token_id, pad_token_id = 1, 2
