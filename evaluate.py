@@ -3,7 +3,7 @@
     python evaluate.py out/L15R-8x-k50-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
     python evaluate.py out/L15R-8x-k50-TopK-JumpReLU.safetensors --mode topk   # §C: folding hurts?
     python evaluate.py out/L15R-8x-k50-TopK.safetensors --features 12,345 --top 20   # §4.3, §4.6
-    python evaluate.py out/L15R-8x-k50-TopK.safetensors --long-context 4096          # §4.5.1
+    python evaluate.py out/L15R-8x-k50-TopK.safetensors --long-context 8192          # §4.5.1
     python evaluate.py out/L15R-8x-k50-TopK.safetensors --eval-model ID              # §4.5.2
     python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
 
@@ -20,9 +20,9 @@ Only held-out documents are read (model.py: every 10th document of any dataset).
 - firing frequencies (§4.4): `dead_frac` never fires, `ultra_active_frac` fires on > 10% of tokens.
 --features (features.py): per feature its firing frequency, top-activating held-out contexts (also
 in the App. D layout of the rubric prompt) and nearest features by decoder cosine against the
-Johnson-Lindenstrauss baseline (§4.6). --long-context T: MSE and L0 by position on T-token
-sequences (§4.5.1). --eval-model ID: the same metrics on another model's activations at the same
-site, side by side (§4.5.2).
+Johnson-Lindenstrauss baseline (§4.6). --long-context T: MSE and L0 by position on held-out
+documents of at least T tokens, each truncated to T, never joined (§4.5.1). --eval-model ID: the
+same metrics on another model's activations at the same site, side by side (§4.5.2).
 """
 import argparse
 import copy
@@ -217,17 +217,6 @@ def check_lm(name, sae, config):
 
 # --------------------------------------------------------------------------- long context (§4.5.1)
 
-def long_sequences(tok, docs, T):
-    """(1, T) token ids: BOS, then held-out documents joined by blank lines, cut every T tokens."""
-    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    sep, buf = tok("\n\n", add_special_tokens=False)["input_ids"], []
-    for doc in docs:
-        buf += tok(doc, add_special_tokens=False)["input_ids"] + sep
-        while len(buf) >= T - len(head):
-            yield torch.tensor([head + buf[:T - len(head)]])
-            buf = buf[T - len(head):]
-
-
 def buckets(T):
     """Position buckets [lo, hi): 1-63, then powers of two up to T (position 0 is BOS)."""
     edges = sorted({1, T} | {2 ** i for i in range(6, 32) if 2 ** i < T})
@@ -236,32 +225,48 @@ def buckets(T):
 
 @torch.no_grad()
 def long_context(lm, tok, sae, config, T, n_tokens, dataset):
-    """MSE (normalized space, per element), L0 and EV per position bucket over sequences of T
-    tokens, until n_tokens have been read."""
-    key, spans, n = (config["layer"], config["site"]), buckets(T), 0
+    """MSE (normalized space, per element), L0 and EV per position bucket over held-out documents
+    of at least T tokens, each truncated to T, until n_tokens have been read: (rows, documents
+    used). Says so in one line when the split has too few such documents."""
+    key, spans, n, n_docs, longest = (config["layer"], config["site"]), buckets(T), 0, 0, 0
     metrics = [Metrics(sae) for _ in spans]
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     bar = progress(n_tokens, "long context")
-    for ids in long_sequences(tok, model.iter_documents(dataset, "eval", epochs=1), T):
-        ids = ids.to(lm.device)
+    for doc in model.iter_documents(dataset, "eval", epochs=1):
+        ids = model.encode_documents(tok, [doc])[0]  # BOS + document
+        longest = max(longest, len(ids))
+        if len(ids) < T:  # §4.5.1: documents longer than T, each truncated to T; never joined
+            continue
+        ids, n_docs = torch.tensor([ids[:T]], device=lm.device), n_docs + 1
         mask = torch.ones_like(ids)
         x_in, x_out = model.capture(lm, ids, mask, [key])[key]
-        keep = model.scored(ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))[0]
-        pos = torch.arange(T, device=lm.device)
-        for (lo, hi), m in zip(spans, metrics):
-            k = keep & (pos >= lo) & (pos < hi)
-            if k.any():
-                m.add(x_in[0][k], x_out[0][k], s_out)
+        keep = model.scored(ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))
+        add_by_position(metrics, spans, x_in[0], x_out[0], keep[0], s_out)
         n += T
         bar.update(T)
         if n >= n_tokens:
             break
     bar.close()
     if n == 0:
-        raise ValueError(f"--long-context {T}: the held-out text has fewer than {T} tokens")
+        raise ValueError(f"--long-context {T}: no held-out document of {dataset} has {T} tokens "
+                         f"(BOS included; the longest has {longest}): give a smaller T or a "
+                         f"--dataset of longer documents")
+    if n < n_tokens:
+        print(f"--long-context {T}: only {n_docs} held-out documents have at least {T} tokens; "
+              f"used all {n_docs} ({n:,} tokens of the {n_tokens:,} asked)")
     return [{"positions": f"{lo}-{hi - 1}", "first": lo, "last": hi - 1,
              **{k: r[k] for k in ("n_tokens", "mse", "l0", "explained_variance")}}
-            for (lo, hi), r in zip(spans, (m.result() for m in metrics))]
+            for (lo, hi), r in zip(spans, (m.result() for m in metrics))], n_docs
+
+
+def add_by_position(metrics, spans, x_in, x_out, keep, s_out):
+    """One sequence's scored rows x_in, x_out (T, D), keep (T,), each into its position bucket's
+    Metrics."""
+    pos = torch.arange(len(keep), device=keep.device)
+    for (lo, hi), m in zip(spans, metrics):
+        k = keep & (pos >= lo) & (pos < hi)
+        if k.any():
+            m.add(x_in[k], x_out[k], s_out)
 
 
 def _pyplot():
@@ -331,7 +336,8 @@ def get_args(argv=None):
     g.add_argument("--features", default=None,
                    help="comma list of feature ids to inspect (features.py) instead of metrics")
     g.add_argument("--long-context", type=int, default=0,
-                   help="T: MSE and L0 by position on T-token sequences (§4.5.1); 0 = off")
+                   help="T: MSE and L0 by position on held-out documents of at least T "
+                        "tokens, each truncated to T (§4.5.1); 0 = off")
     g.add_argument("--eval-model", default=None,
                    help="also evaluate on this model's activations at the same site (§4.5.2)")
     p.add_argument("--top", type=int, default=20, help="--features: contexts per feature")
@@ -386,15 +392,15 @@ def run(argv=None):
                                         [int(v) for v in feats], args.tokens, args.top, dataset,
                                         args.html))
     if args.long_context:
-        rows = long_context(lm, tok, for_lm(sae, config, lm), config, args.long_context,
-                            args.tokens, dataset)
-        print_long_context(rows, name, args.long_context, config["context_size"], t0)
+        rows, n_docs = long_context(lm, tok, for_lm(sae, config, lm), config,
+                                    args.long_context, args.tokens, dataset)
+        print_long_context(rows, name, args.long_context, config["context_size"], t0, n_docs)
         if args.plot:
             os.makedirs(args.plot, exist_ok=True)
             path = os.path.join(args.plot, f"{name}-long-context.png")
             plot_long_context(rows, path, name, config["context_size"])
             print(f"plotted {path}")
-        return dump(args, {"T": args.long_context, "buckets": rows})
+        return dump(args, {"T": args.long_context, "documents": n_docs, "buckets": rows})
     core = saebench.Core(sae.n_features) if args.saebench_json else None
     out = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset, core=core)
     if core is not None:
@@ -436,9 +442,9 @@ def write_saebench(args, core, out, sae, config, lm_name, dataset):
     print(f"wrote {args.saebench_json} (SAEBench core)")
 
 
-def print_long_context(rows, name, T, context_size, t0):
-    print(f"{name}: MSE and L0 by position on {T}-token sequences of held-out text (trained on "
-          f"{context_size}; {time.time() - t0:.0f}s)")
+def print_long_context(rows, name, T, context_size, t0, n_docs):
+    print(f"{name}: MSE and L0 by position on {n_docs} held-out documents of at least {T} "
+          f"tokens, each truncated to {T} (trained on {context_size}; {time.time() - t0:.0f}s)")
     print(f"  {'positions':>11} {'tokens':>8} {'mse':>8} {'l0':>7} {'ev':>7}")
     for r in rows:
         print(f"  {r['positions']:>11} {r['n_tokens']:>8,} {r['mse']:>8.4f} {r['l0']:>7.1f} "

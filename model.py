@@ -320,21 +320,27 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
         epoch += 1
 
 
-def token_batches(tok, docs, context_size, lm_batch_size, pool=64, seed=0):
-    """(input_ids, attention_mask), each (B, T): BOS + document truncated to context_size,
-    right-padded. Documents are sorted by length within a pool of pool*B so each batch pads
+def encode_documents(tok, texts):
+    """Token id lists: BOS + each document's tokens (§3.1); no other special token is added."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    return [bos + x for x in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def token_batches(tok, docs, context_size, lm_batch_size, pool=64, seed=0, encode=None):
+    """(input_ids, attention_mask), each (B, T): each item encoded (default: BOS + document,
+    `encode_documents`; `chat_batches` renders conversations), truncated to context_size,
+    right-padded. Items are sorted by length within a pool of pool*B so each batch pads
     little; the pool's batches then come out spread over all lengths (`_spread`, seeded), so
     every prefix of the stream (the first fill's norms, a held-out sample, theta's tokens) draws
     from short and long documents alike and training sees no saw-tooth in document length."""
-    bos, pad = tok.bos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
+    encode = encode or (lambda items: encode_documents(tok, items))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     docs, rng = iter(docs), random.Random(seed)
     while True:
-        texts = [t for _, t in zip(range(pool * lm_batch_size), docs)]
-        if not texts:
+        items = [t for _, t in zip(range(pool * lm_batch_size), docs)]
+        if not items:
             return
-        ids = tok(texts, add_special_tokens=False)["input_ids"]
-        ids = [(([bos] if bos is not None else []) + x)[:context_size] for x in ids]
-        ids.sort(key=len)
+        ids = sorted((x[:context_size] for x in encode(items)), key=len)
         chunks = [ids[i:i + lm_batch_size] for i in range(0, len(ids), lm_batch_size)]
         for chunk in _spread(chunks, rng):
             T = max(len(x) for x in chunk)

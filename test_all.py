@@ -1306,13 +1306,38 @@ def test_long_context_reports_mse_and_l0_by_position(embedded_ckpt, tmp_path, ca
     assert [b["positions"] for b in out["buckets"]] == ["1-63", "64-127", "128-255"]
     assert all(b["n_tokens"] >= 60 and b["mse"] > 0 for b in out["buckets"])
     assert all(b["l0"] == pytest.approx(50, abs=1) for b in out["buckets"])  # TopK: K per token
-    assert sum(b["n_tokens"] for b in out["buckets"]) <= 2 * 255
+    assert sum(b["n_tokens"] for b in out["buckets"]) <= 2 * 255 and out["documents"] == 2
     assert os.path.exists(tmp_path / "L3R-2x-k50-TopK-long-context.png")
-    assert "1-63" in capsys.readouterr().out
+    assert "on 2 held-out documents of at least 256 tokens" in capsys.readouterr().out
     assert evaluate.buckets(4096)[-1] == (2048, 4096) and evaluate.buckets(100) == [(1, 64),
                                                                                    (64, 100)]
     err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "100000"])
     assert "--long-context 100000 is out of range: allowed 2-8192" in err
+
+
+@pytest.mark.slow
+def test_long_context_reads_long_documents_truncated_never_joined(embedded_ckpt, smollm,
+                                                                  monkeypatch, tmp_path, capsys):
+    """§4.5.1: each sequence is the first T tokens of ONE held-out document at least T tokens
+    long (BOS included), each document once; too few such documents is said in one line with
+    the count, none is an error naming the longest document."""
+    _, tok = smollm
+    docs = model.encode_documents(tok, list(model.iter_documents(split="eval", epochs=1)))
+    long_enough = [d[:256] for d in docs if len(d) >= 256]
+    seen, capture = [], model.capture
+    monkeypatch.setattr(model, "capture", lambda lm, ids, *a: seen.append(ids[0].tolist())
+                        or capture(lm, ids, *a))
+    path = str(tmp_path / "long.json")
+    evaluate.main([embedded_ckpt, "--long-context", "256", "--tokens", "100000", "--json", path])
+    assert sorted(seen) == sorted(long_enough) and len(seen) == len(long_enough) == 9
+    out, printed = json.load(open(path)), capsys.readouterr().out
+    assert out["documents"] == 9 and sum(b["n_tokens"] for b in out["buckets"]) == 9 * 255
+    assert "--long-context 256: only 9 held-out documents have at least 256 tokens; used all 9 " \
+           "(2,304 tokens of the 100,000 asked)" in printed
+    longest = max(map(len, docs))
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "512"])
+    assert "no held-out document of wiki-summaries has 512 tokens" in err
+    assert f"the longest has {longest}" in err and longest == 355
 
 
 @pytest.mark.slow
