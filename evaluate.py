@@ -3,15 +3,16 @@
     python evaluate.py out/L15R-8x-k50-TopK.safetensors [--json m.json] [--tokens N] [--plot DIR]
     python evaluate.py out/L15R-8x-k50-TopK-JumpReLU.safetensors --mode topk   # §C: folding hurts?
     python evaluate.py out/L15R-8x-k50-TopK.safetensors --features 12,345 --top 20   # §4.3, §4.6
-    python evaluate.py out/L15R-8x-k50-TopK.safetensors --long-context 4096          # §4.5.1
-    python evaluate.py out/L15R-8x-k50-TopK.safetensors --eval-model ID              # §4.5.2
+    python evaluate.py out/L15R-8x-k50-TopK.safetensors --long-context 8192          # §4.5.1
+    python evaluate.py out/L15R-8x-k50-TopK.safetensors --chat wiki-chat [--eval-model ID] # §4.5.2
     python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
 
 Everything comes from the file: model, layer, site, normalization, the massive-activation limit,
 and where and in what precision to run (its training device type and dtype, when that kind of
 device is here; --device, --dtype override).
 A released SAE (folder or Hub reference) is read by postprocess.load_sae with the authors' recipe.
-Only held-out documents are read (model.py: every 10th document of any dataset). Reported:
+Only held-out documents are read (model.py: every 10th document of any dataset), or chats.
+Reported:
 - L0; explained variance, eq. 6 (`explained_variance` = 1 - sum ||x - x_hat||^2 / sum ||x||^2 over
   all tokens) and the variance-based one peers use (`explained_variance_centered`, denominator
   sum ||x - mean x||^2); `mse` per element in the SAE's normalized training space;
@@ -22,9 +23,11 @@ Only held-out documents are read (model.py: every 10th document of any dataset).
 - firing frequencies (§4.4): `dead_frac` never fires, `ultra_active_frac` fires on > 10% of tokens.
 --features (features.py): per feature its firing frequency, top-activating held-out contexts (also
 in the App. D layout of the rubric prompt) and nearest features by decoder cosine against the
-Johnson-Lindenstrauss baseline (§4.6). --long-context T: MSE and L0 by position on T-token
-sequences (§4.5.1). --eval-model ID: the same metrics on another model's activations at the same
-site, side by side (§4.5.2).
+Johnson-Lindenstrauss baseline (§4.6). --long-context T: MSE and L0 by position on held-out
+documents of at least T tokens, each truncated to T, never joined (§4.5.1). --eval-model ID: the
+same metrics on another model's activations at the same site, side by side; --chat DATA: on
+conversations rendered by the instruct model's chat template, whose special tokens (like every
+token the tokenizer marks special) keep their activation and are not scored (§4.5.2).
 """
 import argparse
 import copy
@@ -132,19 +135,22 @@ def heldout_check(lm, tok, saes, limits, dataset, context_size, lm_batch_size, n
 
 
 @torch.no_grad()
-def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=None):
+def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=None, chat=None):
     """One held-out pass: each batch runs the LM clean (capturing the site), with the SAE spliced
     in, and with the site zero-ablated; KL(clean || patched) of the next-token distributions at
     the scored positions. Returns the metrics dict (firing frequencies (F,) under "freq").
-    core: a saebench.Core that also takes every batch."""
+    core: a saebench.Core that also takes every batch. chat: --chat DATA, conversations rendered
+    by tok's chat template, read instead of dataset's held-out documents (§4.5.2)."""
     layer, site, limit = config["layer"], config["site"], config.get("outlier_norm_limit")
     metrics, kl = Metrics(sae, core), {"kl_div_with_sae": 0.0, "kl_div_ablated": 0.0}
     n_seq = 0
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     ce = {"ce_loss": [0.0, 0], "ce_loss_with_sae": [0.0, 0], "ce_loss_ablated": [0.0, 0]}
     bar = progress(n_tokens, "evaluate")
-    for input_ids, mask in model.document_batches(tok, dataset, "eval", config["context_size"],
-                                                  lm_batch_size, epochs=1):
+    T = config["context_size"]
+    batches = model.chat_batches(tok, chat, T, lm_batch_size) if chat else \
+        model.document_batches(tok, dataset, "eval", T, lm_batch_size, epochs=1)
+    for input_ids, mask in batches:
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         seen = {}
 
@@ -217,18 +223,21 @@ def check_lm(name, sae, config):
     return cfg
 
 
+def chat_tokenizer(names, data):
+    """(name, tokenizer) of the first of names (--eval-model, then the checkpoint's LM) whose
+    tokenizer has a chat template: the instruct model renders every conversation, so both
+    columns of --eval-model read the same token ids (§4.5.2). Checks the data's first row."""
+    found = [(name, model.load_tokenizer(name)) for name in names]
+    found = [(name, tok) for name, tok in found if getattr(tok, "chat_template", None)]
+    if not found:
+        raise ValueError(f"--chat {data}: the tokenizer of {' or '.join(names)} has no chat "
+                         f"template; evaluate an instruct model (--model or --eval-model)")
+    if next(model.iter_chats(data), None) is None:
+        raise ValueError(f"--chat {data}: no conversations")
+    return found[0]
+
+
 # --------------------------------------------------------------------------- long context (§4.5.1)
-
-def long_sequences(tok, docs, T):
-    """(1, T) token ids: BOS, then held-out documents joined by blank lines, cut every T tokens."""
-    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    sep, buf = tok("\n\n", add_special_tokens=False)["input_ids"], []
-    for doc in docs:
-        buf += tok(doc, add_special_tokens=False)["input_ids"] + sep
-        while len(buf) >= T - len(head):
-            yield torch.tensor([head + buf[:T - len(head)]])
-            buf = buf[T - len(head):]
-
 
 def buckets(T):
     """Position buckets [lo, hi): 1-63, then powers of two up to T (position 0 is BOS)."""
@@ -238,32 +247,48 @@ def buckets(T):
 
 @torch.no_grad()
 def long_context(lm, tok, sae, config, T, n_tokens, dataset):
-    """MSE (normalized space, per element), L0 and EV per position bucket over sequences of T
-    tokens, until n_tokens have been read."""
-    key, spans, n = (config["layer"], config["site"]), buckets(T), 0
+    """MSE (normalized space, per element), L0 and EV per position bucket over held-out documents
+    of at least T tokens, each truncated to T, until n_tokens have been read: (rows, documents
+    used). Says so in one line when the split has too few such documents."""
+    key, spans, n, n_docs, longest = (config["layer"], config["site"]), buckets(T), 0, 0, 0
     metrics = [Metrics(sae) for _ in spans]
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     bar = progress(n_tokens, "long context")
-    for ids in long_sequences(tok, model.iter_documents(dataset, "eval", epochs=1), T):
-        ids = ids.to(lm.device)
+    for doc in model.iter_documents(dataset, "eval", epochs=1):
+        ids = model.encode_documents(tok, [doc])[0]  # BOS + document
+        longest = max(longest, len(ids))
+        if len(ids) < T:  # §4.5.1: documents longer than T, each truncated to T; never joined
+            continue
+        ids, n_docs = torch.tensor([ids[:T]], device=lm.device), n_docs + 1
         mask = torch.ones_like(ids)
         x_in, x_out = model.capture(lm, ids, mask, [key])[key]
-        keep = model.scored(ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))[0]
-        pos = torch.arange(T, device=lm.device)
-        for (lo, hi), m in zip(spans, metrics):
-            k = keep & (pos >= lo) & (pos < hi)
-            if k.any():
-                m.add(x_in[0][k], x_out[0][k], s_out)
+        keep = model.scored(ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))
+        add_by_position(metrics, spans, x_in[0], x_out[0], keep[0], s_out)
         n += T
         bar.update(T)
         if n >= n_tokens:
             break
     bar.close()
     if n == 0:
-        raise ValueError(f"--long-context {T}: the held-out text has fewer than {T} tokens")
+        raise ValueError(f"--long-context {T}: no held-out document of {dataset} has {T} tokens "
+                         f"(BOS included; the longest has {longest}): give a smaller T or a "
+                         f"--dataset of longer documents")
+    if n < n_tokens:
+        print(f"--long-context {T}: only {n_docs} held-out documents have at least {T} tokens; "
+              f"used all {n_docs} ({n:,} tokens of the {n_tokens:,} asked)")
     return [{"positions": f"{lo}-{hi - 1}", "first": lo, "last": hi - 1,
              **{k: r[k] for k in ("n_tokens", "mse", "l0", "explained_variance")}}
-            for (lo, hi), r in zip(spans, (m.result() for m in metrics))]
+            for (lo, hi), r in zip(spans, (m.result() for m in metrics))], n_docs
+
+
+def add_by_position(metrics, spans, x_in, x_out, keep, s_out):
+    """One sequence's scored rows x_in, x_out (T, D), keep (T,), each into its position bucket's
+    Metrics."""
+    pos = torch.arange(len(keep), device=keep.device)
+    for (lo, hi), m in zip(spans, metrics):
+        k = keep & (pos >= lo) & (pos < hi)
+        if k.any():
+            m.add(x_in[k], x_out[k], s_out)
 
 
 def _pyplot():
@@ -321,6 +346,11 @@ def get_args(argv=None):
                    help="held-out tokens to evaluate (§4.4 counts never-firing features over "
                         "100K; the whole held-out split when smaller)")
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    p.add_argument("--chat", default=None, metavar="DATA",
+                   help="§4.5.2: evaluate on conversations rendered by the instruct model's chat "
+                        f"template instead of held-out documents: {model.EMBEDDED_CHAT} "
+                        "(embedded), a .jsonl/.json/.parquet file or a Hub dataset id (e.g. "
+                        "allenai/WildChat-1M) with a `messages` or `conversation` column")
     p.add_argument("--model", default=None, help="the LM (default: the one the file names)")
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
                    help="inference of a folded TopK SAE (default: what the file says)")
@@ -338,7 +368,8 @@ def get_args(argv=None):
     g.add_argument("--features", default=None,
                    help="comma list of feature ids to inspect (features.py) instead of metrics")
     g.add_argument("--long-context", type=int, default=0,
-                   help="T: MSE and L0 by position on T-token sequences (§4.5.1); 0 = off")
+                   help="T: MSE and L0 by position on held-out documents of at least T "
+                        "tokens, each truncated to T (§4.5.1); 0 = off")
     g.add_argument("--eval-model", default=None,
                    help="also evaluate on this model's activations at the same site (§4.5.2)")
     p.add_argument("--top", type=int, default=20, help="--features: contexts per feature")
@@ -372,6 +403,10 @@ def run(argv=None):
         raise ValueError(f"--saebench-json {args.saebench_json} needs the LM pass of a plain "
                          f"evaluation (no --activations, --features, --long-context, "
                          f"--eval-model)")
+    if args.chat and (args.activations or feats or args.long_context or args.dataset):
+        raise ValueError(f"--chat {args.chat} replaces the held-out documents of a plain or "
+                         f"--eval-model evaluation: not with --activations, --features, "
+                         f"--long-context or --dataset")
     if args.html and not feats:
         raise ValueError(f"--html {args.html} needs --features (the features to show)")
     name = postprocess.sae_name(args.checkpoint)
@@ -390,34 +425,42 @@ def run(argv=None):
                          f"2-{max_pos} ({lm_name}'s max_position_embeddings)")
     if args.eval_model:
         check_lm(args.eval_model, sae, config)
+    chat_name, chat_tok = chat_tokenizer([n for n in (args.eval_model, lm_name) if n],
+                                         args.chat) if args.chat else (None, None)
+    data = f"chats {args.chat} in {chat_name}'s chat template" if args.chat else \
+        f"held-out {dataset}"
     lm, tok = model.load_model(lm_name, args.device, dtype)
     if feats:
         return dump(args, features.show(lm, tok, for_lm(sae, config, lm), config,
                                         [int(v) for v in feats], args.tokens, args.top, dataset,
                                         args.html))
     if args.long_context:
-        rows = long_context(lm, tok, for_lm(sae, config, lm), config, args.long_context,
-                            args.tokens, dataset)
-        print_long_context(rows, name, args.long_context, config["context_size"], t0)
+        rows, n_docs = long_context(lm, tok, for_lm(sae, config, lm), config,
+                                    args.long_context, args.tokens, dataset)
+        print_long_context(rows, name, args.long_context, config["context_size"], t0, n_docs)
         if args.plot:
             os.makedirs(args.plot, exist_ok=True)
             path = os.path.join(args.plot, f"{name}-long-context.png")
             plot_long_context(rows, path, name, config["context_size"])
             print(f"plotted {path}")
-        return dump(args, {"T": args.long_context, "buckets": rows})
+        return dump(args, {"T": args.long_context, "documents": n_docs, "buckets": rows})
     core = saebench.Core(sae.n_features) if args.saebench_json else None
-    out = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset, core=core)
+    out = lm_metrics(lm, chat_tok or tok, for_lm(sae, config, lm), config, args.tokens, dataset,
+                     core=core, chat=args.chat)
+    out["data"] = data
     if core is not None:
-        write_saebench(args, core, out, sae, config, lm_name, dataset)
+        write_saebench(args, core, out, sae, config, lm_name, args.chat or dataset)
     if not args.eval_model:
-        return report(args, name, sae, out, t0)
+        return report(args, name, sae, out, t0, data)
     del lm
     lm, tok = model.load_model(args.eval_model, args.device, dtype)
-    other = lm_metrics(lm, tok, for_lm(sae, config, lm), config, args.tokens, dataset)
+    other = lm_metrics(lm, chat_tok or tok, for_lm(sae, config, lm), config, args.tokens, dataset,
+                       chat=args.chat)
+    other["data"] = data
     for m in (out, other):
         m.pop("freq")
-    print(f"{name} on two models' activations at L{config['layer']}{config['site']} "
-          f"({time.time() - t0:.0f}s):")
+    print(f"{name} on two models' activations at L{config['layer']}{config['site']}, "
+          f"{data} ({time.time() - t0:.0f}s):")
     side_by_side({lm_name: out, args.eval_model: other}, KEYS)
     return dump(args, {lm_name: out, args.eval_model: other})
 
@@ -446,9 +489,9 @@ def write_saebench(args, core, out, sae, config, lm_name, dataset):
     print(f"wrote {args.saebench_json} (SAEBench core)")
 
 
-def print_long_context(rows, name, T, context_size, t0):
-    print(f"{name}: MSE and L0 by position on {T}-token sequences of held-out text (trained on "
-          f"{context_size}; {time.time() - t0:.0f}s)")
+def print_long_context(rows, name, T, context_size, t0, n_docs):
+    print(f"{name}: MSE and L0 by position on {n_docs} held-out documents of at least {T} "
+          f"tokens, each truncated to {T} (trained on {context_size}; {time.time() - t0:.0f}s)")
     print(f"  {'positions':>11} {'tokens':>8} {'mse':>8} {'l0':>7} {'ev':>7}")
     for r in rows:
         print(f"  {r['positions']:>11} {r['n_tokens']:>8,} {r['mse']:>8.4f} {r['l0']:>7.1f} "
@@ -456,11 +499,12 @@ def print_long_context(rows, name, T, context_size, t0):
               f"{'  beyond the training context' if r['first'] >= context_size else ''}")
 
 
-def report(args, name, sae, out, t0):
+def report(args, name, sae, out, t0, data=None):
     freq = out.pop("freq")
     out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint,
                device=args.device, dtype=args.dtype)
-    print(f"{name} ({sae.act}, {out['n_tokens']:,} held-out tokens, {out['time_s']:.0f}s)")
+    source = f"tokens of {data}" if data else "held-out tokens"
+    print(f"{name} ({sae.act}, {out['n_tokens']:,} {source}, {out['time_s']:.0f}s)")
     for key in KEYS:
         if key in out:
             print((f"  {key:<28} {out[key]:.4f}" if isinstance(out[key], float) else

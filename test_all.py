@@ -247,6 +247,19 @@ def test_special_tokens_and_padding_are_dropped():
     torch.testing.assert_close(rows[(1, "R")], full[ordinary])
 
 
+def test_every_token_the_tokenizer_marks_special_is_unscored():
+    """Not only BOS/EOS/PAD: a chat template's turn markers and every added token flagged special
+    (SmolLM2 flags 17, its all_special_ids lists 3) are never trained on, replaced or scored."""
+    tok = model.load_tokenizer()
+    text = "<|im_start|>user\nThe file <filename>a.py in <repo_name>x<|im_end|>\n"
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    marked = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    assert len(marked) == 17 > len(tok.all_special_ids) and {1, 2, 3, 6} <= set(ids[0].tolist())
+    keep = model.scored(ids, torch.ones_like(ids), tok)[0]
+    assert keep.tolist() == [i not in marked for i in ids[0].tolist()]
+    assert keep.sum() >= 8  # the ordinary tokens are scored
+
+
 def test_token_batches_prepend_bos_truncate_and_pad():
     class Tok:
         bos_token_id, pad_token_id = 1, 2
@@ -299,6 +312,44 @@ def test_holdout_split_is_disjoint_and_deterministic():
     assert len(held) == 1003 and len(train) > 8900  # every 10th of the 10,033 summaries
     assert not train & set(held)
     assert held == list(model.iter_documents(split="eval", epochs=1))
+
+
+def test_chat_batches_render_held_out_chats_with_the_template():
+    """§4.5.2 offline: wiki-chat asks about each held-out article (the SAE never trained on its
+    summary) and answers with the summary; the batches are the chat template's rendering, its
+    own special tokens and no BOS of ours, truncated to the context like documents."""
+    tok, held = model.load_tokenizer(), set(model.iter_documents(split="eval", epochs=1))
+    chats = list(model.iter_chats(model.EMBEDDED_CHAT))
+    assert len(chats) == 1003 and all(c[1]["content"] in held for c in chats)
+    assert len({c[0]["content"].split()[0] for c in chats[:5]}) == 5  # phrasings vary
+    rendered = [tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False)
+                ["input_ids"][:64] for c in chats]  # the template as text, tokenized apart
+    batches = list(model.chat_batches(tok, model.EMBEDDED_CHAT, 64, 16))
+    rows = [r[m.bool()].tolist() for ids, mask in batches for r, m in zip(ids, mask)]
+    assert sorted(rows) == sorted(rendered)
+    start = tok("<|im_start|>system\n", add_special_tokens=False)["input_ids"]
+    assert all(r[:len(start)] == start for r in rows)
+    assert any(tok.convert_tokens_to_ids("<|im_end|>") in r for r in rows)
+    base = types.SimpleNamespace(chat_template=None, name_or_path="some-base-model")
+    with pytest.raises(ValueError, match="some-base-model has no chat template"):
+        model.chat_batches(base, model.EMBEDDED_CHAT, 64, 16)
+
+
+def test_chat_rows_need_messages_or_conversation(tmp_path):
+    """A chat file's rows give `messages`, or `conversation` as WildChat does (its turns' other
+    keys dropped); a row with neither is one line naming the columns it has."""
+    good, bad = tmp_path / "wild.jsonl", tmp_path / "plain.jsonl"
+    turns = [{"role": "user", "content": "hi", "timestamp": 1, "language": "English"},
+             {"role": "assistant", "content": "hello", "timestamp": 2, "language": "English"}]
+    good.write_text(json.dumps({"conversation": turns, "model": "gpt-4"}) + "\n")
+    bad.write_text(json.dumps({"text": "hi", "id": 3}) + "\n")
+    assert list(model.iter_chats(str(good))) == [[{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": "hello"}]]
+    with pytest.raises(ValueError, match="neither a `messages` nor a `conversation` column.*"
+                                         "its columns: text, id"):
+        list(model.iter_chats(str(bad)))
+    with pytest.raises(ValueError, match="--chat ./missing.jsonl: no such file"):
+        list(model.iter_chats("./missing.jsonl"))
 
 
 def test_hook_names_map_back_to_our_sites():
@@ -1384,9 +1435,9 @@ def test_long_context_reports_mse_and_l0_by_position(embedded_ckpt, tmp_path, ca
     assert [b["positions"] for b in out["buckets"]] == ["1-63", "64-127", "128-255"]
     assert all(b["n_tokens"] >= 60 and b["mse"] > 0 for b in out["buckets"])
     assert all(b["l0"] == pytest.approx(50, abs=1) for b in out["buckets"])  # TopK: K per token
-    assert sum(b["n_tokens"] for b in out["buckets"]) <= 2 * 255
+    assert sum(b["n_tokens"] for b in out["buckets"]) <= 2 * 255 and out["documents"] == 2
     assert os.path.exists(tmp_path / "L3R-2x-k50-TopK-long-context.png")
-    assert "1-63" in capsys.readouterr().out
+    assert "on 2 held-out documents of at least 256 tokens" in capsys.readouterr().out
     assert evaluate.buckets(4096)[-1] == (2048, 4096) and evaluate.buckets(100) == [(1, 64),
                                                                                    (64, 100)]
     err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "100000"])
@@ -1394,7 +1445,33 @@ def test_long_context_reports_mse_and_l0_by_position(embedded_ckpt, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_path, capsys):
+def test_long_context_reads_long_documents_truncated_never_joined(embedded_ckpt, smollm,
+                                                                  monkeypatch, tmp_path, capsys):
+    """§4.5.1: each sequence is the first T tokens of ONE held-out document at least T tokens
+    long (BOS included), each document once; too few such documents is said in one line with
+    the count, none is an error naming the longest document."""
+    _, tok = smollm
+    docs = model.encode_documents(tok, list(model.iter_documents(split="eval", epochs=1)))
+    long_enough = [d[:256] for d in docs if len(d) >= 256]
+    seen, capture = [], model.capture
+    monkeypatch.setattr(model, "capture", lambda lm, ids, *a: seen.append(ids[0].tolist())
+                        or capture(lm, ids, *a))
+    path = str(tmp_path / "long.json")
+    evaluate.main([embedded_ckpt, "--long-context", "256", "--tokens", "100000", "--json", path])
+    assert sorted(seen) == sorted(long_enough) and len(seen) == len(long_enough) == 9
+    out, printed = json.load(open(path)), capsys.readouterr().out
+    assert out["documents"] == 9 and sum(b["n_tokens"] for b in out["buckets"]) == 9 * 255
+    assert "--long-context 256: only 9 held-out documents have at least 256 tokens; used all 9 " \
+           "(2,304 tokens of the 100,000 asked)" in printed
+    longest = max(map(len, docs))
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "512"])
+    assert "no held-out document of wiki-summaries has 512 tokens" in err
+    assert f"the longest has {longest}" in err and longest == 355
+
+
+@pytest.mark.slow
+def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_path, capsys,
+                                                   monkeypatch):
     _, tok = smollm
     torch.manual_seed(0)
     other = LlamaForCausalLM(LlamaConfig(
@@ -1417,6 +1494,92 @@ def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_p
     err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--eval-model",
                                                  str(tmp_path / "narrow")])
     assert "checkpoint d_model 576 does not match" in err
+    seen, scored = [], model.scored  # with --chat both columns read the same rendered ids
+    monkeypatch.setattr(model, "scored",
+                        lambda ids, *a: seen.append(ids.tolist()) or scored(ids, *a))
+    out = evaluate.main([embedded_ckpt, "--eval-model", str(tmp_path / "random-llama"),
+                         "--chat", "wiki-chat", "--tokens", "100"])
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0][0][0] == tok.bos_token_id
+    assert out[model.EMBEDDED_MODEL]["data"] == out[str(tmp_path / "random-llama")]["data"] == \
+        f"chats wiki-chat in {tmp_path / 'random-llama'}'s chat template"
+
+
+@pytest.mark.slow
+def test_chat_evaluation_reports_every_key(embedded_ckpt, tmp_path, capsys):
+    """§4.5.2: --chat is the plain evaluation on conversations rendered by the instruct model's
+    chat template, the embedded wiki-chat or a chat file; bad chat data, or --chat with a flag
+    it does not go with, is one line."""
+    path = str(tmp_path / "chat.json")
+    evaluate.main([embedded_ckpt, "--chat", "wiki-chat", "--tokens", "300", "--json", path])
+    m = json.load(open(path))
+    assert set(evaluate.KEYS) <= set(m) and m["n_tokens"] >= 300
+    assert m["ce_loss_ablated"] > m["ce_loss_with_sae"] > m["ce_loss"] > 0
+    assert m["data"] == f"chats wiki-chat in {model.EMBEDDED_MODEL}'s chat template"
+    assert f"tokens of {m['data']}" in capsys.readouterr().out
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {n} plus {n}?"},
+        {"role": "assistant", "content": f"{n} plus {n} is {2 * n}."}]}) + "\n" for n in range(3)))
+    assert evaluate.main([embedded_ckpt, "--chat", str(chats), "--tokens", "20"])["n_tokens"] >= 20
+    bad = tmp_path / "plain.jsonl"
+    bad.write_text(json.dumps({"text": "What is two plus two?"}) + "\n")
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--chat", str(bad)])
+    assert "neither a `messages` nor a `conversation` column" in err and "columns: text" in err
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--chat", "wiki-chat",
+                                                 "--long-context", "256"])
+    assert "not with --activations, --features, --long-context or --dataset" in err
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_splice_leaves_a_chats_special_tokens_unreplaced_and_unscored(smollm, tmp_path,
+                                                                         monkeypatch):
+    """On a rendered chat the site keeps its clean activation exactly at every special token
+    (the template's turn markers, a <filename> the user typed) and takes the reconstruction at
+    every other token; predictions made at special tokens are not scored."""
+    lm, tok = smollm
+    path = tmp_path / "code.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "What does <filename> mean in a code prompt?"},
+        {"role": "assistant", "content": "It marks where the file's name goes."}]}) + "\n")
+    sae = SAE(576, 1152)
+    sae.set_norms_(torch.ones(1, 576), torch.ones(1, 576))
+    monkeypatch.setattr(evaluate, "reconstruct", lambda sae, x_in, **k: x_in + 1)
+    config = {"layer": 3, "site": "R", "context_size": 1024, "outlier_norm_limit": None,
+              "dataset_average_activation_norm": {"in": 1.0, "out": 1.0}}
+    seen = []  # the input of block 4, i.e. the site's output after the splice, for each pass
+    hook = lm.model.layers[4].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args or [kwargs["hidden_states"]])[0][0]),
+        with_kwargs=True)
+    try:
+        m = evaluate.lm_metrics(lm, tok, sae, config, 10**6, None, chat=str(path))
+    finally:
+        hook.remove()
+    clean, spliced, ablated = seen  # (T, D) each
+    ids, mask = next(iter(model.chat_batches(tok, str(path), 1024, 8)))
+    special = torch.isin(ids[0], torch.tensor(model.special_ids(tok)))  # (T,)
+    assert mask.all() and {1, 2, 6} <= set(ids[0][special].tolist())  # turns and <filename>
+    assert torch.equal(spliced[special], clean[special])
+    assert torch.equal(ablated[special], clean[special])
+    assert torch.equal(spliced[~special], clean[~special] + 1)  # the "reconstruction"
+    assert ablated[~special].eq(0).all()
+    logits = lm(input_ids=ids, attention_mask=mask).logits[0, :-1]
+    ok = ~special[:-1]  # predictions made at ordinary tokens
+    assert m["ce_loss"] == pytest.approx(F.cross_entropy(logits[ok], ids[0, 1:][ok]).item(),
+                                         rel=1e-5)
+    assert m["n_tokens"] == (~special).sum().item()
+
+
+def test_chats_are_rendered_by_the_instruct_models_tokenizer(monkeypatch):
+    """--eval-model's tokenizer renders the chats when it has a chat template, else the
+    checkpoint LM's; neither is one line naming both."""
+    toks = {"base": types.SimpleNamespace(chat_template=None),
+            "instruct": types.SimpleNamespace(chat_template="{{ messages }}")}
+    monkeypatch.setattr(model, "load_tokenizer", toks.get)
+    assert evaluate.chat_tokenizer(["instruct", "base"], "wiki-chat")[0] == "instruct"
+    assert evaluate.chat_tokenizer(["base", "instruct"], "wiki-chat")[0] == "instruct"
+    with pytest.raises(ValueError, match="the tokenizer of base or other has no chat template"):
+        evaluate.chat_tokenizer(["base", "other"], "wiki-chat")
 
 
 def test_released_transcoder_reads_our_gain_applied_mlp_input():
