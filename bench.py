@@ -5,7 +5,8 @@
 - `sae_step_ms`: forward + backward + Adam of one TopK step; `encoder_matmul_ms`: the one dense
   product x W_enc^T that any SAE step must do (the floor); `step_over_floor` = their ratio. The
   same for the dense reference (`SAE.forward_dense`), for the record. Also at Llama-3.1-8B 8x
-  shapes, fewer rows.
+  shapes, fewer rows. Weights and Adam are float32, the matmuls run in --dtype (as train.py);
+  under bfloat16 `pure_step_ms` times the step with bf16 weights as well, for comparison.
 - `lm_tok_s`: tokens/s of the early-stopped LM forward for several layers and the full depth.
 - `multi_sae`: seconds per token of training S SAEs at one layer from one LM forward, S = 1 and 4.
 - `peak_rss_mb`: peak memory of a short run with the default flags.
@@ -55,19 +56,29 @@ def train_step(forward, sae, opt, x, device, reduce_grads_=lambda sae: None):
 
 
 def sae_step(d, f, k, rows, repeat, dtype, device):
-    """ms of one TopK training step (sparse and dense) and of the encoder matmul alone."""
+    """ms of one TopK training step (sparse and dense) and of the encoder matmul alone, as
+    train.py runs it: float32 weights and Adam, the matmuls (and the rows) in dtype. Under a
+    dtype other than float32, also the step with the weights themselves in dtype (`pure_step_ms`:
+    what the speed of fp32 master weights costs; README, Precision)."""
     torch.manual_seed(0)
-    sae = SAE(d, f, k=k).to(device, dtype)
+    sae = SAE(d, f, k=k).to(device)
     sae.set_norms_(torch.ones(1, d), torch.ones(1, d))
+    sae.compute_dtype = dtype
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as train.py
     x = torch.randn(rows, d, device=device, dtype=dtype)
     with torch.no_grad():
-        matmul = timed(lambda: (torch.addmm(sae.b_enc, x, sae.W_enc.T), sync(device)), repeat)
+        W, b = sae.W_enc.to(dtype), sae.b_enc.to(dtype)
+        matmul = timed(lambda: (torch.addmm(b, x, W.T), sync(device)), repeat)
     sparse = timed(train_step(sae.forward, sae, opt, x, device), repeat)
     dense = timed(train_step(sae.forward_dense, sae, opt, x, device), max(1, repeat // 2))
-    return {"d_model": d, "n_features": f, "k": k, "rows": rows, "encoder_matmul_ms": matmul,
-            "sae_step_ms": sparse, "step_over_floor": sparse / matmul,
-            "dense_step_ms": dense, "dense_step_over_floor": dense / matmul}
+    out = {"d_model": d, "n_features": f, "k": k, "rows": rows, "encoder_matmul_ms": matmul,
+           "sae_step_ms": sparse, "step_over_floor": sparse / matmul,
+           "dense_step_ms": dense, "dense_step_over_floor": dense / matmul}
+    if dtype != torch.float32:
+        sae.to(dtype).compute_dtype = None
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+        out["pure_step_ms"] = timed(train_step(sae.forward, sae, opt, x, device), repeat)
+    return out
 
 
 def tp_worker(rank, tp, port, d, f, k, rows, repeat, device, result):
@@ -148,12 +159,12 @@ def main():
                    help="tokens per multi-SAE run; 0 = skip")
     p.add_argument("--tp", type=int, default=2,
                    help="also time the step sharded over this many processes; 0 = skip")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default=model.default_device())
+    p.add_argument("--dtype", default=None, help="the matmuls' and the rows' precision "
+                   "(default: bfloat16 on GPU, float32 on CPU, as train.py); weights float32")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda")
-                                          else "float32"))
+    dtype = getattr(torch, args.dtype or model.default_dtype(args.device))
     res = {"device": args.device, "dtype": str(dtype), "threads": torch.get_num_threads()}
     if args.multi_tokens:  # first: Linux counts a child's peak as at least this process's size
         cmd = [sys.executable, "train.py", "--total-tokens", "70000", "--eval-tokens", "0",
@@ -166,11 +177,12 @@ def main():
     for key in ("sae_small", "sae_llama8b_8x"):
         if key in res:
             r = res[key]
+            pure = f" | weights in {str(dtype)[6:]} too (pure): {r['pure_step_ms']:.1f} ms" \
+                if "pure_step_ms" in r else ""
             print(f"SAE step D={r['d_model']} F={r['n_features']} K={r['k']} rows={r['rows']}: "
                   f"step {r['sae_step_ms']:.1f} ms | encoder matmul "
-                  f"{r['encoder_matmul_ms']:.1f} ms"
-                  f" | step_over_floor {r['step_over_floor']:.2f} | dense reference "
-                  f"{r['dense_step_over_floor']:.2f}")
+                  f"{r['encoder_matmul_ms']:.1f} ms | step_over_floor {r['step_over_floor']:.2f} | "
+                  f"dense reference {r['dense_step_over_floor']:.2f}{pure}")
     if args.tp:
         r = res["sae_small"]
         ms = tp_step(args.tp, 576, 4608, 50, args.rows, args.repeat, args.device)

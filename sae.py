@@ -36,10 +36,10 @@ class TopKEncode(torch.autograd.Function):
         # (about 2x faster than a sparse COO matmul here); x takes the place of the output
         # gradient.
         with torch.enable_grad():
-            W = torch.zeros(ctx.n_features, x.shape[1], device=x.device, dtype=x.dtype,
-                            requires_grad=True)
+            W = torch.zeros(ctx.n_features, x.shape[1], device=x.device, dtype=g.dtype,
+                            requires_grad=True)  # g: the values' dtype (bf16 x, fp32 weights)
             out = F.embedding_bag(idx, W, per_sample_weights=g, mode="sum")
-            grad_W, = torch.autograd.grad(out, W, grad_outputs=x)  # (F, D)
+            grad_W, = torch.autograd.grad(out, W, grad_outputs=x.to(g.dtype))  # (F, D)
         grad_b = torch.zeros(ctx.n_features, device=x.device, dtype=g.dtype)
         grad_b.index_add_(0, idx.flatten(), g.flatten())  # (F,)
         return None, grad_W, grad_b, None, None, None
@@ -160,10 +160,11 @@ class SAE(torch.nn.Module):
 
     def forward_dense(self, x, k=None):
         """Reference TopK, eq. 5 spelled out densely: the tests check `forward` against it."""
-        h = F.relu(x @ self.W_enc.T + self.b_enc)  # (N, F)
-        idx = (h * self.rank_scale()).topk(k or self.k, dim=-1).indices  # (N, K)
-        f = torch.zeros_like(h).scatter(1, idx, h.gather(1, idx))  # (N, F), K nonzeros per row
-        return f @ self.W_dec + self.b_dec, f
+        with self.autocast():
+            h = F.relu(self.pre_acts(x))  # (N, F)
+            idx = (h * self.rank_scale()).topk(k or self.k, dim=-1).indices  # (N, K)
+            f = torch.zeros_like(h).scatter(1, idx, h.gather(1, idx))  # (N, F), K nonzeros
+            return f @ self.W_dec + self.b_dec, f
 
     def loss(self, x_in, x_out, k=None, l1_coef=0.0, batch_norm_mse=False):
         """Loss and metrics for one minibatch of RAW activations (N, D) each."""
