@@ -355,12 +355,7 @@ def get_args(argv=None):
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
                    help="inference of a folded TopK SAE (default: what the file says)")
     p.add_argument("--plot", default=None, help="folder for the PNG plot (Fig. 4, or Fig. 5)")
-    p.add_argument("--device", default=None,
-                   help="default: where it trained if that kind of device is here, else as "
-                        "train.py chooses")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the LM and the SAE's matmuls (default: as trained on that device, "
-                        "else as train.py chooses)")
+    postprocess.placement_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--activations", default=None,
                    help="evaluate on pre-saved rows (no CE): a safetensors file of "

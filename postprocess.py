@@ -104,6 +104,16 @@ def load_sae(path, device="cpu", model_name=None):
     return sae, config
 
 
+def placement_args(p):
+    """--device and --dtype, for `placement` (postprocess.py and evaluate.py)."""
+    p.add_argument("--device", default=None,
+                   help="default: where it trained if that kind of device is here, else as "
+                        "train.py chooses")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the LM and the SAE's matmuls (default: as trained on that device, "
+                        "else as train.py chooses)")
+
+
 def placement(config, device=None, dtype=None):
     """(device, dtype, note) to run a checkpoint in: the flags; else where and in what precision
     it trained (`device`, `dtype` in its config) when that kind of device is here; else
@@ -188,12 +198,7 @@ def run(argv=None):
                         "sae_weights.safetensors, sparsity.safetensors)")
     p.add_argument("--architecture", choices=["jumprelu", "topk"], default="jumprelu",
                    help="SAELens architecture for --export-saelens (Vanilla SAEs: standard)")
-    p.add_argument("--device", default=None,
-                   help="default: where it trained if that kind of device is here, else as "
-                        "train.py chooses")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the LM and the SAE's matmuls (default: as trained on that device, "
-                        "else as train.py chooses)")
+    placement_args(p)
     args = p.parse_args(argv)
     sae, config = load_sae(args.checkpoint, model_name=args.model)
     ours = os.path.isfile(args.checkpoint)
