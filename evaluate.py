@@ -227,14 +227,16 @@ def chat_tokenizer(names, data):
     """(name, tokenizer) of the first of names (--eval-model, then the checkpoint's LM) whose
     tokenizer has a chat template: the instruct model renders every conversation, so both
     columns of --eval-model read the same token ids (§4.5.2). Checks the data's first row."""
-    found = [(name, model.load_tokenizer(name)) for name in names]
-    found = [(name, tok) for name, tok in found if getattr(tok, "chat_template", None)]
-    if not found:
+    for name in names:  # loaded up to the first with a template only
+        tok = model.load_tokenizer(name)
+        if getattr(tok, "chat_template", None):
+            break
+    else:
         raise ValueError(f"--chat {data}: the tokenizer of {' or '.join(names)} has no chat "
                          f"template; evaluate an instruct model (--model or --eval-model)")
     if next(model.iter_chats(data), None) is None:
         raise ValueError(f"--chat {data}: no conversations")
-    return found[0]
+    return name, tok
 
 
 # --------------------------------------------------------------------------- long context (§4.5.1)
@@ -446,7 +448,7 @@ def run(argv=None):
     if core is not None:
         write_saebench(args, core, out, sae, config, lm_name, args.chat or dataset)
     if not args.eval_model:
-        return report(args, name, sae, out, t0, data)
+        return report(args, name, sae, out, t0)
     del lm
     lm, tok = model.load_model(args.eval_model, args.device, dtype)
     other = lm_metrics(lm, chat_tok or tok, for_lm(sae, config, lm), config, args.tokens, dataset,
@@ -494,11 +496,11 @@ def print_long_context(rows, name, T, context_size, t0, n_docs):
               f"{'  beyond the training context' if r['first'] >= context_size else ''}")
 
 
-def report(args, name, sae, out, t0, data=None):
+def report(args, name, sae, out, t0):
     freq = out.pop("freq")
     out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint,
                device=args.device, dtype=args.dtype)
-    source = f"tokens of {data}" if data else "held-out tokens"
+    source = f"tokens of {out['data']}" if "data" in out else "held-out tokens"
     print(f"{name} ({sae.act}, {out['n_tokens']:,} {source}, {out['time_s']:.0f}s)")
     for key in KEYS:
         if key in out:

@@ -162,13 +162,14 @@ def needs_lm(args, config, rows):
     """Whether this run needs the LM (rows: theta or firing counts are wanted), checked before
     any slow work: the training rows come from it unless --activations, a transcoder's export
     needs its RMSNorm gain."""
+    from_text = rows and not args.activations
     gain = args.export_saelens and model.is_transcoder(config["site"]) \
         and not config.get("tc_input_before_gain")
-    if (rows and not args.activations or gain) and not config.get("model_name"):
+    if (from_text or gain) and not config.get("model_name"):
         raise ValueError("trained on --activations: give --activations FILE to fit theta" if
                          not gain else "--export-saelens of a transcoder needs its LM's "
                          "RMSNorm gain: give --model (it was trained on --activations)")
-    return bool(rows and not args.activations or gain)
+    return bool(from_text or gain)
 
 
 def inputs(args, sae, config, lm, tok):
