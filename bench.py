@@ -27,6 +27,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+import data
 import model
 import parallel
 from sae import SAE
@@ -44,7 +45,8 @@ def timed(fn, repeat):
 
 
 def train_step(forward, sae, opt, x, device, reduce_grads_=lambda sae: None):
-    """One training step to time: forward, MSE, backward, gradient reduction (parallel.py), Adam."""
+    """One training step to time: forward, MSE, backward, gradient reduction (parallel.py),
+    Adam."""
     def run():
         x_hat, _ = forward(x)
         opt.zero_grad(set_to_none=True)
@@ -118,8 +120,8 @@ def sync(device):
 def lm_speed(layers, tokens, lm_batch_size, device, dtype):
     """tokens/s of the early-stopped forward on embedded text, per deepest layer."""
     lm, tok = model.load_model(device=device, dtype=dtype)
-    docs = list(model.iter_documents(split="train", epochs=1))[:2000]
-    batches = list(model.token_batches(tok, docs, 1024, lm_batch_size))
+    docs = list(data.iter_documents(split="train", epochs=1))[:2000]
+    batches = list(data.token_batches(tok, docs, 1024, lm_batch_size))
     out = {}
     for layer in layers:
         n, t = 0, time.perf_counter()
@@ -181,7 +183,8 @@ def main():
                 if "pure_step_ms" in r else ""
             print(f"SAE step D={r['d_model']} F={r['n_features']} K={r['k']} rows={r['rows']}: "
                   f"step {r['sae_step_ms']:.1f} ms | encoder matmul "
-                  f"{r['encoder_matmul_ms']:.1f} ms | step_over_floor {r['step_over_floor']:.2f} | "
+                  f"{r['encoder_matmul_ms']:.1f} ms | step_over_floor "
+                  f"{r['step_over_floor']:.2f} | "
                   f"dense reference {r['dense_step_over_floor']:.2f}{pure}")
     if args.tp:
         r = res["sae_small"]

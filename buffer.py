@@ -1,36 +1,37 @@
 """The producer/consumer activation buffer of App. A.1, serving every row `passes` times.
 
-Activations of neighbouring positions in one document are highly correlated (§3.1), so the SAE must
-see them in random order, yet holding a whole dataset of activations is impossible at scale. The
-buffer holds `size` rows. Training starts when it is full; each minibatch takes the next unread
+Activations of neighbouring positions in one document are highly correlated (§3.1), so the SAE
+must see them in random order, yet holding a whole dataset of activations is impossible at scale.
+The buffer holds `size` rows. Training starts when it is full; each minibatch takes the next unread
 rows; when half of the buffer has been read, the rows that are used up are replaced by new rows
 from the producer and the WHOLE buffer is shuffled, so new rows mix with the old ones.
 
 With passes = 1 (the paper) every produced row is served exactly once. A short run on a slow LM
-serves each row `passes` times instead (train.py chooses how many): a row stays in the buffer until
-it has been served that often, so the LM makes 1/passes of the rows the SAE trains on, and the
-memory stays `size` rows however long the run. The first fill starts with staggered use counts
-(1..passes), so the buffer mixes old and new rows from the first refill on instead of replaying
-its first fill `passes` times.
+serves each row `passes` times instead (recipe.budget_rule chooses how many): a row stays in the
+buffer until it has been served that often, so the LM makes 1/passes of the rows the SAE trains
+on, and the memory stays `size` rows however long the run. The first fill starts with staggered
+use counts (1..passes), so the buffer mixes old and new rows from the first refill on instead of
+replaying its first fill `passes` times.
 
-The producer is any iterator of (n, C) tensors (n may vary, C fixed): the LM (model.py), or
-pre-saved activations (App. A.3, `file_producer`). This file imports nothing from the project.
+The producer is any iterator of (n, C) tensors (n may vary, C fixed): the LM's rows
+(data.activation_producer), or pre-saved activations (App. A.3, activations.py). This file imports
+nothing from the project, so it is tested with a fake producer.
 """
 import collections
 import math
 
 import torch
-from tqdm import tqdm
 
 
 class ActivationBuffer:
-    def __init__(self, producer, size, batch_size, seed=0, device="cpu", limit=None, passes=1):
-        """limit: rows to serve in all (None: endless); the producer is asked for no row the run
-        will not use. passes: how many times each row is served."""
+    def __init__(self, producer, size, batch_size, seed=0, device="cpu", rows_to_serve=None,
+                 passes=1):
+        """rows_to_serve: in all (None: endless); the producer is asked for no row the run will
+        not use. passes: how many times each row is served."""
         assert batch_size <= size // 2, "batch_size must be at most half the buffer"
         self.producer, self.size, self.batch_size = iter(producer), size, batch_size
         self.passes, self.device = passes, device
-        self.remaining = float("inf") if limit is None else limit  # rows still to serve
+        self.remaining = math.inf if rows_to_serve is None else rows_to_serve  # still to serve
         self.generator = torch.Generator().manual_seed(seed)
         self.pending = []  # rows made by the producer that did not fit yet, served first next time
         self.data = None  # (n, C), n <= size, allocated at the first fill
@@ -61,7 +62,7 @@ class ActivationBuffer:
     def _refill(self):
         """Drop the used-up rows, add as many new rows as fit and the run still needs, shuffle."""
         if self.data is None:  # the first fill: use counts staggered over 1..passes
-            new = self._take(min(self.size, _ceil(self.remaining * 2 / (self.passes + 1))))
+            new = self._take(min(self.size, first_fill_rows(self.remaining, self.passes)))
             if new is None:
                 raise RuntimeError("the activation producer yielded no rows")
             self.data = new
@@ -96,10 +97,6 @@ class ActivationBuffer:
         self.remaining -= self.batch_size
         return batch
 
-    def __iter__(self):
-        while (batch := self.next_batch()) is not None:
-            yield batch
-
     def state_dict(self):
         """Everything needed to continue exactly: rows and their uses, read pointer, pending rows,
         RNG state."""
@@ -118,6 +115,12 @@ class ActivationBuffer:
 
 def _ceil(x):
     return x if x == math.inf else math.ceil(x)
+
+
+def first_fill_rows(rows_to_serve, passes):
+    """Rows the first fill needs: its rows' use counts are staggered over 1..passes, so they
+    serve (passes + 1) / 2 times each on average. A buffer of this size holds a short run whole."""
+    return _ceil(rows_to_serve * 2 / (passes + 1))
 
 
 class FanOut:
@@ -152,36 +155,3 @@ class FanOut:
         for q, saved in zip(self.queues.values(), state["queues"]):
             q.clear()
             q.extend(saved)
-
-
-def progress(n_tokens, desc):
-    """A bar with rate and ETA over n_tokens, on a terminal only: logs stay clean."""
-    return tqdm(total=n_tokens, desc=desc, unit="tok", unit_scale=True, leave=False,
-                disable=None if desc else True)
-
-
-def take_rows(rows, n, desc=None):
-    """At least n rows from a producer, as one tensor (a buffer takes n and keeps the rest).
-    desc: the name of its progress bar (none without)."""
-    got, have, bar = [], 0, progress(n, desc)
-    for x in rows:
-        got.append(x)
-        have += len(x)
-        bar.update(min(len(x), n - bar.n))
-        if have >= n:
-            break
-    bar.close()
-    if have == 0:
-        raise ValueError("the dataset yielded no tokens (every document empty or special tokens "
-                         "only)")
-    return torch.cat(got)
-
-
-def file_producer(rows, chunk=4096, seed=0):
-    """Pre-saved activation rows (N, C) as an endless producer, in a new random order every
-    epoch."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(rows), generator=g)
-        for i in range(0, len(rows), chunk):
-            yield rows[perm[i:i + chunk]]

@@ -5,8 +5,8 @@ the N documents where it peaks highest (a window of tokens with the activating t
 per-token activations laid out as in App. D, ready to paste into the monosemanticity rubric
 prompt), and its nearest features by decoder cosine similarity against the Johnson-Lindenstrauss
 baseline eps = sqrt(12 ln F / D): neighbours above it are non-trivially similar (§4.6).
-Kept apart from evaluate.py (metrics) for length; the scored tokens are model.scored's, as in
-training and evaluation.
+The metrics are metrics.py's; the scored tokens are data.scored's, as in training and
+evaluation.
 Shapes: B sequences, T tokens, N rows, D model width, F features.
 """
 import html
@@ -15,9 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+import data
 import model
-import postprocess
-from buffer import progress
+from tracking import progress
 
 BEFORE, AFTER = 24, 8  # tokens of context shown before and after the activating token
 NEIGHBOURS = 8  # nearest features by decoder cosine shown per feature
@@ -39,11 +39,11 @@ def feature_pass(lm, tok, sae, config, feats, n_tokens, dataset, lm_batch_size=8
     """One pass over held-out documents for every requested feature: [(ids (T,), acts (T, n))]
     per document (0 at unscored tokens) and the number of scored tokens."""
     key, docs, n, bar = (config["layer"], config["site"]), [], 0, progress(n_tokens, "features")
-    for input_ids, mask in model.document_batches(tok, dataset, "eval", config["context_size"],
+    for input_ids, mask in data.document_batches(tok, dataset, "eval", config["context_size"],
                                                   lm_batch_size, epochs=1):
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         x_in, x_out = model.capture(lm, input_ids, mask, [key])[key]
-        keep = model.scored(input_ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))
+        keep = data.scored(input_ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))
         acts = torch.zeros(*keep.shape, len(feats), device=lm.device)  # (B, T, n)
         acts[keep] = feature_acts(sae, x_in[keep], feats).to(acts.dtype)
         docs += [(ids[m].cpu(), a[m].float().cpu()) for ids, m, a in
@@ -171,11 +171,8 @@ def html_page(out, title):
 
 def show(lm, tok, sae, config, feats, n_tokens, top, dataset, html_path=None):
     """Inspect and print features, and write the page to html_path; returns what --json writes.
-    An unfolded SAE is folded first (steps 1-2, exact): activations are then raw magnitudes along
-    unit decoder directions."""
-    if not config.get("folded"):
-        postprocess.fold_norm_(sae)
-        postprocess.unit_decoder_(sae)
+    sae in inference form (inference.load_sae): activations are raw magnitudes along unit
+    decoder directions."""
     docs, n = feature_pass(lm, tok, sae, config, feats, n_tokens, dataset)
     out = inspect_features(docs, n, sae, feats, top, tok)
     print_features(out)
@@ -184,4 +181,3 @@ def show(lm, tok, sae, config, feats, n_tokens, top, dataset, html_path=None):
             f.write(html_page(out, f"L{config['layer']}{config['site']} features"))
         print(f"wrote {html_path}")
     return out
-

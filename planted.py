@@ -10,7 +10,8 @@ scaled and offset as real activations are (their mean is far from 0, their norm 
 SAE with the same F, trained by train.py with its defaults (flags: only the width, K and the
 budget), should recover them: we print the share of planted directions whose best-matching
 decoder row has cosine > 0.9, with EV and the never-fired share on fresh rows. No tuning per shape.
-This is a benchmark that prints numbers (README), not a test; test_all.py runs a small case.
+This is a benchmark that prints numbers (docs/quality.md), not a test; test_all.py runs a small
+case.
 """
 import argparse
 import os
@@ -21,7 +22,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-import evaluate
+import metrics
 from formats import load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,11 +74,11 @@ def train_flags(path, k, tokens, folder):
 def score(checkpoint, held, dirs):
     """(recovered, EV, never-fired share) of a trained checkpoint on held-out planted rows."""
     sae, _ = load_checkpoint(checkpoint)
-    m = evaluate.reconstruction_metrics(sae, held)
+    m = metrics.reconstruction_metrics(sae, held)
     return recovered(sae, dirs), m["explained_variance"], m["dead_frac"]
 
 
-def run(d, k, tokens, tp, folder):
+def train_and_score(d, k, tokens, tp, folder):
     """Train on planted rows with train.py's defaults (a process, or tp under torchrun);
     (recovered, EV, never-fired share, the budget rule it printed)."""
     path, held, dirs = make_data(d, k, tokens, folder)
@@ -105,7 +106,7 @@ def main(argv=None):
         for shape in args.shapes.split(","):
             d, k = (int(v) for v in shape.split(":"))
             for tp in (int(v) for v in args.tp.split(",")):
-                rec, ev, dead, rule = run(d, k, args.tokens, tp, folder)
+                rec, ev, dead, rule = train_and_score(d, k, args.tokens, tp, folder)
                 print(f"{d:>4} {EXPANSION * d:>5} {k:>3} {tp:>3} {rec:>10.3f} {ev:>7.3f} "
                       f"{100 * dead:>11.1f}%   {rule.partition(': ')[2].split(' (')[0]}",
                       flush=True)

@@ -2,8 +2,8 @@
 
     h = ReLU(W_enc x + b_enc);  keep the K largest h_i * ||W_dec[i]||;  x_hat = W_dec^T f + b_dec
 
-The math only: schedules are in train.py beside the loop, folding and JumpReLU in postprocess.py,
-sharding in parallel.py, files in formats.py. Shapes: N rows, D model width, F features, K active.
+The math only: the schedules are recipe.py's, folding and JumpReLU inference.py's, sharding
+parallel.py's, files formats.py's. Shapes: N rows, D model width, F features, K active.
 """
 import math
 
@@ -61,18 +61,18 @@ class SAE(torch.nn.Module):
     paper's column W_dec[:, i]) so the sparse decoder gathers contiguous rows; checkpoints use the
     released (D, F) layout. Decoder norms are never renormalized during training: they enter the
     ranking instead (§2.4). A transcoder is the same map with a target other than its input.
-    S_in = sqrt(D) / E||x_in||, S_out = sqrt(D) / E||x_out|| (§3.3.3): one scalar each, kept as the
-    dataset average norms `norm_in`, `norm_out` (0 until `set_norms_` sees data).
+    S_in = sqrt(D) / E||x_in||, S_out = sqrt(D) / E||x_out|| (§3.3.3): one scalar each, kept as
+    the dataset average norms `norm_in`, `norm_out` (0 until `set_norms_` sees data).
     `compute_dtype` (e.g. bfloat16, the paper's GPU precision): the matmuls run in it (autocast)
     while the parameters, their gradients and Adam's state keep their own dtype (float32). Pure
-    bf16 parameters would round away any update below ~2^-9 of a weight (README)."""
+    bf16 parameters would round away any update below ~2^-9 of a weight (docs/precision.md)."""
 
     def __init__(self, d_model, n_features, act="topk", k=50, transcoder=False,
                  init_decoder_norm=None, rank_by_decoder_norm=True, threshold=None):
         super().__init__()
         assert act in ("topk", "vanilla", "jumprelu")
         self.d_model, self.n_features, self.act, self.k = d_model, n_features, act, k
-        self.threshold = threshold  # JumpReLU inference (postprocess.py): f_i = h_i if h_i > theta
+        self.threshold = threshold  # JumpReLU (inference.py): f_i = h_i if h_i > theta
         self.transcoder, self.rank_by_decoder_norm = transcoder, rank_by_decoder_norm
         self.W_enc = torch.nn.Parameter(torch.empty(n_features, d_model))
         self.b_enc = torch.nn.Parameter(torch.zeros(n_features))
@@ -187,7 +187,8 @@ class SAE(torch.nn.Module):
 
 
 def firing_counts(f, n_features):
-    """(F,) how many rows of this batch each feature fired on, from (values, indices) or dense f."""
+    """(F,) how many rows of this batch each feature fired on, from (values, indices) or
+    dense f."""
     if isinstance(f, tuple):
         vals, idx = f
         return torch.bincount(idx[vals > 0], minlength=n_features)

@@ -2,12 +2,13 @@
 
 The community compares SAEs with SAEBench (Karvonen et al.); its core eval writes a JSON that its
 pydantic model `sae_bench.evals.core.eval_output.CoreEvalOutput` validates. This file computes the
-same numbers with SAEBench's own formulas, on evaluate.py's pass over held-out documents (the
-site zero-ablated for the ablation baselines, special tokens excluded), and writes that JSON.
+same numbers with SAEBench's own formulas, on metrics.lm_metrics's pass over held-out documents
+(the site zero-ablated for the ablation baselines, special tokens excluded), and writes that JSON.
 Where SAEBench's formula is not the textbook one, we follow SAEBench (noted inline), so numbers
 compare; our own JSON keeps the paper's eq. 6 under `explained_variance`.
 Shapes: N rows, D model width, F features, V vocabulary.
 """
+import json
 import math
 import time
 import uuid
@@ -91,9 +92,31 @@ def max_cosine(W, chunk=4096):
     return torch.cat(out)
 
 
+def write(path, core, out, sae, config, dtype, dataset, details=False):
+    """SAEBench's core results file for one evaluate.py pass: out is metrics.lm_metrics's dict,
+    sae in inference form (inference.load_sae), so l1 and the per-feature values are those of
+    the folded features, as in its SAELens export."""
+    eval_config = dict(
+        model_name=config["model_name"], llm_dtype=dtype,
+        batch_size_prompts=8, n_eval_reconstruction_batches=core.batches,
+        n_eval_sparsity_variance_batches=core.batches, dataset=dataset,
+        context_size=config["context_size"], compute_kl=True, compute_ce_loss=True,
+        compute_l2_norms=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True,
+        exclude_special_tokens_from_reconstruction=True, verbose=False)
+    result = output(
+        core, {"clean": out["ce_loss"], "sae": out["ce_loss_with_sae"],
+               "ablated": out["ce_loss_ablated"]},
+        {"sae": out["kl_div_with_sae"], "ablated": out["kl_div_ablated"]}, sae, config,
+        eval_config, details)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def output(core, ce, kl, sae, config, eval_config, details=False):
     """The CoreEvalOutput JSON (a dict). ce: {"clean", "sae", "ablated"} mean CE; kl: {"sae",
-    "ablated"} mean KL; sae in raw space (folded or not: weight metrics use its own weights)."""
+    "ablated"} mean KL; sae in raw space (weight metrics use its own weights)."""
     metrics, density = core.metrics()
     enc_max, dec_max = max_cosine(sae.W_enc.detach()), max_cosine(sae.W_dec.detach())
     over = {p: density > p / 100 for p in (1, 10)}

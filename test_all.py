@@ -31,23 +31,31 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import activations
 import buffer
+import data
 import evaluate
 import formats
+import inference
+import interop
+import metrics
 import model
 import parallel
+import plan
 import planted as planted_bench
 import postprocess
+import recipe
 import saebench
 import tracking
 import train
 from sae import SAE
-from train import k_at, lr_at
+from recipe import k_at, lr_at
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ================================================================================== shared fixtures
+# ================================================================================= shared fixtures
 # Small models and data that several sections use, and the one-line-error check.
 
 
@@ -120,9 +128,9 @@ def embedded_ckpt(tmp_path_factory):
 def embedded_rows(smollm, embedded_ckpt, tmp_path_factory):
     """~3K held-out L3R activations of the embedded model, saved for --activations."""
     lm, tok = smollm
-    docs = model.iter_documents(split="eval", epochs=1)
-    rows = buffer.take_rows(buffer.FanOut(model.activation_producer(
-        lm, tok, [(3, "R")], model.token_batches(tok, docs, 1024, 16)), [(3, "R")])[(3, "R")],
+    docs = data.iter_documents(split="eval", epochs=1)
+    rows = data.take_rows(buffer.FanOut(data.activation_producer(
+        lm, tok, [(3, "R")], data.token_batches(tok, docs, 1024, 16)), [(3, "R")])[(3, "R")],
         3000)[:3000]
     path = str(tmp_path_factory.mktemp("rows") / "rows.safetensors")
     save_file({"activations": rows}, path)
@@ -175,11 +183,202 @@ def trained_like(transcoder, seed=0):
     return sae, x, y
 
 
-# ========================================================================================= model.py
+# ========================================================================================== sae.py
+# Sparse equals dense: the TopK selection (decoder norms in the ranking) and the sparse
+# gradients equal a brute-force dense reference, also from bf16 rows; the init and the dataset-wise
+# normalization are the paper's, and the mean bias init centres every feature.
+
+
+def test_topk_matches_brute_force_with_uneven_decoder_norms():
+    torch.manual_seed(0)
+    sae = SAE(16, 128, k=6).double()
+    with torch.no_grad():  # decoder norms spread over three orders of magnitude
+        sae.W_dec.mul_(torch.logspace(-1.5, 1.5, 128,
+                                      dtype=torch.float64)[torch.randperm(128), None])
+        sae.b_enc.normal_()
+    x = torch.randn(64, 16, dtype=torch.float64)
+    vals, idx = sae.encode(x)
+    h = torch.relu(x @ sae.W_enc.T + sae.b_enc)
+    norms = sae.W_dec.norm(dim=1)
+    for n in range(64):  # brute force: sort every feature by h_i * ||W_dec[i]||
+        order = sorted(range(128), key=lambda i: -(h[n, i] * norms[i]).item())[:6]
+        assert set(idx[n].tolist()) == set(order)
+        torch.testing.assert_close(vals[n].sort().values, h[n, order].sort().values)  # unscaled h
+    assert vals.shape == (64, 6) and ((vals > 0).sum(1) == 6).all()  # exactly k kept
+    x_hat, f = sae.forward_dense(x)
+    assert ((f != 0).sum(1) == 6).all()
+    torch.testing.assert_close(sae(x)[0], x_hat)
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_sparse_gradients_equal_the_dense_reference(transcoder):
+    torch.manual_seed(1)
+    sae = SAE(24, 192, k=9, transcoder=transcoder).double()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(192, 1, dtype=torch.float64) * 3)
+        sae.b_enc.normal_(0, 0.1)
+    x, y = torch.randn(50, 24, dtype=torch.float64), torch.randn(50, 24, dtype=torch.float64)
+    grads = []
+    for fwd in (sae.forward, sae.forward_dense):
+        sae.zero_grad()
+        x_hat, _ = fwd(x)
+        (x_hat - (y if transcoder else x)).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in sae.parameters()])
+    for sparse, dense in zip(*grads):
+        assert ((sparse - dense).norm() / dense.norm()).item() < 1e-6
+
+
+def test_bf16_rows_into_float32_weights_give_float32_gradients():
+    """Rows straight from a bf16 buffer into a float32 SAE that computes in bf16 (bench.py's step,
+    and `forward_dense`): the sparse backward returns float32 gradients close to those of the
+    same rows in float32, and the dense reference agrees with the sparse path."""
+    torch.manual_seed(0)
+    sae = SAE(64, 256, k=8)
+    sae.set_norms_(torch.ones(1, 64), torch.ones(1, 64))
+    sae.compute_dtype = torch.bfloat16
+    x = torch.randn(128, 64).to(torch.bfloat16)
+    grads = {}
+    for name, rows in (("bf16", x), ("fp32", x.float())):
+        sae.zero_grad()
+        x_hat, _ = sae(rows)
+        (x_hat.float() - rows.float()).pow(2).mean().backward()
+        grads[name] = sae.W_enc.grad.clone()
+    assert grads["bf16"].dtype == torch.float32 and grads["bf16"].abs().sum() > 0
+    torch.testing.assert_close(grads["bf16"], grads["fp32"], rtol=0.05, atol=1e-4)
+    with torch.no_grad():  # bf16 rounding may swap near-tied features: close, not equal
+        dense, sparse = sae.forward_dense(x)[0].float(), sae(x)[0].float()
+        assert (dense - sparse).norm() < 0.2 * sparse.norm()
+
+
+def test_init_norms():
+    sae = SAE(64, 512)  # 8x: decoder columns sqrt(2 / 8) = 0.5, encoder = decoder transpose
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((512,), 0.5))
+    assert torch.equal(sae.W_enc, sae.W_dec) and sae.b_enc.abs().sum() == 0
+    tc = SAE(64, 2048, transcoder=True, init_decoder_norm=0.5)
+    torch.testing.assert_close(tc.W_dec.norm(dim=1), torch.full((2048,), 0.5))
+    torch.testing.assert_close(tc.W_enc.norm(dim=1), torch.full((2048,), 0.5))
+    assert not torch.equal(tc.W_enc, tc.W_dec)  # transcoders: encoder not tied
+    assert math.isclose(SAE(64, 2048).W_dec.norm(dim=1).mean().item(), math.sqrt(2 / 32),
+                        rel_tol=1e-5)
+
+
+def test_mean_bias_init_centres_every_feature_on_the_data():
+    """--init-bias mean: the SAE starts by reconstructing the mean target, and every feature
+    reads x - E[x] (its pre-activation at the mean input is 0), in the normalized space."""
+    torch.manual_seed(0)
+    x_in, x_out = torch.randn(500, 16) + 5, torch.randn(500, 16) * 3 - 2
+    sae = SAE(16, 64, k=4, transcoder=True)
+    sae.set_norms_(x_in, x_out, center=True)
+    s_in, s_out = sae.scales()
+    torch.testing.assert_close(sae.b_dec, x_out.mean(0) * s_out)
+    h_at_mean = sae.W_enc @ (x_in.mean(0) * s_in) + sae.b_enc
+    assert h_at_mean.abs().max() < 1e-4
+    plain = SAE(16, 64, k=4)
+    plain.set_norms_(x_in, x_in)  # the paper's init: biases stay 0
+    assert plain.b_dec.abs().max() == 0 and plain.b_enc.abs().max() == 0
+
+
+def test_normalization_and_loss_are_scale_invariant():
+    torch.manual_seed(0)
+    sae = SAE(32, 256, k=8)
+    x = torch.randn(500, 32) * 7 + 3
+    sae.set_norms_(x, x)
+    s_in, s_out = sae.scales()
+    assert math.isclose((x * s_in).norm(dim=1).mean().item(), math.sqrt(32), rel_tol=1e-5)
+    a = sae.loss(x, x)
+    sae.set_norms_(100 * x, 100 * x)  # the same data 100x larger: normalization absorbs it
+    b = sae.loss(100 * x, 100 * x)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
+
+
+# ======================================================================================= buffer.py
+# The buffer trains on a full buffer, refills at half and shuffles, serves every row exactly
+# `passes` times from bounded memory, asks the producer for no row it will not use, and one LM
+# pass feeds every site's buffer.
+
+
+def counting_producer(log, chunk=37, n=None):
+    """Rows 0, 1, 2, ... in chunks; log records how many rows have been produced."""
+    i = 0
+    while n is None or i < n:
+        m = chunk if n is None else min(chunk, n - i)
+        log.append(i + m)
+        yield torch.arange(i, i + m, dtype=torch.float32)[:, None]
+        i += m
+
+
+def test_buffer_waits_refills_at_half_serves_once_and_shuffles():
+    log = []
+    buf = buffer.ActivationBuffer(counting_producer(log, n=5000), size=1000, batch_size=100,
+                                  seed=0)
+    assert log == []  # nothing is made before the first batch is asked for
+    served, made_before = [], []
+    while (b := buf.next_batch()) is not None:
+        made_before.append(log[-1])
+        served.append(b[:, 0].long())
+    assert made_before[0] >= 1000  # training starts on a full buffer
+    # a refill happens when half the buffer has been read: the 6th batch sees ~500 new rows
+    assert made_before[4] == made_before[0] and 1500 <= made_before[5] < 1500 + 37
+    served = torch.cat(served)
+    assert sorted(served.tolist()) == list(range(5000))  # every row exactly once
+    first = served[:500]  # rows served before the first refill come from the first fill
+    assert first.max() < made_before[0]
+    after = served[500:1000]  # after the refill, old unread rows and new rows are mixed
+    assert (after < 1000).any() and (after >= 1000).any()
+    assert not torch.equal(first, first.sort().values)  # shuffled, not in production order
+
+
+def test_buffer_limit_takes_exactly_what_is_needed():
+    log = []
+    buf = buffer.ActivationBuffer(counting_producer(log), size=400, batch_size=50,
+                                  rows_to_serve=1000)
+    n = sum(len(b) for b in iter(buf.next_batch, None))
+    assert n == 1000 and log[-1] < 1000 + 37
+
+
+@pytest.mark.parametrize("passes", [3, 8])
+def test_buffer_serves_every_row_passes_times_from_bounded_memory(passes):
+    """A short run reuses its LM rows: each row is served exactly `passes` times (those of the
+    first fill at most that often), the producer makes only the rows needed, the buffer never
+    holds more than `size` rows, and a row's uses are spread over the run, not back to back."""
+    log = []
+    buf = buffer.ActivationBuffer(counting_producer(log), size=1000, batch_size=50, seed=0,
+                                  rows_to_serve=20_000, passes=passes)
+    served, when = [], {}
+    for step, b in enumerate(iter(buf.next_batch, None)):
+        assert len(buf.data) <= 1000
+        served.append(b[:, 0].long())
+        for r in b[:, 0].long().tolist():
+            when.setdefault(r, []).append(step)
+    served = torch.cat(served)
+    assert len(served) == 20_000
+    counts = torch.bincount(served)
+    first = counts[:1000]  # the first fill: staggered over 1..passes uses
+    later = counts[1000:]
+    assert first.max() <= passes and (later[later > 0] == passes).float().mean() > 0.9
+    made = log[-1]
+    assert made < 20_000 * 2 / (passes + 1) + 1000  # about 1/passes of the rows served
+    gaps = [max(w) - min(w) for r, w in when.items() if len(w) == passes and r >= 1000]
+    assert sum(gaps) / len(gaps) > 5 * passes  # uses of one row lie far apart
+
+
+def test_fan_out_runs_the_producer_once_for_every_key():
+    calls = []
+
+    def producer():
+        for i in range(3):
+            calls.append(i)
+            yield {"a": torch.full((2, 1), i), "b": torch.full((3, 1), -i)}
+    streams = buffer.FanOut(producer(), ["a", "b"])
+    a, b = list(streams["a"]), list(streams["b"])
+    assert calls == [0, 1, 2] and [x[0, 0].item() for x in a] == [0, 1, 2] and streams.made == 3
+    assert [x.shape[0] for x in b] == [3, 3, 3]
+
+
+# ======================================================================================== model.py
 # The LM side reads exactly the tensors the paper names: every site equals an independent
-# computation of the block, the forward stops after the deepest hooked layer, special tokens and
-# padding never become rows, every prefix of the token stream is representative of the split, the
-# held-out split is disjoint, hook names map back to sites, massive activations are left out.
+# computation of the block, the forward stops after the deepest hooked layer, hook names map back
+# to sites, and a checkpoint runs where and in the precision it trained.
 
 
 @torch.no_grad()
@@ -227,10 +426,51 @@ def test_embedded_sites_and_early_stop(smollm):
     lm, tok = smollm
     ids = torch.tensor([[tok.bos_token_id] + tok("The capital of France is Paris.")["input_ids"]])
     full = lm.model(ids, output_hidden_states=True)
-    acts = model.capture(lm, ids, torch.ones_like(ids), [(15, "R"), (23, "R")])
+    ran = []  # the blocks the capture runs, and whether the final norm does
+    handles = [block.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+               for i, block in enumerate(lm.model.layers)]
+    handles.append(lm.model.norm.register_forward_hook(lambda m, a, o: ran.append("norm")))
+    try:
+        acts = model.capture(lm, ids, torch.ones_like(ids), [(15, "R"), (23, "R")])
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == list(range(24))  # stopped after block 23: blocks 24-29 and the norm never ran
     torch.testing.assert_close(acts[(15, "R")][0], full.hidden_states[16])
     torch.testing.assert_close(acts[(23, "R")][0], full.hidden_states[24])
     assert lm.config.num_hidden_layers == 30 and lm.config.hidden_size == 576
+
+
+def test_hook_names_map_back_to_our_sites():
+    for layer in (0, 7, 31):
+        for site in model.SITES:
+            assert model.site_of(*model.hook_names(layer, site)) == (layer, site)
+    assert model.site_of("blocks.15.ln2.hook_normalized", "blocks.15.hook_mlp_out") == (15, "TC")
+    with pytest.raises(ValueError, match="not a Llama Scope site"):
+        model.site_of("blocks.3.hook_resid_pre", "blocks.3.hook_resid_pre")
+
+
+def test_evaluation_runs_where_and_in_the_precision_it_trained():
+    """evaluate.py and postprocess.py default to the checkpoint's training device type and dtype
+    when that kind of device is here, else to train.py's defaults for this machine; flags win."""
+    gpu = model.device_here("cuda")
+    cpu_bf16 = {"device": "cpu", "dtype": "bfloat16"}
+    assert model.placement(cpu_bf16) == ("cpu", "bfloat16", "as trained")
+    assert model.placement(cpu_bf16, dtype="float32")[:2] == ("cpu", "float32")
+    assert model.placement({"device": "cuda", "dtype": "bfloat16"}) == (
+        ("cuda", "bfloat16", "as trained") if gpu else
+        ("cpu", "float32", "trained on cuda in bfloat16"))  # no GPU here: train.py's choice
+    assert model.placement({})[:2] == (model.default_device(),
+                                             model.default_dtype(model.default_device()))
+    with pytest.raises(ValueError, match="--device tpu: no such device here; allowed: cpu"):
+        model.placement(cpu_bf16, device="tpu")
+
+
+# ========================================================================================= data.py
+# Text becomes rows as §3.1 says: special tokens and padding never become rows, documents get
+# BOS and are truncated and padded, every prefix of the token stream is representative of the
+# split, the held-out split is disjoint, chats go through the instruct model's template, massive
+# activations are left out.
 
 
 @torch.no_grad()
@@ -239,7 +479,7 @@ def test_special_tokens_and_padding_are_dropped():
     tok = types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     ids = torch.tensor([[1, 5, 6, 7, 2, 8], [1, 9, 10, 2, 2, 2]])  # BOS ... EOS, then padding
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
-    rows = next(model.activation_producer(lm, tok, [(1, "R"), (1, "TC")], [(ids, mask)]))
+    rows = next(data.activation_producer(lm, tok, [(1, "R"), (1, "TC")], [(ids, mask)]))
     ordinary = mask.bool() & (ids > 2)
     assert rows[(1, "R")].shape == (ordinary.sum().item(), 64)  # 6 of 12 positions
     assert rows[(1, "TC")].shape == (6, 128)  # input | target
@@ -255,7 +495,7 @@ def test_every_token_the_tokenizer_marks_special_is_unscored():
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     marked = {i for i, t in tok.added_tokens_decoder.items() if t.special}
     assert len(marked) == 17 > len(tok.all_special_ids) and {1, 2, 3, 6} <= set(ids[0].tolist())
-    keep = model.scored(ids, torch.ones_like(ids), tok)[0]
+    keep = data.scored(ids, torch.ones_like(ids), tok)[0]
     assert keep.tolist() == [i not in marked for i in ids[0].tolist()]
     assert keep.sum() >= 8  # the ordinary tokens are scored
 
@@ -267,7 +507,7 @@ def test_token_batches_prepend_bos_truncate_and_pad():
         def __call__(self, texts, add_special_tokens):
             return {"input_ids": [[10 + len(w) for w in t.split()] for t in texts]}
     docs = ["a bb ccc", "dddd", "e f g h i j k l m n o p"]
-    batches = list(model.token_batches(Tok(), docs, context_size=5, lm_batch_size=2))
+    batches = list(data.token_batches(Tok(), docs, context_size=5, lm_batch_size=2))
     seqs = [row[m.bool()].tolist() for ids, mask in batches for row, m in zip(ids, mask)]
     assert sorted(seqs, key=len) == [[1, 14], [1, 11, 12, 13], [1, 11, 11, 11, 11]]
     assert all(ids[~mask.bool()].eq(2).all() for ids, mask in batches)
@@ -285,7 +525,7 @@ def test_every_prefix_of_the_token_stream_is_representative_and_pads_little():
     g = torch.Generator().manual_seed(0)
     lengths = (torch.rand(4000, generator=g) ** 3 * 1000).long() + 2
     docs = [" ".join(["w"] * n) for n in lengths.tolist()]
-    batches = list(model.token_batches(Tok(), docs, 1024, 16))
+    batches = list(data.token_batches(Tok(), docs, 1024, 16))
     per_batch = [mask.sum(1) for _, mask in batches]  # (B,) document lengths + BOS
     total, seen, sample = sum(m.sum() for m in per_batch), 0, []
     for m in per_batch:
@@ -307,24 +547,24 @@ def test_every_prefix_of_the_token_stream_is_representative_and_pads_little():
 
 
 def test_holdout_split_is_disjoint_and_deterministic():
-    train = set(model.iter_documents(split="train", epochs=1))
-    held = list(model.iter_documents(split="eval", epochs=1))
+    train = set(data.iter_documents(split="train", epochs=1))
+    held = list(data.iter_documents(split="eval", epochs=1))
     assert len(held) == 1003 and len(train) > 8900  # every 10th of the 10,033 summaries
     assert not train & set(held)
-    assert held == list(model.iter_documents(split="eval", epochs=1))
+    assert held == list(data.iter_documents(split="eval", epochs=1))
 
 
 def test_chat_batches_render_held_out_chats_with_the_template():
     """§4.5.2 offline: wiki-chat asks about each held-out article (the SAE never trained on its
     summary) and answers with the summary; the batches are the chat template's rendering, its
     own special tokens and no BOS of ours, truncated to the context like documents."""
-    tok, held = model.load_tokenizer(), set(model.iter_documents(split="eval", epochs=1))
-    chats = list(model.iter_chats(model.EMBEDDED_CHAT))
+    tok, held = model.load_tokenizer(), set(data.iter_documents(split="eval", epochs=1))
+    chats = list(data.iter_chats(data.EMBEDDED_CHAT))
     assert len(chats) == 1003 and all(c[1]["content"] in held for c in chats)
     assert len({c[0]["content"].split()[0] for c in chats[:5]}) == 5  # phrasings vary
     rendered = [tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False)
                 ["input_ids"][:64] for c in chats]  # the template as text, tokenized apart
-    batches = list(model.chat_batches(tok, model.EMBEDDED_CHAT, 64, 16))
+    batches = list(data.chat_batches(tok, data.EMBEDDED_CHAT, 64, 16))
     rows = [r[m.bool()].tolist() for ids, mask in batches for r, m in zip(ids, mask)]
     assert sorted(rows) == sorted(rendered)
     start = tok("<|im_start|>system\n", add_special_tokens=False)["input_ids"]
@@ -332,7 +572,7 @@ def test_chat_batches_render_held_out_chats_with_the_template():
     assert any(tok.convert_tokens_to_ids("<|im_end|>") in r for r in rows)
     base = types.SimpleNamespace(chat_template=None, name_or_path="some-base-model")
     with pytest.raises(ValueError, match="some-base-model has no chat template"):
-        model.chat_batches(base, model.EMBEDDED_CHAT, 64, 16)
+        data.chat_batches(base, data.EMBEDDED_CHAT, 64, 16)
 
 
 def test_chat_rows_need_messages_or_conversation(tmp_path):
@@ -343,389 +583,36 @@ def test_chat_rows_need_messages_or_conversation(tmp_path):
              {"role": "assistant", "content": "hello", "timestamp": 2, "language": "English"}]
     good.write_text(json.dumps({"conversation": turns, "model": "gpt-4"}) + "\n")
     bad.write_text(json.dumps({"text": "hi", "id": 3}) + "\n")
-    assert list(model.iter_chats(str(good))) == [[{"role": "user", "content": "hi"},
+    assert list(data.iter_chats(str(good))) == [[{"role": "user", "content": "hi"},
                                                   {"role": "assistant", "content": "hello"}]]
     with pytest.raises(ValueError, match="neither a `messages` nor a `conversation` column.*"
                                          "its columns: text, id"):
-        list(model.iter_chats(str(bad)))
+        list(data.iter_chats(str(bad)))
     with pytest.raises(ValueError, match="--chat ./missing.jsonl: no such file"):
-        list(model.iter_chats("./missing.jsonl"))
+        list(data.iter_chats("./missing.jsonl"))
 
 
-def test_hook_names_map_back_to_our_sites():
-    for layer in (0, 7, 31):
-        for site in model.SITES:
-            assert model.site_of(*model.hook_names(layer, site)) == (layer, site)
-    assert model.site_of("blocks.15.ln2.hook_normalized", "blocks.15.hook_mlp_out") == (15, "TC")
-    with pytest.raises(ValueError, match="not a Llama Scope site"):
-        model.site_of("blocks.3.hook_resid_pre", "blocks.3.hook_resid_pre")
+def test_chats_are_rendered_by_the_instruct_models_tokenizer(monkeypatch):
+    """--eval-model's tokenizer renders the chats when it has a chat template, else the
+    checkpoint LM's; neither is one line naming both."""
+    toks = {"base": types.SimpleNamespace(chat_template=None),
+            "instruct": types.SimpleNamespace(chat_template="{{ messages }}")}
+    monkeypatch.setattr(model, "load_tokenizer", toks.get)
+    assert data.chat_tokenizer(["instruct", "base"], "wiki-chat")[0] == "instruct"
+    assert data.chat_tokenizer(["base", "instruct"], "wiki-chat")[0] == "instruct"
+    with pytest.raises(ValueError, match="the tokenizer of base or other has no chat template"):
+        data.chat_tokenizer(["base", "other"], "wiki-chat")
 
 
 def test_keep_rows_drops_massive_activations():
     rows = torch.cat([torch.ones(10, 4), 100 * torch.ones(1, 4)])
-    assert len(model.keep_rows(rows, (10.0, 10.0), 4)) == 10
-    assert len(model.keep_rows(rows, None, 4)) == 11
+    assert len(data.keep_rows(rows, (10.0, 10.0), 4)) == 10
+    assert len(data.keep_rows(rows, None, 4)) == 11
 
 
-# ======================================================================================== buffer.py
-# The buffer trains on a full buffer, refills at half and shuffles, serves every row exactly
-# `passes` times from bounded memory, asks the producer for no row it will not use, and one LM
-# pass feeds every site's buffer.
-
-
-def counting_producer(log, chunk=37, n=None):
-    """Rows 0, 1, 2, ... in chunks; log records how many rows have been produced."""
-    i = 0
-    while n is None or i < n:
-        m = chunk if n is None else min(chunk, n - i)
-        log.append(i + m)
-        yield torch.arange(i, i + m, dtype=torch.float32)[:, None]
-        i += m
-
-
-def test_buffer_waits_refills_at_half_serves_once_and_shuffles():
-    log = []
-    buf = buffer.ActivationBuffer(counting_producer(log, n=5000), size=1000, batch_size=100,
-                                  seed=0)
-    assert log == []  # nothing is made before the first batch is asked for
-    served, made_before = [], []
-    while (b := buf.next_batch()) is not None:
-        made_before.append(log[-1])
-        served.append(b[:, 0].long())
-    assert made_before[0] >= 1000  # training starts on a full buffer
-    # a refill happens when half the buffer has been read: the 6th batch sees ~500 new rows
-    assert made_before[4] == made_before[0] and 1500 <= made_before[5] < 1500 + 37
-    served = torch.cat(served)
-    assert sorted(served.tolist()) == list(range(5000))  # every row exactly once
-    first = served[:500]  # rows served before the first refill come from the first fill
-    assert first.max() < made_before[0]
-    after = served[500:1000]  # after the refill, old unread rows and new rows are mixed
-    assert (after < 1000).any() and (after >= 1000).any()
-    assert not torch.equal(first, first.sort().values)  # shuffled, not in production order
-
-
-def test_buffer_limit_takes_exactly_what_is_needed():
-    log = []
-    buf = buffer.ActivationBuffer(counting_producer(log), size=400, batch_size=50, limit=1000)
-    n = sum(len(b) for b in buf)
-    assert n == 1000 and log[-1] < 1000 + 37
-
-
-@pytest.mark.parametrize("passes", [3, 8])
-def test_buffer_serves_every_row_passes_times_from_bounded_memory(passes):
-    """A short run reuses its LM rows: each row is served exactly `passes` times (those of the
-    first fill at most that often), the producer makes only the rows needed, the buffer never
-    holds more than `size` rows, and a row's uses are spread over the run, not back to back."""
-    log = []
-    buf = buffer.ActivationBuffer(counting_producer(log), size=1000, batch_size=50, seed=0,
-                                  limit=20_000, passes=passes)
-    served, when = [], {}
-    for step, b in enumerate(buf):
-        assert len(buf.data) <= 1000
-        served.append(b[:, 0].long())
-        for r in b[:, 0].long().tolist():
-            when.setdefault(r, []).append(step)
-    served = torch.cat(served)
-    assert len(served) == 20_000
-    counts = torch.bincount(served)
-    first = counts[:1000]  # the first fill: staggered over 1..passes uses
-    later = counts[1000:]
-    assert first.max() <= passes and (later[later > 0] == passes).float().mean() > 0.9
-    made = log[-1]
-    assert made < 20_000 * 2 / (passes + 1) + 1000  # about 1/passes of the rows served
-    gaps = [max(w) - min(w) for r, w in when.items() if len(w) == passes and r >= 1000]
-    assert sum(gaps) / len(gaps) > 5 * passes  # uses of one row lie far apart
-
-
-def test_fan_out_runs_the_producer_once_for_every_key():
-    calls = []
-
-    def producer():
-        for i in range(3):
-            calls.append(i)
-            yield {"a": torch.full((2, 1), i), "b": torch.full((3, 1), -i)}
-    streams = buffer.FanOut(producer(), ["a", "b"])
-    a, b = list(streams["a"]), list(streams["b"])
-    assert calls == [0, 1, 2] and [x[0, 0].item() for x in a] == [0, 1, 2] and streams.made == 3
-    assert [x.shape[0] for x in b] == [3, 3, 3]
-
-
-# =========================================================================================== sae.py
-# Sparse equals dense: the TopK selection (decoder norms in the ranking) and the sparse
-# gradients equal a brute-force dense reference; the init and the dataset-wise normalization are
-# the paper's, and the mean bias init centres every feature.
-
-
-def test_topk_matches_brute_force_with_uneven_decoder_norms():
-    torch.manual_seed(0)
-    sae = SAE(16, 128, k=6).double()
-    with torch.no_grad():  # decoder norms spread over three orders of magnitude
-        sae.W_dec.mul_(torch.logspace(-1.5, 1.5, 128,
-                                      dtype=torch.float64)[torch.randperm(128), None])
-        sae.b_enc.normal_()
-    x = torch.randn(64, 16, dtype=torch.float64)
-    vals, idx = sae.encode(x)
-    h = torch.relu(x @ sae.W_enc.T + sae.b_enc)
-    norms = sae.W_dec.norm(dim=1)
-    for n in range(64):  # brute force: sort every feature by h_i * ||W_dec[i]||
-        order = sorted(range(128), key=lambda i: -(h[n, i] * norms[i]).item())[:6]
-        assert set(idx[n].tolist()) == set(order)
-        torch.testing.assert_close(vals[n].sort().values, h[n, order].sort().values)  # unscaled h
-    assert vals.shape == (64, 6) and ((vals > 0).sum(1) == 6).all()  # exactly k kept
-    x_hat, f = sae.forward_dense(x)
-    assert ((f != 0).sum(1) == 6).all()
-    torch.testing.assert_close(sae(x)[0], x_hat)
-
-
-@pytest.mark.parametrize("transcoder", [False, True])
-def test_sparse_gradients_equal_the_dense_reference(transcoder):
-    torch.manual_seed(1)
-    sae = SAE(24, 192, k=9, transcoder=transcoder).double()
-    with torch.no_grad():
-        sae.W_dec.mul_(torch.rand(192, 1, dtype=torch.float64) * 3)
-        sae.b_enc.normal_(0, 0.1)
-    x, y = torch.randn(50, 24, dtype=torch.float64), torch.randn(50, 24, dtype=torch.float64)
-    grads = []
-    for fwd in (sae.forward, sae.forward_dense):
-        sae.zero_grad()
-        x_hat, _ = fwd(x)
-        (x_hat - (y if transcoder else x)).pow(2).mean().backward()
-        grads.append([p.grad.clone() for p in sae.parameters()])
-    for sparse, dense in zip(*grads):
-        assert ((sparse - dense).norm() / dense.norm()).item() < 1e-6
-
-
-def test_init_norms():
-    sae = SAE(64, 512)  # 8x: decoder columns sqrt(2 / 8) = 0.5, encoder = decoder transpose
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((512,), 0.5))
-    assert torch.equal(sae.W_enc, sae.W_dec) and sae.b_enc.abs().sum() == 0
-    tc = SAE(64, 2048, transcoder=True, init_decoder_norm=0.5)
-    torch.testing.assert_close(tc.W_dec.norm(dim=1), torch.full((2048,), 0.5))
-    torch.testing.assert_close(tc.W_enc.norm(dim=1), torch.full((2048,), 0.5))
-    assert not torch.equal(tc.W_enc, tc.W_dec)  # transcoders: encoder not tied
-    assert math.isclose(SAE(64, 2048).W_dec.norm(dim=1).mean().item(), math.sqrt(2 / 32),
-                        rel_tol=1e-5)
-
-
-def test_mean_bias_init_centres_every_feature_on_the_data():
-    """--init-bias mean: the SAE starts by reconstructing the mean target, and every feature
-    reads x - E[x] (its pre-activation at the mean input is 0), in the normalized space."""
-    torch.manual_seed(0)
-    x_in, x_out = torch.randn(500, 16) + 5, torch.randn(500, 16) * 3 - 2
-    sae = SAE(16, 64, k=4, transcoder=True)
-    sae.set_norms_(x_in, x_out, center=True)
-    s_in, s_out = sae.scales()
-    torch.testing.assert_close(sae.b_dec, x_out.mean(0) * s_out)
-    h_at_mean = sae.W_enc @ (x_in.mean(0) * s_in) + sae.b_enc
-    assert h_at_mean.abs().max() < 1e-4
-    plain = SAE(16, 64, k=4)
-    plain.set_norms_(x_in, x_in)  # the paper's init: biases stay 0
-    assert plain.b_dec.abs().max() == 0 and plain.b_enc.abs().max() == 0
-
-
-def test_normalization_and_loss_are_scale_invariant():
-    torch.manual_seed(0)
-    sae = SAE(32, 256, k=8)
-    x = torch.randn(500, 32) * 7 + 3
-    sae.set_norms_(x, x)
-    s_in, s_out = sae.scales()
-    assert math.isclose((x * s_in).norm(dim=1).mean().item(), math.sqrt(32), rel_tol=1e-5)
-    a = sae.loss(x, x)
-    sae.set_norms_(100 * x, 100 * x)  # the same data 100x larger: normalization absorbs it
-    b = sae.loss(100 * x, 100 * x)
-    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
-
-
-# ======================================================================================= formats.py
-# Files come back as they went and bad files are refused: a checkpoint carries its config in the
-# released names and layouts, a resumable state round-trips, a broken or foreign file stops in one
-# line without touching anything, and a released folder (local or from the Hub) is the same SAE.
-
-
-def test_checkpoint_round_trip_carries_its_config(tmp_path):
-    torch.manual_seed(0)
-    sae = SAE(32, 128, k=7, transcoder=True)
-    sae.set_norms_(torch.randn(10, 32) * 3, torch.randn(10, 32))
-    path = str(tmp_path / "L3TC-4x-TopK.safetensors")
-    formats.save_checkpoint(sae, {"site": "TC", "layer": 3, "act_fn": "topk", "n": [1, 2]}, path)
-    back, config = formats.load_checkpoint(path)
-    for a, b in zip(sae.state_dict().values(), back.state_dict().values()):
-        assert torch.equal(a, b)
-    assert config["n"] == [1, 2] and config["d_sae"] == 128 and back.k == 7 and back.transcoder
-    with safe_open(path, "pt") as f:  # the released Llama Scope names and layouts
-        assert f.get_slice("decoder.weight").get_shape() == [32, 128]
-        assert f.get_slice("encoder.weight").get_shape() == [128, 32]
-    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temporary file left behind
-
-
-def test_resumable_state_round_trips(tmp_path):
-    """Any nested state_dict(): tensors (0-dim included), numbers, inf, None, strings, lists."""
-    state = {"step": 7, "rest": math.inf, "none": None, "name": "L1R",
-             "runs": [{"w": torch.randn(3, 2), "n": torch.tensor(5.0)}, {"w": torch.zeros(0)}],
-             "gen": torch.Generator().manual_seed(3).get_state()}
-    formats.save_state(str(tmp_path / "s.safetensors"), state)
-    back = formats.load_state(str(tmp_path / "s.safetensors"))
-    assert {k: back[k] for k in ("step", "rest", "none", "name")} == \
-        {k: state[k] for k in ("step", "rest", "none", "name")}
-    assert torch.equal(back["gen"], state["gen"]) and back["runs"][1]["w"].shape == (0,)
-    assert all(torch.equal(back["runs"][0][k], state["runs"][0][k]) for k in ("w", "n"))
-
-
-@pytest.fixture(scope="module")
-def bad_checkpoints(tmp_path_factory):
-    """A good small checkpoint and broken ones beside it: (folder, the good file's bytes)."""
-    tmp = tmp_path_factory.mktemp("bad")
-    sae = SAE(32, 64)
-    sae.set_norms_(torch.ones(2, 32), torch.ones(2, 32))
-    formats.save_checkpoint(sae, {"site": "R", "layer": 1, "model_name": model.EMBEDDED_MODEL},
-                            str(tmp / "good"))
-    data = open(tmp / "good", "rb").read()
-    (tmp / "truncated").write_bytes(data[:len(data) // 2])
-    (tmp / "text").write_bytes(b"hello, not safetensors")
-    save_file({"encoder.weight": torch.zeros(64, 32)}, str(tmp / "foreign"))
-    config = json.dumps(formats.read_checkpoint(str(tmp / "good"))[0])
-    save_file({"encoder.weight": torch.zeros(64, 31)}, str(tmp / "shapes"),
-              metadata={"config": config})  # our config, but tensors of the wrong shapes
-    return tmp, data
-
-
-BAD_CHECKPOINTS = [("missing", "no such file"), ("truncated", "not a readable safetensors file"),
-                   ("text", "not a readable safetensors file"),
-                   ("foreign", "not a Llama Scope checkpoint"),
-                   ("shapes", "do not match d_model 32")]
-
-
-@pytest.mark.parametrize("script", [evaluate, postprocess], ids=["evaluate", "postprocess"])
-@pytest.mark.parametrize("name,message", BAD_CHECKPOINTS)
-def test_bad_checkpoints_are_rejected_cleanly(name, message, script, bad_checkpoints, capsys):
-    folder, data = bad_checkpoints
-    assert message in one_line_error(capsys, script.main, [str(folder / name)])
-    assert open(folder / "good", "rb").read() == data  # nothing on disk was touched
-
-
-def test_a_checkpoint_for_another_model_width_is_refused_before_it_loads(bad_checkpoints,
-                                                                          capsys, monkeypatch):
-    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
-    err = one_line_error(capsys, evaluate.main, [str(bad_checkpoints[0] / "good")])
-    assert "checkpoint d_model 32 does not match smollm2-135m-instruct (hidden size 576)" in err
-
-
-@pytest.mark.slow
-def test_released_folder_gives_the_same_features_l0_and_ev(released_embedded, embedded_rows,
-                                                           embedded_ckpt, tmp_path):
-    folded, folder = released_embedded
-    acts, rows = embedded_rows
-    ours, _ = formats.load_checkpoint(folded)
-    released, config = postprocess.load_sae(folder)
-    assert (config["layer"], config["site"]) == (3, "R")
-    assert config["model_name"] == model.EMBEDDED_MODEL  # from lm_config.json
-    f_ours, f_rel = ours.encode(rows), released.encode(rows)
-    assert torch.equal(f_ours > 0, f_rel > 0)
-    torch.testing.assert_close(f_rel, f_ours, rtol=1e-5, atol=1e-5)
-    m_ours = evaluate.main([folded, "--activations", acts])
-    m_rel = evaluate.main([folder, "--activations", acts])
-    assert m_rel["l0"] == pytest.approx(m_ours["l0"], abs=1e-9)
-    assert m_rel["explained_variance"] == pytest.approx(m_ours["explained_variance"], abs=1e-6)
-    assert 20 < m_rel["l0"] < 120  # theta fitted for K = 50 on training rows
-    # released weights are bf16: the same recipe, within bf16 rounding
-    bf16 = write_released(str(tmp_path / "bf16"), *formats.read_checkpoint(embedded_ckpt),
-                          released.threshold, dtype=torch.bfloat16, lm_config=False)
-    m_bf16 = evaluate.main([bf16, "--activations", acts])
-    assert abs(m_bf16["explained_variance"] - m_ours["explained_variance"]) < 0.02
-    # postprocess.py converts a released folder into our single-file format, unchanged
-    out = str(tmp_path / "converted.safetensors")
-    postprocess.main([folder, "--out", out])
-    back, _ = formats.load_checkpoint(out)
-    torch.testing.assert_close(back.encode(rows), f_rel)
-
-
-@pytest.mark.slow
-def test_hub_reference_downloads_only_that_sae(released_embedded, monkeypatch, tmp_path, capsys):
-    calls = []
-
-    def fake_download(repo_id, allow_patterns=None, **kw):
-        calls.append((repo_id, allow_patterns))
-        shutil.copytree(released_embedded[1], tmp_path / "snap" / "Sub" / "L3R")
-        return str(tmp_path / "snap")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    sae, config = postprocess.load_sae("fnlp/Llama3_1-8B-Base-LXR-8x:Sub/L3R")
-    assert calls == [("fnlp/Llama3_1-8B-Base-LXR-8x",
-                      ["Sub/L3R/hyperparams.json", "Sub/L3R/lm_config.json",
-                       "Sub/L3R/checkpoints/final.safetensors"])]
-    assert config["site"] == "R" and sae.act == "jumprelu"
-    assert formats.hub_ref("hf://fnlp/Repo/A/B") == ("fnlp/Repo", "A/B")
-    assert formats.hub_ref("out/L15R-8x-TopK.safetensors") is None  # a missing file stays one
-
-    def offline(*a, **k):
-        raise OSError("cannot reach huggingface.co\n(offline)")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    err = one_line_error(capsys, evaluate.main, ["fnlp/Nope:L3R"])
-    assert "download from the Hugging Face Hub failed" in err and "(offline)" in err
-
-
-def saelens_forward(cfg, w, x):
-    """SAELens's documented inference forward (saes/{jumprelu,topk,standard}_sae.py and
-    transcoder.py: a transcoder never subtracts b_dec from its input), from the exported files
-    alone: (feature activations (N, F), reconstruction (N, D))."""
-    assert cfg["normalize_activations"] == "none"
-    hidden_pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
-    if cfg["architecture"] in ("jumprelu", "jumprelu_transcoder"):
-        acts = torch.relu(hidden_pre) * (hidden_pre > w["threshold"])
-    elif cfg["architecture"] == "topk":
-        top = hidden_pre.topk(cfg["k"], dim=-1)
-        acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, torch.relu(top.values))
-    else:
-        acts = torch.relu(hidden_pre)
-    return acts, acts @ w["W_dec"] + w["b_dec"]
-
-
-@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
-def test_saelens_export_matches_the_documented_forward(architecture, planted_sae, tmp_path):
-    ckpt, _, acts = planted_sae
-    out, folder = str(tmp_path / "folded.safetensors"), str(tmp_path / "saelens")
-    postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
-                      "--export-saelens", folder, "--architecture", architecture])
-    cfg = json.load(open(os.path.join(folder, "cfg.json")))
-    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
-    assert cfg["architecture"] == architecture and (cfg["d_in"], cfg["d_sae"]) == (64, 512)
-    assert cfg["apply_b_dec_to_input"] is False and cfg["metadata"]["hook_name"] == \
-        "blocks.15.hook_resid_post" and cfg["metadata"]["sae_lens_version"] >= "6"
-    assert w["W_enc"].shape == (64, 512) and w["W_dec"].shape == (512, 64)
-    assert ("threshold" in w) == (architecture == "jumprelu") and cfg.get("k") == \
-        (3 if architecture == "topk" else None)
-    x = formats.load_activations(acts)[0][:5000]  # the rows theta and sparsity were fitted on
-    ours, _ = formats.load_checkpoint(out)  # our post-processed SAE, in the same inference mode
-    ours.act = architecture
-    f_ref, x_ref = saelens_forward(cfg, w, x)
-    f_ours = ours.encode(x)
-    f_ours = torch.zeros_like(f_ref).scatter(1, f_ours[1], f_ours[0]) \
-        if isinstance(f_ours, tuple) else f_ours
-    assert torch.equal(f_ref > 0, f_ours > 0)
-    torch.testing.assert_close(f_ref, f_ours, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x_ref, ours(x)[0], rtol=1e-4, atol=1e-5)
-    if architecture == "topk":  # and the raw trained checkpoint: folding is exact
-        raw, _ = formats.load_checkpoint(ckpt)
-        s_in, s_out = raw.scales()
-        torch.testing.assert_close(x_ref, raw(x * s_in)[0] / s_out, rtol=1e-4, atol=1e-4)
-    card = open(os.path.join(folder, "README.md")).read()  # the model card the Hub shows
-    assert "library_name: saelens" in card.split("---")[1] and f"- {architecture}" in card
-    assert "| K | 3 " in card and "blocks.15.hook_resid_post" in card
-    tokens = formats.read_checkpoint(ckpt)[0]["n_training_tokens"]
-    assert f"| training tokens | {tokens:,} (1 pass(es)) |" in card and "load_from_disk" in card
-    mine, _ = formats.load_checkpoint(os.path.join(folder, formats.OURS))  # and for this project
-    mine.act = architecture
-    torch.testing.assert_close(mine(x)[0], x_ref, rtol=1e-4, atol=1e-5)
-    freq = (f_ref > 0).double().mean(0)
-    sparsity = load_file(os.path.join(folder, "sparsity.safetensors"))["sparsity"]
-    assert sparsity.shape == (512,)  # log10 firing frequency on the --tokens rows
-    torch.testing.assert_close(10 ** sparsity.double(), freq + 1e-10, rtol=1e-5, atol=1e-12)
-
-
-# ========================================================================================= train.py
-# The schedule is the paper's at paper scale and adapts to short budgets; training recovers
-# planted features; one LM pass trains every site with its own limit; checkpoints describe
-# themselves; bad flags and data stop in one line before any slow work; NaN stops with the step;
-# a killed run resumes bit-identically and a run is deterministic.
+# ======================================================================================= recipe.py
+# The schedule is the paper's at paper scale and adapts to short budgets; the SAE's weights and
+# Adam's state stay float32 under bf16 matmuls; Vanilla warms its L1 weight up.
 
 
 def test_k_annealing_and_lr_schedule():
@@ -743,6 +630,25 @@ def test_k_annealing_and_lr_schedule():
     assert lr_at(999, 1000, 8e-4, 0, 200, 8e-6) > 8e-6
 
 
+def test_budget_rule_adapts_short_runs_and_keeps_the_paper_recipe_at_scale():
+    """A short run reuses its rows and takes small batches so it makes thousands of steps;
+    explicit flags win; at the paper's 800M tokens the paper's recipe is unchanged."""
+    short = train.get_args([])
+    assert short.passes == recipe.MAX_PASSES and short.batch_size == 256
+    assert train.train_schedule(short)["steps"] >= 10_000 and "passes 8" in short.rule
+    paper = train.get_args(["--total-tokens", "800000000"])
+    assert (paper.passes, paper.batch_size) == (1, 2048)
+    assert train.train_schedule(paper) == dict(steps=390_625, warmup=10_000, decay=78_125,
+                                         k_anneal_steps=39_062, l1_warmup=0)
+    assert short.init_bias == "mean" and paper.init_bias == "zero"
+    given = train.get_args(["--batch-size", "2048", "--passes", "1", "--init-bias", "zero"])
+    assert (given.passes, given.batch_size, given.init_bias, given.rule) == (1, 2048, "zero",
+                                                                             "as given")
+    assert train.get_args(["--batch-size", "1024"]).passes == recipe.MAX_PASSES
+    mid = train.get_args(["--total-tokens", "10000000"])
+    assert mid.passes == 5 and mid.batch_size == 2048
+
+
 def test_bf16_runs_keep_float32_weights_that_learn_where_bf16_weights_stall():
     """--dtype bfloat16 (the paper's GPU precision) runs the SAE's matmuls in bf16 but keeps its
     weights and Adam state in float32. At a small lr (the tail of the decay), Adam's steps are
@@ -755,7 +661,7 @@ def test_bf16_runs_keep_float32_weights_that_learn_where_bf16_weights_stall():
     rows = (coef @ dirs).to(torch.bfloat16)  # the buffer's dtype
     args = train.get_args(["--device", "cpu", "--dtype", "bfloat16", "--k", "4", "--lr", "5e-5"])
     torch.manual_seed(0)
-    master = train.Run(args, (3, "R"), 256, 64, torch.bfloat16, parallel.Comms())
+    master = train.new_trainer(args, (3, "R"), 256, 64, torch.bfloat16, parallel.Comms())
     pure = copy.deepcopy(master)
     pure.sae.to(torch.bfloat16)  # what --dtype bfloat16 used to build
     pure.opt = torch.optim.Adam(pure.sae.parameters(), lr=args.lr, betas=args.adam_betas)
@@ -763,7 +669,7 @@ def test_bf16_runs_keep_float32_weights_that_learn_where_bf16_weights_stall():
     for name, run in (("master", master), ("pure", pure)):
         run.sae.set_norms_(rows[:4096], rows[:4096], center=True)
         w0 = run.sae.W_dec.detach().clone()
-        losses = [run.step(b, 4, args.lr, args, i) for i, b in enumerate(rows.split(256) * 2)]
+        losses = [run.step(b, 4, args.lr, i) for i, b in enumerate(rows.split(256) * 2)]
         result[name] = (sum(losses[:20]) / 20 - sum(losses[-20:]) / 20,  # loss drop
                         (run.sae.W_dec.detach() != w0).float().mean().item())  # share moved
     assert master.sae.W_dec.dtype == torch.float32
@@ -774,101 +680,25 @@ def test_bf16_runs_keep_float32_weights_that_learn_where_bf16_weights_stall():
     assert result["pure"][0] < 0.005 and result["pure"][1] < 0.25  # stalls: most never move
 
 
-def test_bf16_rows_into_float32_weights_give_float32_gradients():
-    """Rows straight from a bf16 buffer into a float32 SAE that computes in bf16 (bench.py's step,
-    and `forward_dense`): the sparse backward returns float32 gradients close to those of the
-    same rows in float32, and the dense reference agrees with the sparse path."""
-    torch.manual_seed(0)
-    sae = SAE(64, 256, k=8)
-    sae.set_norms_(torch.ones(1, 64), torch.ones(1, 64))
-    sae.compute_dtype = torch.bfloat16
-    x = torch.randn(128, 64).to(torch.bfloat16)
-    grads = {}
-    for name, rows in (("bf16", x), ("fp32", x.float())):
-        sae.zero_grad()
-        x_hat, _ = sae(rows)
-        (x_hat.float() - rows.float()).pow(2).mean().backward()
-        grads[name] = sae.W_enc.grad.clone()
-    assert grads["bf16"].dtype == torch.float32 and grads["bf16"].abs().sum() > 0
-    torch.testing.assert_close(grads["bf16"], grads["fp32"], rtol=0.05, atol=1e-4)
-    with torch.no_grad():  # bf16 rounding may swap near-tied features: close, not equal
-        dense, sparse = sae.forward_dense(x)[0].float(), sae(x)[0].float()
-        assert (dense - sparse).norm() < 0.2 * sparse.norm()
-
-
-def test_budget_rule_adapts_short_runs_and_keeps_the_paper_recipe_at_scale():
-    """A short run reuses its rows and takes small batches so it makes thousands of steps;
-    explicit flags win; at the paper's 800M tokens the paper's recipe is unchanged."""
-    short = train.get_args([])
-    assert short.passes == train.MAX_PASSES and short.batch_size == 256
-    assert train.schedule(short)["steps"] >= 10_000 and "passes 8" in short.rule
-    paper = train.get_args(["--total-tokens", "800000000"])
-    assert (paper.passes, paper.batch_size) == (1, 2048)
-    assert train.schedule(paper) == dict(steps=390_625, warmup=10_000, decay=78_125,
-                                         anneal=39_062, l1_warmup=0)
-    assert short.init_bias == "mean" and paper.init_bias == "zero"
-    given = train.get_args(["--batch-size", "2048", "--passes", "1", "--init-bias", "zero"])
-    assert (given.passes, given.batch_size, given.init_bias, given.rule) == (1, 2048, "zero",
-                                                                             "as given")
-    assert train.get_args(["--batch-size", "1024"]).passes == train.MAX_PASSES
-    mid = train.get_args(["--total-tokens", "10000000"])
-    assert mid.passes == 5 and mid.batch_size == 2048
-
-
-def test_training_recovers_planted_features(planted_sae):
-    ckpt, dirs, _ = planted_sae
-    sae, config = formats.load_checkpoint(ckpt)
-    cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ dirs.T  # (F, n_true)
-    recovered = (cos.max(dim=0).values > 0.9).float().mean().item()
-    assert recovered >= 0.9, f"only {recovered:.0%} of planted features recovered"
-
-
-@pytest.mark.slow
-def test_several_sites_train_from_one_lm_pass(tmp_path, capsys):
-    """R and TC at one layer: each site keeps its own outlier limit, buffer and checkpoint."""
-    train.main(["--layer", "1", "--site", "R,TC", "--expansion", "1,2", "--total-tokens", "8192",
-                "--buffer-size", "4096", "--batch-size", "1024", "--eval-tokens", "0",
+def test_vanilla_warms_its_l1_weight_up_linearly(tmp_path, monkeypatch):
+    """The released trainer's L1 warm-up: the weight rises linearly over --l1-warmup-frac of the
+    steps, then stays; TopK SAEs have none."""
+    seen, step = [], recipe.Trainer.step
+    monkeypatch.setattr(recipe.Trainer, "step",
+                        lambda self, *a: seen.append(a[-1]) or step(self, *a))
+    save_file({"activations": torch.randn(4096, 16)}, str(tmp_path / "a.safetensors"))
+    train.main(["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4",
+                "--act", "vanilla", "--l1-coef", "1e-3", "--l1-warmup-frac", "0.25",
+                "--total-tokens", "4096", "--batch-size", "512", "--buffer-size", "2048",
                 "--out", str(tmp_path)])
-    names = [line.removeprefix("saved ") for line in capsys.readouterr().out.splitlines()
-             if line.startswith("saved")]
-    assert [os.path.basename(n) for n in names] == [
-        "L1R-1x-k50-TopK.safetensors", "L1R-2x-k50-TopK.safetensors",
-        "L1TC-1x-k50-TopK.safetensors", "L1TC-2x-k50-TopK.safetensors"]
-    limits = set()
-    for n in names:
-        config = formats.load_checkpoint(n)[1]
-        assert config["n_training_tokens"] == 8192
-        limits.add(tuple(config["outlier_norm_limit"]))
-    assert len(limits) == 2  # one limit per site, not the last site's for all
+    assert len(seen) == 64 and seen[0] == pytest.approx(1e-3 / 16)  # 64 steps, 16 warming up
+    assert seen[7] == pytest.approx(1e-3 / 2) and seen[15:] == [pytest.approx(1e-3)] * 49
+    assert train.train_schedule(train.get_args([]))["l1_warmup"] == 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("site", ["R", "TC"])
-def test_embedded_training_writes_a_self_describing_checkpoint(site, tmp_path, capsys):
-    train.main(["--layer", "3", "--site", site, "--expansion", "2", "--total-tokens", "4096",
-                "--buffer-size", "4096", "--batch-size", "1024", "--eval-tokens", "1000",
-                "--out", str(tmp_path)])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last == f"saved {tmp_path}/L3{site}-2x-k50-TopK.safetensors"
-    sae, config = formats.load_checkpoint(last.removeprefix("saved "))
-    assert config["hook_point_out"] == "blocks.3.hook_mlp_out" if site == "TC" else \
-        config["hook_point_in"] == "blocks.3.hook_resid_post"
-    assert config["d_model"] == 576 and config["d_sae"] == 1152 \
-        and config["n_training_tokens"] == 4096
-    assert config["dataset_average_activation_norm"]["in"] > 0 \
-        and config["heldout"]["n_tokens"] > 0
-    assert json.loads(json.dumps(config["train_args"]))["site"] == [site]
-    assert (config["device"], config["dtype"]) == ("cpu", "float32")  # where and how it trained
-
-
-@pytest.mark.slow
-def test_cli_contract_bad_input_is_one_line_and_exit_code_2():
-    """As a user runs it: a separate process, its exit code and its stderr."""
-    code, out, err = run_train("--layer", "30")
-    assert code == 2 and err.strip() == \
-        "error: --layer 30 is out of range: smollm2-135m-instruct has 30 layers, allowed 0-29"
-    code, _, err = run_train("--site", "X")
-    assert code == 2 and "--site X is unknown; allowed: R, A, M, TC" in err
+# ========================================================================================= plan.py
+# Bad flags stop in one line before any slow work: the model's config is read, its weights are
+# not.
 
 
 BAD_FLAGS = [
@@ -890,88 +720,18 @@ BAD_FLAGS = [
 ]
 
 
-def test_a_k_sweep_in_one_folder_keeps_every_checkpoint(tmp_path, capsys):
-    """K (or the L1 weight) is in the name; an old-style name is refused naming the new ones."""
-    save_file({"activations": torch.randn(4096, 16)}, str(tmp_path / "a.safetensors"))
-    flags = ["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4",
-             "--total-tokens", "2048", "--batch-size", "512", "--buffer-size", "2048",
-             "--out", str(tmp_path)]
-    paths = [train.main(flags + extra)[0] for extra in (["--k", "4"], ["--k", "8"],
-                                                        ["--act", "vanilla", "--k", "4"])]
-    assert [os.path.basename(p) for p in paths] == [
-        "L15R-4x-k4-TopK.safetensors", "L15R-4x-k8-TopK.safetensors",
-        "L15R-4x-l1_0.0002-Vanilla.safetensors"]
-    assert formats.load_checkpoint(paths[1])[0].k == 8 and all(map(os.path.exists, paths))
-    err = one_line_error(capsys, evaluate.main, [str(tmp_path / "L15R-4x-TopK.safetensors")])
-    assert f"named with K (or the L1 weight) now: {paths[0]}, {paths[1]}" in err
-
-
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_bars_on_a_terminal_only(tmp_path, capsys, monkeypatch):
-    """The first fill and training show bars with rate and ETA on a terminal; written to a
-    file or pipe there are none, and the grep-friendly log lines are the same either way."""
-    save_file({"activations": torch.randn(4096, 16)}, str(tmp_path / "a.safetensors"))
-    flags = ["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4", "--k", "4",
-             "--total-tokens", "4096", "--batch-size", "512", "--buffer-size", "2048",
-             "--log-every", "4"]
-    train.main(flags + ["--out", str(tmp_path / "a")])
-    piped = capsys.readouterr()
-    assert piped.err == ""
-    monkeypatch.setattr(sys, "stderr", Terminal())
-    train.main(flags + ["--out", str(tmp_path / "b")])
-    shown, out = sys.stderr.getvalue(), capsys.readouterr().out
-    assert "first fill" in shown and "training" in shown and "step/s" in shown
-    assert "<" in shown  # tqdm's [elapsed<remaining] ETA
-    logs = [[line.split(" | ")[:4] for line in o.splitlines() if " step " in line]
-            for o in (piped.out, out)]
-    assert logs[0] == logs[1] and len(logs[0]) == 64 // 4  # 4096 rows x 8 passes / 512
-
-
-@pytest.mark.slow
-def test_training_from_the_cache_equals_training_from_the_lm(tmp_path, capsys, monkeypatch):
-    """--cache-activations writes shards of bounded size and a manifest; training from the folder
-    is bit-identical to training from the LM on the same rows, and evaluation needs no LM."""
-    monkeypatch.setattr(formats, "SHARD_BYTES", 3000 * 2 * 576 * 4)  # 3,000 rows a shard
-    cache = str(tmp_path / "cache")
-    train.main(["--cache-activations", cache, "--layer", "1", "--site", "R,TC",
-                "--total-tokens", "20000"])
-    manifest = json.load(open(os.path.join(cache, "manifest.json")))
-    assert manifest["rows"] == 20_000 and len(manifest["shards"]) == 7
-    assert manifest["model"] == model.EMBEDDED_MODEL and set(manifest["sites"]) == {"L1R", "L1TC"}
-    with safe_open(os.path.join(cache, "L1TC-00006.safetensors"), "pt") as f:
-        assert f.get_slice("targets").get_shape() == [2000, 576]  # the rest: 20,000 - 6 x 3,000
-    flags = ["--layer", "1", "--expansion", "2", "--total-tokens", "8192", "--batch-size", "512",
-             "--buffer-size", "4096", "--eval-tokens", "0"]
-    lm = tensors(train.main(flags + ["--out", str(tmp_path / "lm")])[0])
-    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
-    path = train.main(flags + ["--activations", cache, "--out", str(tmp_path / "cache_run")])[0]
-    assert all(torch.equal(tensors(path)[k], lm[k]) for k in lm)
-    assert formats.read_checkpoint(path)[0]["model_name"] == model.EMBEDDED_MODEL
-    m = evaluate.main([path, "--activations", cache, "--tokens", "5000"])
-    assert m["n_tokens"] == 5000 and 0 < m["explained_variance"] < 1
-    err = one_line_error(capsys, train.main, flags + ["--activations", cache, "--site", "A"])
-    assert f"--activations {cache} holds L1R, L1TC, not L1A" in err
-    err = one_line_error(capsys, train.main, ["--cache-activations", cache, "--layer", "1"])
-    assert "already holds a cache; give a new folder" in err
-
-
-def test_vanilla_warms_its_l1_weight_up_linearly(tmp_path, monkeypatch):
-    """The released trainer's L1 warm-up: the weight rises linearly over --l1-warmup-frac of the
-    steps, then stays; TopK SAEs have none."""
-    seen, step = [], train.Run.step
-    monkeypatch.setattr(train.Run, "step", lambda self, *a: seen.append(a[-1]) or step(self, *a))
-    save_file({"activations": torch.randn(4096, 16)}, str(tmp_path / "a.safetensors"))
-    train.main(["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4",
-                "--act", "vanilla", "--l1-coef", "1e-3", "--l1-warmup-frac", "0.25",
-                "--total-tokens", "4096", "--batch-size", "512", "--buffer-size", "2048",
-                "--out", str(tmp_path)])
-    assert len(seen) == 64 and seen[0] == pytest.approx(1e-3 / 16)  # 64 steps, 16 warming up
-    assert seen[7] == pytest.approx(1e-3 / 2) and seen[15:] == [pytest.approx(1e-3)] * 49
-    assert train.schedule(train.get_args([]))["l1_warmup"] == 0
+@pytest.mark.parametrize("passes,steps", [(1, 10), (8, 10), (8, 10_000)])
+def test_buffer_rows_are_what_the_first_fill_takes(passes, steps):
+    """plan.buffer_rows, the size train.py gives each buffer, is exactly what its first fill
+    asks of the producer when the run is shorter than --buffer-size, and --buffer-size when not:
+    the formula lives once (buffer.first_fill_rows)."""
+    batch, log = 64, []
+    size = plan.buffer_rows(4096, batch, steps, passes)
+    buf = buffer.ActivationBuffer(counting_producer(log, chunk=1), size, batch,
+                                  rows_to_serve=steps * batch, passes=passes)
+    buf.next_batch()
+    assert len(buf.data) == size == min(4096, max(2 * batch, log[-1]))
+    assert size == 4096 if steps == 10_000 else size < 4096
 
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS)
@@ -980,224 +740,7 @@ def test_bad_flags_fail_in_one_line_before_the_model_loads(flags, message, capsy
     assert message in one_line_error(capsys, train.main, flags)
 
 
-BAD_DATA = [("a.safetensors", "--activations", "no tensor named `activations` (found: ['acts'])"),
-            ("empty.txt", "--dataset", "no text in its train split")]
-
-
-@pytest.mark.parametrize("name,flag,message", BAD_DATA)
-def test_bad_data_is_rejected(name, flag, message, tmp_path, capsys):
-    save_file({"acts": torch.zeros(10, 8)}, str(tmp_path / "a.safetensors"))
-    (tmp_path / "empty.txt").write_text("\n\n   \n")
-    err = one_line_error(capsys, train.main, [flag, str(tmp_path / name), "--layer", "1",
-                                              "--out", str(tmp_path)])
-    assert message in err
-
-
-def test_nan_stops_training_and_names_the_step(tmp_path, capsys):
-    x = torch.randn(8192, 16)
-    x[5000] = float("nan")
-    save_file({"activations": x}, str(tmp_path / "nan.safetensors"))
-    err = one_line_error(capsys, train.main, [
-        "--activations", str(tmp_path / "nan.safetensors"), "--expansion", "4", "--k", "4",
-        "--max-norm-ratio", "0", "--batch-size", "1024", "--buffer-size", "8192",
-        "--total-tokens", "8192", "--out", str(tmp_path)])
-    assert err.startswith("error: step ") and "NaN" in err
-    assert not os.path.exists(tmp_path / "L15R-4x-k4-TopK.safetensors")
-
-
-RESUMABLE = ["--layer", "1", "--expansion", "2", "--total-tokens", "16384",
-             "--buffer-size", "4096", "--batch-size", "512", "--save-every", "2048",
-             "--eval-tokens", "0"]
-
-
-@pytest.mark.slow
-def test_kill_9_then_resume_ends_bit_identical(tmp_path, capsys):
-    a, b = tmp_path / "a", tmp_path / "b"
-    # a real process, to be killed with SIGKILL; the rest runs in this one
-    proc = subprocess.Popen([sys.executable, "train.py", *RESUMABLE, "--out", str(a)], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (a / "resume.safetensors").exists() and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.3)
-    proc.kill()  # SIGKILL, mid-run
-    assert proc.wait() == -9, "the run ended before it could be killed"
-    assert not (a / "L1R-2x-k50-TopK.safetensors").exists()
-    assert tensors(str(a / "resume.safetensors"))  # the resume file is complete: it loads
-    train.main([*RESUMABLE, "--out", str(a), "--resume", "auto"])
-    assert "resuming at step" in capsys.readouterr().out
-    train.main([*RESUMABLE, "--out", str(b)])
-    ta, tb = tensors(str(a / "L1R-2x-k50-TopK.safetensors")), tensors(
-        str(b / "L1R-2x-k50-TopK.safetensors"))
-    assert all(torch.equal(ta[k], tb[k]) for k in tb)
-    # determinism: the same seed and flags give the same bits
-    train.main([*RESUMABLE, "--out", str(tmp_path / "c")])
-    tc = tensors(str(tmp_path / "c" / "L1R-2x-k50-TopK.safetensors"))
-    assert all(torch.equal(tc[k], tb[k]) for k in tb)
-    # a resume checkpoint refuses a different configuration
-    err = one_line_error(capsys, train.main, [*RESUMABLE, "--lr", "1e-3", "--out", str(a),
-                                              "--resume", "auto"])
-    assert "from a different configuration: --lr was 0.0008, now 0.001" in err
-
-
-# =================================================================================== postprocess.py
-# Post-processing is exact where it should be and faithful where it approximates: folding and unit
-# decoder norms change no output, theta gives exactly K per token, JumpReLU matches TopK on
-# training-like data, the input file is never overwritten, transcoders are not exported.
-
-
-@pytest.mark.parametrize("transcoder", [False, True])
-def test_folding_is_exact(transcoder):
-    sae, x, y = trained_like(transcoder)
-    s_in, s_out = sae.scales()
-    assert transcoder == (abs(s_in - s_out) > 1e-3)
-    before = sae(x * s_in)[0] / s_out  # the trained SAE's raw-space reconstruction
-    postprocess.fold_norm_(sae)
-    postprocess.unit_decoder_(sae)
-    after = sae(x)[0]  # the folded SAE on raw inputs
-    assert ((after - before).norm() / before.norm()).item() < 1e-5
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256, dtype=torch.float64))
-
-
-def test_jumprelu_threshold_gives_k_per_token_exactly():
-    sae, x, _ = trained_like(False)
-    postprocess.postprocess(sae, {"act_fn": "topk"}, x)
-    assert sae.act == "jumprelu" and sae.threshold > 0
-    l0 = (sae.encode(x) > 0).float().sum(1).mean().item()
-    assert l0 == pytest.approx(8, abs=1e-9)
-
-
-def test_jumprelu_matches_topk_on_training_like_data(planted_sae, tmp_path):
-    ckpt, dirs, acts = planted_sae
-    out = str(tmp_path / "folded.safetensors")
-    postprocess.main([ckpt, "--out", out, "--activations", acts, "--tokens", "20000"])
-    held_path = str(tmp_path / "held.safetensors")
-    g = torch.Generator().manual_seed(7)  # fresh rows on the SAME planted directions
-    idx = torch.rand(20_000, 128, generator=g).argsort(dim=1)[:, :3]
-    coef = torch.zeros(20_000, 128).scatter_(1, idx, 0.5 + torch.rand(20_000, 3, generator=g))
-    save_file({"activations": coef @ dirs}, held_path)
-    jump = evaluate.main([out, "--activations", held_path, "--mode", "jumprelu"])
-    topk = evaluate.main([out, "--activations", held_path, "--mode", "topk"])
-    raw = evaluate.main([ckpt, "--activations", held_path])
-    assert abs(jump["l0"] - 3) <= 0.3, jump["l0"]  # within 10% of K
-    assert abs(jump["explained_variance"] - topk["explained_variance"]) <= 0.02
-    assert topk["explained_variance"] == pytest.approx(raw["explained_variance"], abs=1e-5)
-
-
-def test_postprocess_never_overwrites_its_input(planted_sae, capsys):
-    ckpt, _, acts = planted_sae
-    err = one_line_error(capsys, postprocess.main, [ckpt, "--out", ckpt, "--activations", acts])
-    assert "would overwrite the input" in err
-
-
-def export_tc(tmp_path, architecture):
-    """A TopK transcoder on a tiny Llama whose pre-MLP RMSNorm gain is far from 1, post-processed
-    and exported: (the SAELens folder, our TC input x_in, TransformerLens's x / rms(x), our SAE)."""
-    lm = tiny_llama()
-    norm = lm.model.layers[1].post_attention_layernorm
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 2.0)
-    lm.save_pretrained(tmp_path / "lm")
-    ids = torch.randint(3, 100, (16, 32))
-    x_in, x_out = (x.flatten(0, 1).clone() for x in
-                   model.capture(lm, ids, torch.ones_like(ids), [(1, "TC")])[(1, "TC")])
-    torch.manual_seed(0)
-    tc = SAE(64, 256, k=8, transcoder=True)
-    tc.set_norms_(x_in, x_out)
-    ckpt, acts = str(tmp_path / "L1TC-4x-k8-TopK.safetensors"), str(tmp_path / "acts.safetensors")
-    formats.save_checkpoint(tc, {"site": "TC", "layer": 1, "model_name": str(tmp_path / "lm")},
-                            ckpt)
-    save_file({"activations": x_in, "targets": x_out}, acts)
-    folder, out = str(tmp_path / "saelens"), str(tmp_path / "folded.safetensors")
-    postprocess.main([ckpt, "--activations", acts, "--out", out, "--export-saelens", folder,
-                      "--architecture", architecture])
-    ours, _ = formats.load_checkpoint(out)
-    ours.act = architecture
-    return folder, x_in, (x_in / norm.weight).detach(), ours
-
-
-@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
-def test_transcoder_export_reads_x_over_rms_and_matches_ours(architecture, tmp_path):
-    """A transcoder goes out as jumprelu_transcoder (TopK: topk with hook_name_out; SAELens has
-    no TopK transcoder), reading TransformerLens ln2.hook_normalized = x / rms(x) like the
-    released ones: the gain our input includes is folded into its encoder."""
-    folder, x_in, released_view, ours = export_tc(tmp_path, architecture)
-    cfg = json.load(open(os.path.join(folder, "cfg.json")))
-    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
-    assert cfg["architecture"] == {"jumprelu": "jumprelu_transcoder", "topk": "topk"}[architecture]
-    assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hook_name_out"]) == (
-        "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
-    assert cfg.get("d_out", 64) == 64 and cfg["apply_b_dec_to_input"] is False
-    _, x_ref = saelens_forward(cfg, w, released_view)
-    torch.testing.assert_close(x_ref, ours(x_in)[0], rtol=1e-4, atol=1e-4)
-
-
-def test_evaluation_runs_where_and_in_the_precision_it_trained():
-    """evaluate.py and postprocess.py default to the checkpoint's training device type and dtype
-    when that kind of device is here, else to train.py's defaults for this machine; flags win."""
-    gpu = model.device_here("cuda")
-    cpu_bf16 = {"device": "cpu", "dtype": "bfloat16"}
-    assert postprocess.placement(cpu_bf16) == ("cpu", "bfloat16", "as trained")
-    assert postprocess.placement(cpu_bf16, dtype="float32")[:2] == ("cpu", "float32")
-    assert postprocess.placement({"device": "cuda", "dtype": "bfloat16"}) == (
-        ("cuda", "bfloat16", "as trained") if gpu else
-        ("cpu", "float32", "trained on cuda in bfloat16"))  # no GPU here: train.py's choice
-    assert postprocess.placement({})[:2] == (model.default_device(),
-                                             model.default_dtype(model.default_device()))
-    with pytest.raises(ValueError, match="--device tpu: no such device here; allowed: cpu"):
-        postprocess.placement(cpu_bf16, device="tpu")
-
-
-def test_theta_is_fit_in_the_dtype_asked(planted_sae, tmp_path, capsys):
-    """postprocess.py --dtype bfloat16 runs the SAE's matmuls in bf16 (its weights stay
-    float32): theta moves by bf16 rounding only, and the JumpReLU file still fires K per row."""
-    ckpt, _, acts = planted_sae
-    x = formats.load_activations(acts)[0][:5000]
-    thetas = {}
-    for dtype in ("float32", "bfloat16"):
-        out = str(tmp_path / f"{dtype}.safetensors")
-        postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
-                          "--dtype", dtype])
-        assert f"running on cpu in {dtype}" in capsys.readouterr().out
-        sae, config = formats.load_checkpoint(out)
-        assert sae.W_enc.dtype == torch.float32 and config["dtype"] == "float32"
-        sae.compute_dtype = getattr(torch, dtype)
-        with torch.no_grad():
-            l0 = (sae.encode(x) > 0).float().sum(-1).mean().item()
-        thetas[dtype] = sae.threshold
-        assert l0 == pytest.approx(sae.k, rel=0.02)
-    assert thetas["bfloat16"] != thetas["float32"]
-    assert thetas["bfloat16"] == pytest.approx(thetas["float32"], rel=0.02)
-
-
-@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
-def test_real_sae_lens_loads_our_sae_export(architecture, planted_sae, tmp_path):
-    """With the sae-lens package installed (it is not a dependency): an exported SAE, loaded by
-    SAE.load_from_disk, gives our reconstruction."""
-    sae_lens = pytest.importorskip("sae_lens")
-    ckpt, _, acts = planted_sae
-    out, folder = str(tmp_path / "folded.safetensors"), str(tmp_path / "saelens")
-    postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
-                      "--export-saelens", folder, "--architecture", architecture])
-    x = formats.load_activations(acts)[0][:5000]
-    ours, _ = formats.load_checkpoint(out)
-    ours.act = architecture
-    with torch.no_grad():
-        torch.testing.assert_close(sae_lens.SAE.load_from_disk(folder)(x), ours(x)[0],
-                                   rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
-def test_real_sae_lens_loads_our_exports(architecture, tmp_path):
-    """With the sae-lens package installed (it is not a dependency): SAE.load_from_disk on an
-    exported transcoder gives our reconstruction."""
-    sae_lens = pytest.importorskip("sae_lens")
-    folder, x_in, released_view, ours = export_tc(tmp_path, architecture)
-    theirs = sae_lens.SAE.load_from_disk(folder)
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(released_view), ours(x_in)[0], rtol=1e-4, atol=1e-4)
-
-
-# ====================================================================================== parallel.py
+# ===================================================================================== parallel.py
 # A sharded step equals one process: dp x tp ranks select the same features and reach the same
 # weights as one process on the whole batch; torchrun --tp 2 trains like one process.
 
@@ -1281,10 +824,362 @@ def test_torchrun_tp2_trains_like_one_process_and_evaluate_reads_it(tmp_path):
     assert ev["tp"] > 0.7 and abs(ev["tp"] - ev["one"]) < 0.02, ev
 
 
-# ====================================================================================== evaluate.py
-# The metrics are the paper's: splicing the identity costs no CE, every key is reported, long
-# context is reported by position, two models side by side, and a released transcoder reads our
-# gain-applied MLP input exactly.
+# ====================================================================================== formats.py
+# Our files come back as they went and bad files are refused: a checkpoint carries its config in
+# the released names and layouts, a resumable state round-trips, a broken or foreign file stops in
+# one line without touching anything.
+
+
+def test_checkpoint_round_trip_carries_its_config(tmp_path):
+    torch.manual_seed(0)
+    sae = SAE(32, 128, k=7, transcoder=True)
+    sae.set_norms_(torch.randn(10, 32) * 3, torch.randn(10, 32))
+    path = str(tmp_path / "L3TC-4x-TopK.safetensors")
+    formats.save_checkpoint(sae, {"site": "TC", "layer": 3, "act_fn": "topk", "n": [1, 2]}, path)
+    back, config = formats.load_checkpoint(path)
+    for a, b in zip(sae.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+    assert config["n"] == [1, 2] and config["d_sae"] == 128 and back.k == 7 and back.transcoder
+    with safe_open(path, "pt") as f:  # the released Llama Scope names and layouts
+        assert f.get_slice("decoder.weight").get_shape() == [32, 128]
+        assert f.get_slice("encoder.weight").get_shape() == [128, 32]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temporary file left behind
+
+
+def test_resumable_state_round_trips(tmp_path):
+    """Any nested state_dict(): tensors (0-dim included), numbers, inf, None, strings, lists."""
+    state = {"step": 7, "rest": math.inf, "none": None, "name": "L1R",
+             "runs": [{"w": torch.randn(3, 2), "n": torch.tensor(5.0)}, {"w": torch.zeros(0)}],
+             "gen": torch.Generator().manual_seed(3).get_state()}
+    formats.save_state(str(tmp_path / "s.safetensors"), state)
+    back = formats.load_state(str(tmp_path / "s.safetensors"))
+    assert {k: back[k] for k in ("step", "rest", "none", "name")} == \
+        {k: state[k] for k in ("step", "rest", "none", "name")}
+    assert torch.equal(back["gen"], state["gen"]) and back["runs"][1]["w"].shape == (0,)
+    assert all(torch.equal(back["runs"][0][k], state["runs"][0][k]) for k in ("w", "n"))
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
+    """A good small checkpoint and broken ones beside it: (folder, the good file's bytes)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    sae = SAE(32, 64)
+    sae.set_norms_(torch.ones(2, 32), torch.ones(2, 32))
+    formats.save_checkpoint(sae, {"site": "R", "layer": 1, "model_name": model.EMBEDDED_MODEL},
+                            str(tmp / "good"))
+    data = open(tmp / "good", "rb").read()
+    (tmp / "truncated").write_bytes(data[:len(data) // 2])
+    (tmp / "text").write_bytes(b"hello, not safetensors")
+    save_file({"encoder.weight": torch.zeros(64, 32)}, str(tmp / "foreign"))
+    config = json.dumps(formats.read_checkpoint(str(tmp / "good"))[0])
+    save_file({"encoder.weight": torch.zeros(64, 31)}, str(tmp / "shapes"),
+              metadata={"config": config})  # our config, but tensors of the wrong shapes
+    return tmp, data
+
+
+BAD_CHECKPOINTS = [("missing", "no such file"), ("truncated", "not a readable safetensors file"),
+                   ("text", "not a readable safetensors file"),
+                   ("foreign", "not a Llama Scope checkpoint"),
+                   ("shapes", "do not match d_model 32")]
+
+
+@pytest.mark.parametrize("script", [evaluate, postprocess], ids=["evaluate", "postprocess"])
+@pytest.mark.parametrize("name,message", BAD_CHECKPOINTS)
+def test_bad_checkpoints_are_rejected_cleanly(name, message, script, bad_checkpoints, capsys):
+    folder, data = bad_checkpoints
+    assert message in one_line_error(capsys, script.main, [str(folder / name)])
+    assert open(folder / "good", "rb").read() == data  # nothing on disk was touched
+
+
+def test_a_checkpoint_for_another_model_width_is_refused_before_it_loads(bad_checkpoints,
+                                                                          capsys, monkeypatch):
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    err = one_line_error(capsys, evaluate.main, [str(bad_checkpoints[0] / "good")])
+    assert "checkpoint d_model 32 does not match smollm2-135m-instruct (hidden size 576)" in err
+
+
+# ================================================================================== activations.py
+# Activation files and the cache: bad files stop in one line, and training from a cache is
+# bit-identical to training from the LM.
+
+
+BAD_DATA = [("a.safetensors", "--activations", "no tensor named `activations` (found: ['acts'])"),
+            ("empty.txt", "--dataset", "no text in its train split")]
+
+
+@pytest.mark.parametrize("name,flag,message", BAD_DATA)
+def test_bad_data_is_rejected(name, flag, message, tmp_path, capsys):
+    save_file({"acts": torch.zeros(10, 8)}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    err = one_line_error(capsys, train.main, [flag, str(tmp_path / name), "--layer", "1",
+                                              "--out", str(tmp_path)])
+    assert message in err
+
+
+@pytest.mark.slow
+def test_training_from_the_cache_equals_training_from_the_lm(tmp_path, capsys, monkeypatch):
+    """--cache-activations writes shards of bounded size and a manifest; training from the folder
+    is bit-identical to training from the LM on the same rows, and evaluation needs no LM."""
+    monkeypatch.setattr(activations, "SHARD_BYTES", 3000 * 2 * 576 * 4)  # 3,000 rows a shard
+    cache = str(tmp_path / "cache")
+    train.main(["--cache-activations", cache, "--layer", "1", "--site", "R,TC",
+                "--total-tokens", "20000"])
+    manifest = json.load(open(os.path.join(cache, "manifest.json")))
+    assert manifest["rows"] == 20_000 and len(manifest["shards"]) == 7
+    assert manifest["model"] == model.EMBEDDED_MODEL and set(manifest["sites"]) == {"L1R", "L1TC"}
+    with safe_open(os.path.join(cache, "L1TC-00006.safetensors"), "pt") as f:
+        assert f.get_slice("targets").get_shape() == [2000, 576]  # the rest: 20,000 - 6 x 3,000
+    flags = ["--layer", "1", "--expansion", "2", "--total-tokens", "8192", "--batch-size", "512",
+             "--buffer-size", "4096", "--eval-tokens", "0"]
+    lm = tensors(train.main(flags + ["--out", str(tmp_path / "lm")])[0])
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    path = train.main(flags + ["--activations", cache, "--out", str(tmp_path / "cache_run")])[0]
+    assert all(torch.equal(tensors(path)[k], lm[k]) for k in lm)
+    assert formats.read_checkpoint(path)[0]["model_name"] == model.EMBEDDED_MODEL
+    m = evaluate.main([path, "--activations", cache, "--tokens", "5000"])
+    assert m["n_tokens"] == 5000 and 0 < m["explained_variance"] < 1
+    err = one_line_error(capsys, train.main, flags + ["--activations", cache, "--site", "A"])
+    assert f"--activations {cache} holds L1R, L1TC, not L1A" in err
+    err = one_line_error(capsys, train.main, ["--cache-activations", cache, "--layer", "1"])
+    assert "already holds a cache; give a new folder" in err
+
+
+# ====================================================================================== interop.py
+# Other people's formats mean the same SAE: a released folder (local or from the Hub) gives our
+# features, and the SAELens export computes them with SAELens's documented forward (and with
+# sae-lens itself when installed), transcoders included.
+
+
+@pytest.mark.slow
+def test_released_folder_gives_the_same_features_l0_and_ev(released_embedded, embedded_rows,
+                                                           embedded_ckpt, tmp_path):
+    folded, folder = released_embedded
+    acts, rows = embedded_rows
+    ours, _ = formats.load_checkpoint(folded)
+    released, config = inference.load_sae(folder)
+    assert (config["layer"], config["site"]) == (3, "R")
+    assert config["model_name"] == model.EMBEDDED_MODEL  # from lm_config.json
+    f_ours, f_rel = ours.encode(rows), released.encode(rows)
+    assert torch.equal(f_ours > 0, f_rel > 0)
+    torch.testing.assert_close(f_rel, f_ours, rtol=1e-5, atol=1e-5)
+    m_ours = evaluate.main([folded, "--activations", acts])
+    m_rel = evaluate.main([folder, "--activations", acts])
+    assert m_rel["l0"] == pytest.approx(m_ours["l0"], abs=1e-9)
+    assert m_rel["explained_variance"] == pytest.approx(m_ours["explained_variance"], abs=1e-6)
+    assert 20 < m_rel["l0"] < 120  # theta fitted for K = 50 on training rows
+    # released weights are bf16: the same recipe, within bf16 rounding
+    bf16 = write_released(str(tmp_path / "bf16"), *formats.read_checkpoint(embedded_ckpt),
+                          released.threshold, dtype=torch.bfloat16, lm_config=False)
+    m_bf16 = evaluate.main([bf16, "--activations", acts])
+    assert abs(m_bf16["explained_variance"] - m_ours["explained_variance"]) < 0.02
+    # postprocess.py converts a released folder into our single-file format, unchanged
+    out = str(tmp_path / "converted.safetensors")
+    postprocess.main([folder, "--out", out])
+    back, _ = formats.load_checkpoint(out)
+    torch.testing.assert_close(back.encode(rows), f_rel)
+
+
+@pytest.mark.slow
+def test_hub_reference_downloads_only_that_sae(released_embedded, monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        shutil.copytree(released_embedded[1], tmp_path / "snap" / "Sub" / "L3R")
+        return str(tmp_path / "snap")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    sae, config = inference.load_sae("fnlp/Llama3_1-8B-Base-LXR-8x:Sub/L3R")
+    assert calls == [("fnlp/Llama3_1-8B-Base-LXR-8x",
+                      ["Sub/L3R/hyperparams.json", "Sub/L3R/lm_config.json",
+                       "Sub/L3R/checkpoints/final.safetensors"])]
+    assert config["site"] == "R" and sae.act == "jumprelu"
+    assert interop.hub_ref("hf://fnlp/Repo/A/B") == ("fnlp/Repo", "A/B")
+    assert interop.hub_ref("out/L15R-8x-TopK.safetensors") is None  # a missing file stays one
+
+    def offline(*a, **k):
+        raise OSError("cannot reach huggingface.co\n(offline)")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    err = one_line_error(capsys, evaluate.main, ["fnlp/Nope:L3R"])
+    assert "download from the Hugging Face Hub failed" in err and "(offline)" in err
+
+
+def saelens_forward(cfg, w, x):
+    """SAELens's documented inference forward (saes/{jumprelu,topk,standard}_sae.py and
+    transcoder.py: a transcoder never subtracts b_dec from its input), from the exported files
+    alone: (feature activations (N, F), reconstruction (N, D))."""
+    assert cfg["normalize_activations"] == "none"
+    hidden_pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] in ("jumprelu", "jumprelu_transcoder"):
+        acts = torch.relu(hidden_pre) * (hidden_pre > w["threshold"])
+    elif cfg["architecture"] == "topk":
+        top = hidden_pre.topk(cfg["k"], dim=-1)
+        acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, torch.relu(top.values))
+    else:
+        acts = torch.relu(hidden_pre)
+    return acts, acts @ w["W_dec"] + w["b_dec"]
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+def test_saelens_export_matches_the_documented_forward(architecture, planted_sae, tmp_path):
+    ckpt, _, acts = planted_sae
+    out, folder = str(tmp_path / "folded.safetensors"), str(tmp_path / "saelens")
+    postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
+                      "--export-saelens", folder, "--architecture", architecture])
+    cfg = json.load(open(os.path.join(folder, "cfg.json")))
+    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    assert cfg["architecture"] == architecture and (cfg["d_in"], cfg["d_sae"]) == (64, 512)
+    assert cfg["apply_b_dec_to_input"] is False and cfg["metadata"]["hook_name"] == \
+        "blocks.15.hook_resid_post" and cfg["metadata"]["sae_lens_version"] >= "6"
+    assert w["W_enc"].shape == (64, 512) and w["W_dec"].shape == (512, 64)
+    assert ("threshold" in w) == (architecture == "jumprelu") and cfg.get("k") == \
+        (3 if architecture == "topk" else None)
+    x = activations.load_activations(acts)[0][:5000]  # the rows theta and sparsity were fitted on
+    ours, _ = formats.load_checkpoint(out)  # our post-processed SAE, in the same inference mode
+    ours.act = architecture
+    f_ref, x_ref = saelens_forward(cfg, w, x)
+    f_ours = ours.encode(x)
+    f_ours = torch.zeros_like(f_ref).scatter(1, f_ours[1], f_ours[0]) \
+        if isinstance(f_ours, tuple) else f_ours
+    assert torch.equal(f_ref > 0, f_ours > 0)
+    torch.testing.assert_close(f_ref, f_ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_ref, ours(x)[0], rtol=1e-4, atol=1e-5)
+    if architecture == "topk":  # and the raw trained checkpoint: folding is exact
+        raw, _ = formats.load_checkpoint(ckpt)
+        s_in, s_out = raw.scales()
+        torch.testing.assert_close(x_ref, raw(x * s_in)[0] / s_out, rtol=1e-4, atol=1e-4)
+    card = open(os.path.join(folder, "README.md")).read()  # the model card the Hub shows
+    assert "library_name: saelens" in card.split("---")[1] and f"- {architecture}" in card
+    assert "| K | 3 " in card and "blocks.15.hook_resid_post" in card
+    tokens = formats.read_checkpoint(ckpt)[0]["n_training_tokens"]
+    assert f"| training tokens | {tokens:,} (1 pass(es)) |" in card and "load_from_disk" in card
+    mine, _ = formats.load_checkpoint(os.path.join(folder, interop.OURS))  # and for this project
+    mine.act = architecture
+    torch.testing.assert_close(mine(x)[0], x_ref, rtol=1e-4, atol=1e-5)
+    freq = (f_ref > 0).double().mean(0)
+    sparsity = load_file(os.path.join(folder, "sparsity.safetensors"))["sparsity"]
+    assert sparsity.shape == (512,)  # log10 firing frequency on the --tokens rows
+    torch.testing.assert_close(10 ** sparsity.double(), freq + 1e-10, rtol=1e-5, atol=1e-12)
+
+
+def export_tc(tmp_path, architecture):
+    """A TopK transcoder on a tiny Llama whose pre-MLP RMSNorm gain is far from 1, post-processed
+    and exported: (the SAELens folder, our TC input x_in, TransformerLens's x / rms(x), our
+    SAE)."""
+    lm = tiny_llama()
+    norm = lm.model.layers[1].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    lm.save_pretrained(tmp_path / "lm")
+    ids = torch.randint(3, 100, (16, 32))
+    x_in, x_out = (x.flatten(0, 1).clone() for x in
+                   model.capture(lm, ids, torch.ones_like(ids), [(1, "TC")])[(1, "TC")])
+    torch.manual_seed(0)
+    tc = SAE(64, 256, k=8, transcoder=True)
+    tc.set_norms_(x_in, x_out)
+    ckpt, acts = str(tmp_path / "L1TC-4x-k8-TopK.safetensors"), str(tmp_path / "acts.safetensors")
+    formats.save_checkpoint(tc, {"site": "TC", "layer": 1, "model_name": str(tmp_path / "lm")},
+                            ckpt)
+    save_file({"activations": x_in, "targets": x_out}, acts)
+    folder, out = str(tmp_path / "saelens"), str(tmp_path / "folded.safetensors")
+    postprocess.main([ckpt, "--activations", acts, "--out", out, "--export-saelens", folder,
+                      "--architecture", architecture])
+    ours, _ = formats.load_checkpoint(out)
+    ours.act = architecture
+    return folder, x_in, (x_in / norm.weight).detach(), ours
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+def test_transcoder_export_reads_x_over_rms_and_matches_ours(architecture, tmp_path):
+    """A transcoder goes out as jumprelu_transcoder (TopK: topk with hook_name_out; SAELens has
+    no TopK transcoder), reading TransformerLens ln2.hook_normalized = x / rms(x) like the
+    released ones: the gain our input includes is folded into its encoder."""
+    folder, x_in, released_view, ours = export_tc(tmp_path, architecture)
+    cfg = json.load(open(os.path.join(folder, "cfg.json")))
+    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    assert cfg["architecture"] == {"jumprelu": "jumprelu_transcoder", "topk": "topk"}[architecture]
+    assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hook_name_out"]) == (
+        "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    assert cfg.get("d_out", 64) == 64 and cfg["apply_b_dec_to_input"] is False
+    _, x_ref = saelens_forward(cfg, w, released_view)
+    torch.testing.assert_close(x_ref, ours(x_in)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+def test_real_sae_lens_loads_our_sae_export(architecture, planted_sae, tmp_path):
+    """With the sae-lens package installed (it is not a dependency): an exported SAE, loaded by
+    SAE.load_from_disk, gives our reconstruction."""
+    sae_lens = pytest.importorskip("sae_lens")
+    ckpt, _, acts = planted_sae
+    out, folder = str(tmp_path / "folded.safetensors"), str(tmp_path / "saelens")
+    postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
+                      "--export-saelens", folder, "--architecture", architecture])
+    x = activations.load_activations(acts)[0][:5000]
+    ours, _ = formats.load_checkpoint(out)
+    ours.act = architecture
+    with torch.no_grad():
+        torch.testing.assert_close(sae_lens.SAE.load_from_disk(folder)(x), ours(x)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+def test_real_sae_lens_loads_our_exports(architecture, tmp_path):
+    """With the sae-lens package installed (it is not a dependency): SAE.load_from_disk on an
+    exported transcoder gives our reconstruction."""
+    sae_lens = pytest.importorskip("sae_lens")
+    folder, x_in, released_view, ours = export_tc(tmp_path, architecture)
+    theirs = sae_lens.SAE.load_from_disk(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(released_view), ours(x_in)[0], rtol=1e-4, atol=1e-4)
+
+
+# ==================================================================================== inference.py
+# The inference form is exact where it should be: folding and unit decoder norms change no
+# output, theta gives exactly K per token, and a released transcoder reads our gain-applied MLP
+# input exactly.
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_folding_is_exact(transcoder):
+    sae, x, y = trained_like(transcoder)
+    s_in, s_out = sae.scales()
+    assert transcoder == (abs(s_in - s_out) > 1e-3)
+    before = sae(x * s_in)[0] / s_out  # the trained SAE's raw-space reconstruction
+    inference.fold_norm_(sae)
+    inference.unit_decoder_(sae)
+    after = sae(x)[0]  # the folded SAE on raw inputs
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256, dtype=torch.float64))
+
+
+def test_jumprelu_threshold_gives_k_per_token_exactly():
+    sae, x, _ = trained_like(False)
+    inference.fold_norm_(sae)
+    inference.unit_decoder_(sae)
+    inference.fit_jumprelu_(sae, x)
+    assert sae.act == "jumprelu" and sae.threshold > 0
+    l0 = (sae.encode(x) > 0).float().sum(1).mean().item()
+    assert l0 == pytest.approx(8, abs=1e-9)
+
+
+def test_released_transcoder_reads_our_gain_applied_mlp_input():
+    lm = tiny_llama()
+    norm = lm.model.layers[1].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)  # a gain far from 1
+    ids = torch.randint(3, 100, (2, 12))
+    x_in = model.capture(lm, ids, torch.ones_like(ids), [(1, "TC")])[(1, "TC")][0].flatten(0, 1)
+    torch.manual_seed(0)
+    tc = SAE(64, 256, act="jumprelu", transcoder=True, threshold=0.1)
+    adapted = inference.for_lm(tc, {"tc_input_before_gain": True, "layer": 1}, lm)
+    with torch.no_grad():
+        released_view = x_in / norm.weight  # TransformerLens ln2.hook_normalized: x / rms(x)
+        torch.testing.assert_close(adapted.encode(x_in), tc.encode(released_view))
+    assert inference.for_lm(tc, {"layer": 1}, lm) is tc  # our own TC checkpoints: unchanged
+
+
+# ====================================================================================== metrics.py
+# The metrics are the paper's: splicing the identity costs no CE, the splice leaves special
+# tokens unreplaced and unscored, long context reads long documents truncated, never joined.
 
 
 @pytest.mark.slow
@@ -1292,16 +1187,86 @@ def test_identity_splice_has_zero_delta_lm_loss(smollm, monkeypatch):
     lm, tok = smollm
     sae = SAE(576, 1152)
     sae.set_norms_(torch.ones(1, 576), torch.ones(1, 576))
-    monkeypatch.setattr(evaluate, "reconstruct", lambda sae, x_in, counts=None: x_in)
+    monkeypatch.setattr(metrics, "reconstruct", lambda sae, x_in, counts=None: x_in)
     config = {"layer": 5, "site": "R", "context_size": 1024, "outlier_norm_limit": None,
               "dataset_average_activation_norm": {"in": 1.0, "out": 1.0}}
-    m = evaluate.lm_metrics(lm, tok, sae, config, 200, model.EMBEDDED_DATASET)
+    m = metrics.lm_metrics(lm, tok, sae, config, 200, data.EMBEDDED_DATASET)
     assert m["ce_loss_with_sae"] == pytest.approx(m["ce_loss"], abs=1e-6)
     assert m["ce_loss_ablated"] > m["ce_loss"] + 1
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_splice_leaves_a_chats_special_tokens_unreplaced_and_unscored(smollm, tmp_path,
+                                                                         monkeypatch):
+    """On a rendered chat the site keeps its clean activation exactly at every special token
+    (the template's turn markers, a <filename> the user typed) and takes the reconstruction at
+    every other token; predictions made at special tokens are not scored."""
+    lm, tok = smollm
+    path = tmp_path / "code.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "What does <filename> mean in a code prompt?"},
+        {"role": "assistant", "content": "It marks where the file's name goes."}]}) + "\n")
+    sae = SAE(576, 1152)
+    sae.set_norms_(torch.ones(1, 576), torch.ones(1, 576))
+    monkeypatch.setattr(metrics, "reconstruct", lambda sae, x_in, **k: x_in + 1)
+    config = {"layer": 3, "site": "R", "context_size": 1024, "outlier_norm_limit": None,
+              "dataset_average_activation_norm": {"in": 1.0, "out": 1.0}}
+    seen = []  # the input of block 4, i.e. the site's output after the splice, for each pass
+    hook = lm.model.layers[4].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args or [kwargs["hidden_states"]])[0][0]),
+        with_kwargs=True)
+    try:
+        m = metrics.lm_metrics(lm, tok, sae, config, 10**6, None, chat=str(path))
+    finally:
+        hook.remove()
+    clean, spliced, ablated = seen  # (T, D) each
+    ids, mask = next(iter(data.chat_batches(tok, str(path), 1024, 8)))
+    special = torch.isin(ids[0], torch.tensor(data.special_ids(tok)))  # (T,)
+    assert mask.all() and {1, 2, 6} <= set(ids[0][special].tolist())  # turns and <filename>
+    assert torch.equal(spliced[special], clean[special])
+    assert torch.equal(ablated[special], clean[special])
+    assert torch.equal(spliced[~special], clean[~special] + 1)  # the "reconstruction"
+    assert ablated[~special].eq(0).all()
+    logits = lm(input_ids=ids, attention_mask=mask).logits[0, :-1]
+    ok = ~special[:-1]  # predictions made at ordinary tokens
+    assert m["ce_loss"] == pytest.approx(F.cross_entropy(logits[ok], ids[0, 1:][ok]).item(),
+                                         rel=1e-5)
+    assert m["n_tokens"] == (~special).sum().item()
+
+
+@pytest.mark.slow
+def test_long_context_reads_long_documents_truncated_never_joined(embedded_ckpt, smollm,
+                                                                  monkeypatch, tmp_path, capsys):
+    """§4.5.1: each sequence is the first T tokens of ONE held-out document at least T tokens
+    long (BOS included), each document once; too few such documents is said in one line with
+    the count, none is an error naming the longest document."""
+    _, tok = smollm
+    docs = data.encode_documents(tok, list(data.iter_documents(split="eval", epochs=1)))
+    long_enough = [d[:256] for d in docs if len(d) >= 256]
+    seen, capture = [], model.capture
+    monkeypatch.setattr(model, "capture", lambda lm, ids, *a: seen.append(ids[0].tolist())
+                        or capture(lm, ids, *a))
+    path = str(tmp_path / "long.json")
+    evaluate.main([embedded_ckpt, "--long-context", "256", "--tokens", "100000", "--json", path])
+    assert sorted(seen) == sorted(long_enough) and len(seen) == len(long_enough) == 9
+    out, printed = json.load(open(path)), capsys.readouterr().out
+    assert out["documents"] == 9 and sum(b["n_tokens"] for b in out["buckets"]) == 9 * 255
+    assert "--long-context 256: only 9 held-out documents have at least 256 tokens; used all 9 " \
+           "(2,304 tokens of the 100,000 asked)" in printed
+    longest = max(map(len, docs))
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "512"])
+    assert "no held-out document of wiki-summaries has 512 tokens" in err
+    assert f"the longest has {longest}" in err and longest == 355
+
+
+# ===================================================================================== saebench.py
+# SAEBench's core file holds SAEBench's formulas: each metric equals a direct computation, and
+# the file validates with sae-bench's own model when installed.
+
+
 def saebench_run(monkeypatch):
-    """evaluate.lm_metrics with a saebench.Core on three fixed batches of a tiny Llama (L2R, an
+    """metrics.lm_metrics with a saebench.Core on three fixed batches of a tiny Llama (L2R, an
     SAE with norms from those activations): (lm, batches, sae, our metrics, the core JSON)."""
     lm, tok = tiny_llama(), types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     g, batches = torch.Generator().manual_seed(0), []
@@ -1310,7 +1275,7 @@ def saebench_run(monkeypatch):
         ids[:, 0], mask = 1, torch.ones(4, 16, dtype=torch.long)
         ids[0, 12:], mask[0, 12:] = 2, 0  # padding
         batches.append((ids, mask))
-    monkeypatch.setattr(model, "document_batches", lambda *a, **k: iter(batches))
+    monkeypatch.setattr(data, "document_batches", lambda *a, **k: iter(batches))
     torch.manual_seed(0)
     sae = SAE(64, 256, k=8)
     x = torch.cat([model.capture(lm, i, m, [(2, "R")])[(2, "R")][0][m.bool()] for i, m in batches])
@@ -1319,7 +1284,7 @@ def saebench_run(monkeypatch):
               "dataset_average_activation_norm": {"in": sae.norm_in.item(),
                                                   "out": sae.norm_out.item()}}
     core = saebench.Core(256)
-    ours = evaluate.lm_metrics(lm, tok, sae, config, 10**6, "any", core=core)
+    ours = metrics.lm_metrics(lm, tok, sae, config, 10**6, "any", core=core)
     result = saebench.output(core, {"clean": ours["ce_loss"], "sae": ours["ce_loss_with_sae"],
                                     "ablated": ours["ce_loss_ablated"]},
                              {"sae": ours["kl_div_with_sae"], "ablated": ours["kl_div_ablated"]},
@@ -1410,217 +1375,7 @@ def test_saebench_json_validates_with_sae_bench(monkeypatch):
     assert len(parsed.eval_result_details) == 256
 
 
-@pytest.mark.slow
-def test_evaluate_reports_every_key(embedded_ckpt, tmp_path, capsys):
-    path, core = str(tmp_path / "m.json"), str(tmp_path / "core.json")
-    evaluate.main([embedded_ckpt, "--tokens", "300", "--json", path, "--saebench-json", core])
-    m = json.load(open(path))
-    assert set(evaluate.KEYS) <= set(m) and m["n_tokens"] >= 300
-    assert m["ce_loss_ablated"] > m["ce_loss_with_sae"] > m["ce_loss"] > 0
-    assert m["delta_lm_loss"] == pytest.approx(m["ce_loss_with_sae"] - m["ce_loss"])
-    assert 0 < m["explained_variance"] < 1 and m["l0"] == pytest.approx(50, abs=1e-6)
-    assert m["kl_div_ablated"] > m["kl_div_with_sae"] > 0 and "kl_div_with_sae" in \
-        capsys.readouterr().out
-    c = json.load(open(core))  # the SAEBench file from the same pass
-    assert c["eval_type_id"] == "core" and c["eval_result_details"] == []
-    assert c["eval_result_metrics"]["model_behavior_preservation"]["kl_div_with_sae"] == \
-        pytest.approx(m["kl_div_with_sae"])
-    assert c["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(50, abs=1e-6)
-
-
-@pytest.mark.slow
-def test_evaluate_measures_in_the_dtype_asked(embedded_ckpt, tmp_path, capsys):
-    """--dtype bfloat16: the LM and the SAE's matmuls run in bf16, so clean CE itself moves (by
-    bf16 rounding only); the JSON says where and in what it ran. This float32 checkpoint
-    defaults to float32 on this CPU."""
-    ms = {}
-    for dtype in (None, "bfloat16"):
-        path = str(tmp_path / f"{dtype}.json")
-        evaluate.main([embedded_ckpt, "--tokens", "300", "--json", path]
-                      + (["--dtype", dtype] if dtype else []))
-        ms[dtype] = json.load(open(path))
-    assert (ms[None]["device"], ms[None]["dtype"]) == ("cpu", "float32")
-    assert "running on cpu in float32 (as trained)" in capsys.readouterr().out
-    assert ms["bfloat16"]["dtype"] == "bfloat16" and ms["bfloat16"]["n_tokens"] == \
-        ms[None]["n_tokens"]
-    for key in ("ce_loss", "ce_loss_with_sae", "explained_variance"):
-        assert ms["bfloat16"][key] != ms[None][key]
-        assert ms["bfloat16"][key] == pytest.approx(ms[None][key], rel=0.02)
-
-
-@pytest.mark.slow
-def test_long_context_reports_mse_and_l0_by_position(embedded_ckpt, tmp_path, capsys):
-    path = str(tmp_path / "long.json")
-    evaluate.main([embedded_ckpt, "--long-context", "256", "--tokens", "512", "--json", path,
-                   "--plot", str(tmp_path)])
-    out = json.load(open(path))
-    assert [b["positions"] for b in out["buckets"]] == ["1-63", "64-127", "128-255"]
-    assert all(b["n_tokens"] >= 60 and b["mse"] > 0 for b in out["buckets"])
-    assert all(b["l0"] == pytest.approx(50, abs=1) for b in out["buckets"])  # TopK: K per token
-    assert sum(b["n_tokens"] for b in out["buckets"]) <= 2 * 255 and out["documents"] == 2
-    assert os.path.exists(tmp_path / "L3R-2x-k50-TopK-long-context.png")
-    assert "on 2 held-out documents of at least 256 tokens" in capsys.readouterr().out
-    assert evaluate.buckets(4096)[-1] == (2048, 4096) and evaluate.buckets(100) == [(1, 64),
-                                                                                   (64, 100)]
-    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "100000"])
-    assert "--long-context 100000 is out of range: allowed 2-8192" in err
-
-
-@pytest.mark.slow
-def test_long_context_reads_long_documents_truncated_never_joined(embedded_ckpt, smollm,
-                                                                  monkeypatch, tmp_path, capsys):
-    """§4.5.1: each sequence is the first T tokens of ONE held-out document at least T tokens
-    long (BOS included), each document once; too few such documents is said in one line with
-    the count, none is an error naming the longest document."""
-    _, tok = smollm
-    docs = model.encode_documents(tok, list(model.iter_documents(split="eval", epochs=1)))
-    long_enough = [d[:256] for d in docs if len(d) >= 256]
-    seen, capture = [], model.capture
-    monkeypatch.setattr(model, "capture", lambda lm, ids, *a: seen.append(ids[0].tolist())
-                        or capture(lm, ids, *a))
-    path = str(tmp_path / "long.json")
-    evaluate.main([embedded_ckpt, "--long-context", "256", "--tokens", "100000", "--json", path])
-    assert sorted(seen) == sorted(long_enough) and len(seen) == len(long_enough) == 9
-    out, printed = json.load(open(path)), capsys.readouterr().out
-    assert out["documents"] == 9 and sum(b["n_tokens"] for b in out["buckets"]) == 9 * 255
-    assert "--long-context 256: only 9 held-out documents have at least 256 tokens; used all 9 " \
-           "(2,304 tokens of the 100,000 asked)" in printed
-    longest = max(map(len, docs))
-    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "512"])
-    assert "no held-out document of wiki-summaries has 512 tokens" in err
-    assert f"the longest has {longest}" in err and longest == 355
-
-
-@pytest.mark.slow
-def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_path, capsys,
-                                                   monkeypatch):
-    _, tok = smollm
-    torch.manual_seed(0)
-    other = LlamaForCausalLM(LlamaConfig(
-        hidden_size=576, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
-        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id))
-    other.save_pretrained(tmp_path / "random-llama")
-    tok.save_pretrained(tmp_path / "random-llama")
-    path = str(tmp_path / "two.json")
-    out = evaluate.main([embedded_ckpt, "--eval-model", str(tmp_path / "random-llama"),
-                         "--tokens", "100", "--json", path])
-    assert set(out) == {model.EMBEDDED_MODEL, str(tmp_path / "random-llama")}
-    real, rand = out[model.EMBEDDED_MODEL], out[str(tmp_path / "random-llama")]
-    assert set(evaluate.KEYS) <= set(real) and set(evaluate.KEYS) <= set(rand)
-    assert real["n_tokens"] >= 100 and rand["n_tokens"] >= 100
-    assert real["explained_variance"] > rand["explained_variance"]  # trained on the real model
-    assert "delta_lm_loss" in capsys.readouterr().out
-    tiny_llama(d=64).save_pretrained(tmp_path / "narrow")
-    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--eval-model",
-                                                 str(tmp_path / "narrow")])
-    assert "checkpoint d_model 576 does not match" in err
-    seen, scored = [], model.scored  # with --chat both columns read the same rendered ids
-    monkeypatch.setattr(model, "scored",
-                        lambda ids, *a: seen.append(ids.tolist()) or scored(ids, *a))
-    out = evaluate.main([embedded_ckpt, "--eval-model", str(tmp_path / "random-llama"),
-                         "--chat", "wiki-chat", "--tokens", "100"])
-    assert len(seen) == 2 and seen[0] == seen[1] and seen[0][0][0] == tok.bos_token_id
-    assert out[model.EMBEDDED_MODEL]["data"] == out[str(tmp_path / "random-llama")]["data"] == \
-        f"chats wiki-chat in {tmp_path / 'random-llama'}'s chat template"
-
-
-@pytest.mark.slow
-def test_chat_evaluation_reports_every_key(embedded_ckpt, tmp_path, capsys):
-    """§4.5.2: --chat is the plain evaluation on conversations rendered by the instruct model's
-    chat template, the embedded wiki-chat or a chat file; bad chat data, or --chat with a flag
-    it does not go with, is one line."""
-    path = str(tmp_path / "chat.json")
-    evaluate.main([embedded_ckpt, "--chat", "wiki-chat", "--tokens", "300", "--json", path])
-    m = json.load(open(path))
-    assert set(evaluate.KEYS) <= set(m) and m["n_tokens"] >= 300
-    assert m["ce_loss_ablated"] > m["ce_loss_with_sae"] > m["ce_loss"] > 0
-    assert m["data"] == f"chats wiki-chat in {model.EMBEDDED_MODEL}'s chat template"
-    assert f"tokens of {m['data']}" in capsys.readouterr().out
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {n} plus {n}?"},
-        {"role": "assistant", "content": f"{n} plus {n} is {2 * n}."}]}) + "\n" for n in range(3)))
-    assert evaluate.main([embedded_ckpt, "--chat", str(chats), "--tokens", "20"])["n_tokens"] >= 20
-    bad = tmp_path / "plain.jsonl"
-    bad.write_text(json.dumps({"text": "What is two plus two?"}) + "\n")
-    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--chat", str(bad)])
-    assert "neither a `messages` nor a `conversation` column" in err and "columns: text" in err
-    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--chat", "wiki-chat",
-                                                 "--long-context", "256"])
-    assert "not with --activations, --features, --long-context or --dataset" in err
-
-
-@pytest.mark.slow
-@torch.no_grad()
-def test_the_splice_leaves_a_chats_special_tokens_unreplaced_and_unscored(smollm, tmp_path,
-                                                                         monkeypatch):
-    """On a rendered chat the site keeps its clean activation exactly at every special token
-    (the template's turn markers, a <filename> the user typed) and takes the reconstruction at
-    every other token; predictions made at special tokens are not scored."""
-    lm, tok = smollm
-    path = tmp_path / "code.jsonl"
-    path.write_text(json.dumps({"messages": [
-        {"role": "user", "content": "What does <filename> mean in a code prompt?"},
-        {"role": "assistant", "content": "It marks where the file's name goes."}]}) + "\n")
-    sae = SAE(576, 1152)
-    sae.set_norms_(torch.ones(1, 576), torch.ones(1, 576))
-    monkeypatch.setattr(evaluate, "reconstruct", lambda sae, x_in, **k: x_in + 1)
-    config = {"layer": 3, "site": "R", "context_size": 1024, "outlier_norm_limit": None,
-              "dataset_average_activation_norm": {"in": 1.0, "out": 1.0}}
-    seen = []  # the input of block 4, i.e. the site's output after the splice, for each pass
-    hook = lm.model.layers[4].register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append((args or [kwargs["hidden_states"]])[0][0]),
-        with_kwargs=True)
-    try:
-        m = evaluate.lm_metrics(lm, tok, sae, config, 10**6, None, chat=str(path))
-    finally:
-        hook.remove()
-    clean, spliced, ablated = seen  # (T, D) each
-    ids, mask = next(iter(model.chat_batches(tok, str(path), 1024, 8)))
-    special = torch.isin(ids[0], torch.tensor(model.special_ids(tok)))  # (T,)
-    assert mask.all() and {1, 2, 6} <= set(ids[0][special].tolist())  # turns and <filename>
-    assert torch.equal(spliced[special], clean[special])
-    assert torch.equal(ablated[special], clean[special])
-    assert torch.equal(spliced[~special], clean[~special] + 1)  # the "reconstruction"
-    assert ablated[~special].eq(0).all()
-    logits = lm(input_ids=ids, attention_mask=mask).logits[0, :-1]
-    ok = ~special[:-1]  # predictions made at ordinary tokens
-    assert m["ce_loss"] == pytest.approx(F.cross_entropy(logits[ok], ids[0, 1:][ok]).item(),
-                                         rel=1e-5)
-    assert m["n_tokens"] == (~special).sum().item()
-
-
-def test_chats_are_rendered_by_the_instruct_models_tokenizer(monkeypatch):
-    """--eval-model's tokenizer renders the chats when it has a chat template, else the
-    checkpoint LM's; neither is one line naming both."""
-    toks = {"base": types.SimpleNamespace(chat_template=None),
-            "instruct": types.SimpleNamespace(chat_template="{{ messages }}")}
-    monkeypatch.setattr(model, "load_tokenizer", toks.get)
-    assert evaluate.chat_tokenizer(["instruct", "base"], "wiki-chat")[0] == "instruct"
-    assert evaluate.chat_tokenizer(["base", "instruct"], "wiki-chat")[0] == "instruct"
-    with pytest.raises(ValueError, match="the tokenizer of base or other has no chat template"):
-        evaluate.chat_tokenizer(["base", "other"], "wiki-chat")
-
-
-def test_released_transcoder_reads_our_gain_applied_mlp_input():
-    lm = tiny_llama()
-    norm = lm.model.layers[1].post_attention_layernorm
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 2.0)  # a gain far from 1
-    ids = torch.randint(3, 100, (2, 12))
-    x_in = model.capture(lm, ids, torch.ones_like(ids), [(1, "TC")])[(1, "TC")][0].flatten(0, 1)
-    torch.manual_seed(0)
-    tc = SAE(64, 256, act="jumprelu", transcoder=True, threshold=0.1)
-    adapted = evaluate.for_lm(tc, {"tc_input_before_gain": True, "layer": 1}, lm)
-    with torch.no_grad():
-        released_view = x_in / norm.weight  # TransformerLens ln2.hook_normalized: x / rms(x)
-        torch.testing.assert_close(adapted.encode(x_in), tc.encode(released_view))
-    assert evaluate.for_lm(tc, {"layer": 1}, lm) is tc  # our own TC checkpoints: unchanged
-
-
-# ====================================================================================== features.py
+# ===================================================================================== features.py
 # One pass over held-out text serves every requested feature: contexts, frequencies and
 # neighbours are consistent with the SAE itself.
 
@@ -1693,8 +1448,34 @@ def test_feature_inspection_in_one_pass(released_embedded, embedded_rows, tmp_pa
     assert len(passes) == 2 * one  # two features cost the same single pass as one
 
 
-# ====================================================================================== tracking.py
-# Every printed log line is one logged entry; without wandb the logger is a no-op.
+# ===================================================================================== tracking.py
+# Progress bars show on a terminal only; every printed log line is one logged entry; without
+# wandb the logger is a no-op.
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    """The first fill and training show bars with rate and ETA on a terminal; written to a
+    file or pipe there are none, and the grep-friendly log lines are the same either way."""
+    save_file({"activations": torch.randn(4096, 16)}, str(tmp_path / "a.safetensors"))
+    flags = ["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4", "--k", "4",
+             "--total-tokens", "4096", "--batch-size", "512", "--buffer-size", "2048",
+             "--log-every", "4"]
+    train.main(flags + ["--out", str(tmp_path / "a")])
+    piped = capsys.readouterr()
+    assert piped.err == ""
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    train.main(flags + ["--out", str(tmp_path / "b")])
+    shown, out = sys.stderr.getvalue(), capsys.readouterr().out
+    assert "first fill" in shown and "training" in shown and "step/s" in shown
+    assert "<" in shown  # tqdm's [elapsed<remaining] ETA
+    logs = [[line.split(" | ")[:4] for line in o.splitlines() if " step " in line]
+            for o in (piped.out, out)]
+    assert logs[0] == logs[1] and len(logs[0]) == 64 // 4  # 4096 rows x 8 passes / 512
 
 
 def test_wandb_project_logs_every_log_line(tmp_path, monkeypatch, capsys):
@@ -1724,7 +1505,303 @@ def test_wandb_project_logs_every_log_line(tmp_path, monkeypatch, capsys):
         tracking.make_logger("scope", {})
 
 
-# ======================================================================================= planted.py
+# ======================================================================================== train.py
+# Training recovers planted features; one LM pass trains every site with its own limit;
+# checkpoints describe themselves and a K sweep keeps every one; bad input is one line and exit
+# code 2; NaN stops with the step; a killed run resumes bit-identically.
+
+
+def test_training_recovers_planted_features(planted_sae):
+    ckpt, dirs, _ = planted_sae
+    sae, config = formats.load_checkpoint(ckpt)
+    cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ dirs.T  # (F, n_true)
+    recovered = (cos.max(dim=0).values > 0.9).float().mean().item()
+    assert recovered >= 0.9, f"only {recovered:.0%} of planted features recovered"
+
+
+@pytest.mark.slow
+def test_several_sites_train_from_one_lm_pass(tmp_path, capsys):
+    """R and TC at one layer: each site keeps its own outlier limit, buffer and checkpoint."""
+    train.main(["--layer", "1", "--site", "R,TC", "--expansion", "1,2", "--total-tokens", "8192",
+                "--buffer-size", "4096", "--batch-size", "1024", "--eval-tokens", "0",
+                "--out", str(tmp_path)])
+    names = [line.removeprefix("saved ") for line in capsys.readouterr().out.splitlines()
+             if line.startswith("saved")]
+    assert [os.path.basename(n) for n in names] == [
+        "L1R-1x-k50-TopK.safetensors", "L1R-2x-k50-TopK.safetensors",
+        "L1TC-1x-k50-TopK.safetensors", "L1TC-2x-k50-TopK.safetensors"]
+    limits = set()
+    for n in names:
+        config = formats.load_checkpoint(n)[1]
+        assert config["n_training_tokens"] == 8192
+        limits.add(tuple(config["outlier_norm_limit"]))
+    assert len(limits) == 2  # one limit per site, not the last site's for all
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site", ["R", "TC"])
+def test_embedded_training_writes_a_self_describing_checkpoint(site, tmp_path, capsys):
+    train.main(["--layer", "3", "--site", site, "--expansion", "2", "--total-tokens", "4096",
+                "--buffer-size", "4096", "--batch-size", "1024", "--eval-tokens", "1000",
+                "--out", str(tmp_path)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"saved {tmp_path}/L3{site}-2x-k50-TopK.safetensors"
+    sae, config = formats.load_checkpoint(last.removeprefix("saved "))
+    assert config["hook_point_out"] == "blocks.3.hook_mlp_out" if site == "TC" else \
+        config["hook_point_in"] == "blocks.3.hook_resid_post"
+    assert config["d_model"] == 576 and config["d_sae"] == 1152 \
+        and config["n_training_tokens"] == 4096
+    assert config["dataset_average_activation_norm"]["in"] > 0 \
+        and config["heldout"]["n_tokens"] > 0
+    assert json.loads(json.dumps(config["train_args"]))["site"] == [site]
+    assert (config["device"], config["dtype"]) == ("cpu", "float32")  # where and how it trained
+
+
+@pytest.mark.slow
+def test_cli_contract_bad_input_is_one_line_and_exit_code_2():
+    """As a user runs it: a separate process, its exit code and its stderr."""
+    code, out, err = run_train("--layer", "30")
+    assert code == 2 and err.strip() == \
+        "error: --layer 30 is out of range: smollm2-135m-instruct has 30 layers, allowed 0-29"
+    code, _, err = run_train("--site", "X")
+    assert code == 2 and "--site X is unknown; allowed: R, A, M, TC" in err
+
+
+def test_a_k_sweep_in_one_folder_keeps_every_checkpoint(tmp_path, capsys):
+    """K (or the L1 weight) is in the name; an old-style name is refused naming the new ones."""
+    save_file({"activations": torch.randn(4096, 16)}, str(tmp_path / "a.safetensors"))
+    flags = ["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4",
+             "--total-tokens", "2048", "--batch-size", "512", "--buffer-size", "2048",
+             "--out", str(tmp_path)]
+    paths = [train.main(flags + extra)[0] for extra in (["--k", "4"], ["--k", "8"],
+                                                        ["--act", "vanilla", "--k", "4"])]
+    assert [os.path.basename(p) for p in paths] == [
+        "L15R-4x-k4-TopK.safetensors", "L15R-4x-k8-TopK.safetensors",
+        "L15R-4x-l1_0.0002-Vanilla.safetensors"]
+    assert formats.load_checkpoint(paths[1])[0].k == 8 and all(map(os.path.exists, paths))
+    err = one_line_error(capsys, evaluate.main, [str(tmp_path / "L15R-4x-TopK.safetensors")])
+    assert f"named with K (or the L1 weight) now: {paths[0]}, {paths[1]}" in err
+
+
+def test_nan_stops_training_and_names_the_step(tmp_path, capsys):
+    x = torch.randn(8192, 16)
+    x[5000] = float("nan")
+    save_file({"activations": x}, str(tmp_path / "nan.safetensors"))
+    err = one_line_error(capsys, train.main, [
+        "--activations", str(tmp_path / "nan.safetensors"), "--expansion", "4", "--k", "4",
+        "--max-norm-ratio", "0", "--batch-size", "1024", "--buffer-size", "8192",
+        "--total-tokens", "8192", "--out", str(tmp_path)])
+    assert err.startswith("error: step ") and "NaN" in err
+    assert not os.path.exists(tmp_path / "L15R-4x-k4-TopK.safetensors")
+
+
+RESUMABLE = ["--layer", "1", "--expansion", "2", "--total-tokens", "16384",
+             "--buffer-size", "4096", "--batch-size", "512", "--save-every", "2048",
+             "--eval-tokens", "0"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_ends_bit_identical(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # a real process, to be killed with SIGKILL; the rest runs in this one
+    proc = subprocess.Popen([sys.executable, "train.py", *RESUMABLE, "--out", str(a)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (a / "resume.safetensors").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.kill()  # SIGKILL, mid-run
+    assert proc.wait() == -9, "the run ended before it could be killed"
+    assert not (a / "L1R-2x-k50-TopK.safetensors").exists()
+    assert tensors(str(a / "resume.safetensors"))  # the resume file is complete: it loads
+    train.main([*RESUMABLE, "--out", str(a), "--resume", "auto"])
+    assert "resuming at step" in capsys.readouterr().out
+    train.main([*RESUMABLE, "--out", str(b)])
+    ta, tb = tensors(str(a / "L1R-2x-k50-TopK.safetensors")), tensors(
+        str(b / "L1R-2x-k50-TopK.safetensors"))
+    assert all(torch.equal(ta[k], tb[k]) for k in tb)
+    # determinism: the same seed and flags give the same bits
+    train.main([*RESUMABLE, "--out", str(tmp_path / "c")])
+    tc = tensors(str(tmp_path / "c" / "L1R-2x-k50-TopK.safetensors"))
+    assert all(torch.equal(tc[k], tb[k]) for k in tb)
+    # a resume checkpoint refuses a different configuration
+    err = one_line_error(capsys, train.main, [*RESUMABLE, "--lr", "1e-3", "--out", str(a),
+                                              "--resume", "auto"])
+    assert "from a different configuration: --lr was 0.0008, now 0.001" in err
+
+
+# ================================================================================== postprocess.py
+# postprocess.py makes a faithful JumpReLU file: it matches TopK on training-like data, theta
+# is fit in the dtype asked, and the input file is never overwritten.
+
+
+def test_jumprelu_matches_topk_on_training_like_data(planted_sae, tmp_path):
+    ckpt, dirs, acts = planted_sae
+    out = str(tmp_path / "folded.safetensors")
+    postprocess.main([ckpt, "--out", out, "--activations", acts, "--tokens", "20000"])
+    held_path = str(tmp_path / "held.safetensors")
+    g = torch.Generator().manual_seed(7)  # fresh rows on the SAME planted directions
+    idx = torch.rand(20_000, 128, generator=g).argsort(dim=1)[:, :3]
+    coef = torch.zeros(20_000, 128).scatter_(1, idx, 0.5 + torch.rand(20_000, 3, generator=g))
+    save_file({"activations": coef @ dirs}, held_path)
+    jump = evaluate.main([out, "--activations", held_path, "--mode", "jumprelu"])
+    topk = evaluate.main([out, "--activations", held_path, "--mode", "topk"])
+    raw = evaluate.main([ckpt, "--activations", held_path])
+    assert abs(jump["l0"] - 3) <= 0.3, jump["l0"]  # within 10% of K
+    assert abs(jump["explained_variance"] - topk["explained_variance"]) <= 0.02
+    assert topk["explained_variance"] == pytest.approx(raw["explained_variance"], abs=1e-5)
+
+
+def test_postprocess_never_overwrites_its_input(planted_sae, capsys):
+    ckpt, _, acts = planted_sae
+    err = one_line_error(capsys, postprocess.main, [ckpt, "--out", ckpt, "--activations", acts])
+    assert "would overwrite the input" in err
+
+
+def test_theta_is_fit_in_the_dtype_asked(planted_sae, tmp_path, capsys):
+    """postprocess.py --dtype bfloat16 runs the SAE's matmuls in bf16 (its weights stay
+    float32): theta moves by bf16 rounding only, and the JumpReLU file still fires K per row."""
+    ckpt, _, acts = planted_sae
+    x = activations.load_activations(acts)[0][:5000]
+    thetas = {}
+    for dtype in ("float32", "bfloat16"):
+        out = str(tmp_path / f"{dtype}.safetensors")
+        postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
+                          "--dtype", dtype])
+        assert f"running on cpu in {dtype}" in capsys.readouterr().out
+        sae, config = formats.load_checkpoint(out)
+        assert sae.W_enc.dtype == torch.float32 and config["dtype"] == "float32"
+        sae.compute_dtype = getattr(torch, dtype)
+        with torch.no_grad():
+            l0 = (sae.encode(x) > 0).float().sum(-1).mean().item()
+        thetas[dtype] = sae.threshold
+        assert l0 == pytest.approx(sae.k, rel=0.02)
+    assert thetas["bfloat16"] != thetas["float32"]
+    assert thetas["bfloat16"] == pytest.approx(thetas["float32"], rel=0.02)
+
+
+# ===================================================================================== evaluate.py
+# evaluate.py reports every key, in the dtype asked; long context by position; two models side
+# by side; chats through the template.
+
+
+@pytest.mark.slow
+def test_evaluate_reports_every_key(embedded_ckpt, tmp_path, capsys):
+    path, core = str(tmp_path / "m.json"), str(tmp_path / "core.json")
+    evaluate.main([embedded_ckpt, "--tokens", "300", "--json", path, "--saebench-json", core])
+    m = json.load(open(path))
+    assert set(evaluate.KEYS) <= set(m) and m["n_tokens"] >= 300
+    assert m["ce_loss_ablated"] > m["ce_loss_with_sae"] > m["ce_loss"] > 0
+    assert m["delta_lm_loss"] == pytest.approx(m["ce_loss_with_sae"] - m["ce_loss"])
+    assert 0 < m["explained_variance"] < 1 and m["l0"] == pytest.approx(50, abs=1e-6)
+    assert m["kl_div_ablated"] > m["kl_div_with_sae"] > 0 and "kl_div_with_sae" in \
+        capsys.readouterr().out
+    c = json.load(open(core))  # the SAEBench file from the same pass
+    assert c["eval_type_id"] == "core" and c["eval_result_details"] == []
+    assert c["eval_result_metrics"]["model_behavior_preservation"]["kl_div_with_sae"] == \
+        pytest.approx(m["kl_div_with_sae"])
+    assert c["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(50, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_measures_in_the_dtype_asked(embedded_ckpt, tmp_path, capsys):
+    """--dtype bfloat16: the LM and the SAE's matmuls run in bf16, so clean CE itself moves (by
+    bf16 rounding only); the JSON says where and in what it ran. This float32 checkpoint
+    defaults to float32 on this CPU."""
+    ms = {}
+    for dtype in (None, "bfloat16"):
+        path = str(tmp_path / f"{dtype}.json")
+        evaluate.main([embedded_ckpt, "--tokens", "300", "--json", path]
+                      + (["--dtype", dtype] if dtype else []))
+        ms[dtype] = json.load(open(path))
+    assert (ms[None]["device"], ms[None]["dtype"]) == ("cpu", "float32")
+    assert "running on cpu in float32 (as trained)" in capsys.readouterr().out
+    assert ms["bfloat16"]["dtype"] == "bfloat16" and ms["bfloat16"]["n_tokens"] == \
+        ms[None]["n_tokens"]
+    for key in ("ce_loss", "ce_loss_with_sae", "explained_variance"):
+        assert ms["bfloat16"][key] != ms[None][key]
+        assert ms["bfloat16"][key] == pytest.approx(ms[None][key], rel=0.02)
+
+
+@pytest.mark.slow
+def test_long_context_reports_mse_and_l0_by_position(embedded_ckpt, tmp_path, capsys):
+    path = str(tmp_path / "long.json")
+    evaluate.main([embedded_ckpt, "--long-context", "256", "--tokens", "512", "--json", path,
+                   "--plot", str(tmp_path)])
+    out = json.load(open(path))
+    assert [b["positions"] for b in out["buckets"]] == ["1-63", "64-127", "128-255"]
+    assert all(b["n_tokens"] >= 60 and b["mse"] > 0 for b in out["buckets"])
+    assert all(b["l0"] == pytest.approx(50, abs=1) for b in out["buckets"])  # TopK: K per token
+    assert sum(b["n_tokens"] for b in out["buckets"]) <= 2 * 255 and out["documents"] == 2
+    assert os.path.exists(tmp_path / "L3R-2x-k50-TopK-long-context.png")
+    assert "on 2 held-out documents of at least 256 tokens" in capsys.readouterr().out
+    assert metrics.buckets(4096)[-1] == (2048, 4096) and metrics.buckets(100) == [(1, 64),
+                                                                                   (64, 100)]
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--long-context", "100000"])
+    assert "--long-context 100000 is out of range: allowed 2-8192" in err
+
+
+@pytest.mark.slow
+def test_eval_model_reports_two_models_side_by_side(embedded_ckpt, smollm, tmp_path, capsys,
+                                                   monkeypatch):
+    _, tok = smollm
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(
+        hidden_size=576, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
+        max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id))
+    other.save_pretrained(tmp_path / "random-llama")
+    tok.save_pretrained(tmp_path / "random-llama")
+    path = str(tmp_path / "two.json")
+    out = evaluate.main([embedded_ckpt, "--eval-model", str(tmp_path / "random-llama"),
+                         "--tokens", "100", "--json", path])
+    assert set(out) == {model.EMBEDDED_MODEL, str(tmp_path / "random-llama")}
+    real, rand = out[model.EMBEDDED_MODEL], out[str(tmp_path / "random-llama")]
+    assert set(evaluate.KEYS) <= set(real) and set(evaluate.KEYS) <= set(rand)
+    assert real["n_tokens"] >= 100 and rand["n_tokens"] >= 100
+    assert real["explained_variance"] > rand["explained_variance"]  # trained on the real model
+    assert "delta_lm_loss" in capsys.readouterr().out
+    tiny_llama(d=64).save_pretrained(tmp_path / "narrow")
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--eval-model",
+                                                 str(tmp_path / "narrow")])
+    assert "checkpoint d_model 576 does not match" in err
+    seen, scored = [], data.scored  # with --chat both columns read the same rendered ids
+    monkeypatch.setattr(data, "scored",
+                        lambda ids, *a: seen.append(ids.tolist()) or scored(ids, *a))
+    out = evaluate.main([embedded_ckpt, "--eval-model", str(tmp_path / "random-llama"),
+                         "--chat", "wiki-chat", "--tokens", "100"])
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0][0][0] == tok.bos_token_id
+    assert out[model.EMBEDDED_MODEL]["data"] == out[str(tmp_path / "random-llama")]["data"] == \
+        f"chats wiki-chat in {tmp_path / 'random-llama'}'s chat template"
+
+
+@pytest.mark.slow
+def test_chat_evaluation_reports_every_key(embedded_ckpt, tmp_path, capsys):
+    """§4.5.2: --chat is the plain evaluation on conversations rendered by the instruct model's
+    chat template, the embedded wiki-chat or a chat file; bad chat data, or --chat with a flag
+    it does not go with, is one line."""
+    path = str(tmp_path / "chat.json")
+    evaluate.main([embedded_ckpt, "--chat", "wiki-chat", "--tokens", "300", "--json", path])
+    m = json.load(open(path))
+    assert set(evaluate.KEYS) <= set(m) and m["n_tokens"] >= 300
+    assert m["ce_loss_ablated"] > m["ce_loss_with_sae"] > m["ce_loss"] > 0
+    assert m["data"] == f"chats wiki-chat in {model.EMBEDDED_MODEL}'s chat template"
+    assert f"tokens of {m['data']}" in capsys.readouterr().out
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {n} plus {n}?"},
+        {"role": "assistant", "content": f"{n} plus {n} is {2 * n}."}]}) + "\n" for n in range(3)))
+    assert evaluate.main([embedded_ckpt, "--chat", str(chats), "--tokens", "20"])["n_tokens"] >= 20
+    bad = tmp_path / "plain.jsonl"
+    bad.write_text(json.dumps({"text": "What is two plus two?"}) + "\n")
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--chat", str(bad)])
+    assert "neither a `messages` nor a `conversation` column" in err and "columns: text" in err
+    err = one_line_error(capsys, evaluate.main, [embedded_ckpt, "--chat", "wiki-chat",
+                                                 "--long-context", "256"])
+    assert "not with --activations, --features, --long-context or --dataset" in err
+
+
+# ====================================================================================== planted.py
 # train.py's defaults find planted features in superposition (the benchmark, small).
 
 

@@ -1,7 +1,19 @@
-"""Optional experiment tracking for train.py: `--wandb-project NAME` logs every log line to
-Weights & Biases; without it a no-op logger takes the calls, so the training loop has no
-`if wandb:` branch. wandb is imported only when asked for and is not a dependency.
+"""What a user sees while long work runs: progress bars, and optional experiment tracking.
+
+- `progress`: a tqdm bar with rate and ETA over a number of tokens, drawn on a terminal only, so
+  log files and captured output stay clean (the fixed log lines of train.py carry the numbers).
+- `make_logger`: `--wandb-project NAME` logs every log line to Weights & Biases; without it a
+  no-op logger takes the calls, so the training loop has no `if wandb:` branch. wandb is imported
+  only when asked for and is not a dependency.
 """
+from tqdm import tqdm
+
+
+def progress(n_tokens, desc):
+    """A bar with rate and ETA over n_tokens, on a terminal only: logs stay clean. desc None:
+    no bar at all."""
+    return tqdm(total=n_tokens, desc=desc, unit="tok", unit_scale=True, leave=False,
+                disable=None if desc else True)
 
 
 class NullLogger:

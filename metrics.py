@@ -1,0 +1,229 @@
+"""The metrics of §4, on held-out text through the LM or on pre-saved rows.
+
+- `Metrics`: running sums over evaluated rows: L0; explained variance, eq. 6
+  (`explained_variance` = 1 - sum ||x - x_hat||^2 / sum ||x||^2 over all tokens) and the
+  variance-based one peers use (`explained_variance_centered`, denominator sum ||x - mean x||^2);
+  `mse` per element in the SAE's normalized training space; firing frequencies (§4.4: `dead_frac`
+  never fires, `ultra_active_frac` fires on > 10% of tokens).
+- `lm_metrics`: one held-out pass that runs the LM clean, with the reconstruction spliced in at
+  the site (TC: in place of the MLP output) and with the site zero-ablated: CE of each, their
+  difference `delta_lm_loss` (§4.1), and KL(clean || patched). Special tokens and
+  massive-activation tokens keep their original activation and their predictions are not scored.
+- `heldout_check`: train.py's first look after training, every SAE from one LM pass.
+- `long_context` (§4.5.1): MSE, L0 and EV by position on long held-out documents.
+Shapes: B sequences, T tokens, N rows, D model width, F features, V vocabulary.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model
+import saebench
+from buffer import FanOut
+from sae import firing_counts
+from tracking import progress
+
+CE_PASSES = ("ce_loss", "ce_loss_with_sae", "ce_loss_ablated")  # clean, spliced, zero-ablated
+KL_KEYS = ("kl_div_with_sae", "kl_div_ablated")  # KL(clean || spliced), KL(clean || ablated)
+
+
+class Metrics:
+    """Running sums over evaluated rows, in the SAE's normalized space (EV is scale-free
+    anyway)."""
+
+    def __init__(self, sae, core=None):
+        self.sae, self.n, self.err, self.sq, self.core = sae, 0, 0.0, 0.0, core
+        self.sum_y = torch.zeros(sae.d_model, dtype=torch.float64)
+        self.counts = torch.zeros(sae.n_features, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, x_in, x_out, s_out, seq=None):
+        """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space; seq (N,): the
+        sequence of each row, for SAEBench's per-feature statistics (core)."""
+        x_hat, f = forward_raw(self.sae, x_in)
+        self.counts += firing_counts(f, self.sae.n_features).double().cpu()
+        if self.core is not None:
+            self.core.add(x_out, x_hat, f, seq)
+        err, y = (x_hat - x_out.to(x_hat.dtype)).double() * s_out, x_out.double() * s_out
+        self.err += err.pow(2).sum().item()
+        self.sq += y.pow(2).sum().item()
+        self.sum_y += y.sum(0).cpu()
+        self.n += len(y)
+
+    def result(self):
+        freq = self.counts / max(self.n, 1)
+        centred = self.sq - self.sum_y.pow(2).sum().item() / self.n
+        return {"n_tokens": self.n, "l0": freq.sum().item(),
+                "mse": self.err / (self.n * self.sae.d_model),
+                "explained_variance": 1 - self.err / self.sq,
+                "explained_variance_centered": 1 - self.err / centred,
+                "dead_frac": (freq == 0).double().mean().item(),
+                "ultra_active_frac": (freq > 0.1).double().mean().item(), "freq": freq}
+
+
+def forward_raw(sae, x_in):
+    """Raw x_in (N, D) -> (raw x_hat (N, D), f): the SAE in its normalized space, units
+    restored."""
+    s_in, s_out = sae.scales()
+    x_hat, f = sae(x_in.to(sae.W_enc) * s_in)
+    return x_hat / s_out, f
+
+
+def reconstruct(sae, x_in):
+    """Raw x_in (N, D) -> raw x_hat (N, D): what the splice puts back in the LM."""
+    return forward_raw(sae, x_in)[0]
+
+
+def reconstruction_metrics(sae, rows, norm_out=None, chunk=4096, freq=False):
+    """Metrics from raw rows (N, D), or (N, 2D) = input | target for a transcoder. norm_out: the
+    dataset norm defining the MSE's space (default: the SAE's own); freq: keep the (F,) firing
+    frequencies under "freq"."""
+    m = Metrics(sae)
+    s_out = math.sqrt(sae.d_model) / (norm_out or sae.norm_out.item())
+    for r in rows.split(chunk):
+        m.add(*model.in_out(r.to(sae.W_enc.device), sae.d_model), s_out)
+    out = m.result()
+    if not freq:
+        del out["freq"]
+    return out
+
+
+def heldout_check(lm, tok, saes, outlier_norm_limits, dataset, context_size, lm_batch_size,
+                  n_tokens):
+    """train.py's check after training: EV (eq. 6), L0 and the never-fired share of each SAE
+    {name: ((layer, site), sae)} on n_tokens held-out rows of its site (one LM pass for all);
+    prints a line per SAE and returns {name: metrics}."""
+    sites = list(dict.fromkeys(key for key, _ in saes.values()))
+    batches = data.document_batches(tok, dataset, "eval", context_size, lm_batch_size, epochs=1)
+    stream, rows, out = FanOut(data.activation_producer(lm, tok, sites, batches), sites), {}, {}
+    for name, (key, sae) in saes.items():
+        if key not in rows:
+            rows[key] = data.keep_rows(data.take_rows(stream[key], n_tokens, "held-out check"),
+                                       outlier_norm_limits[key], sae.d_model)
+        m = out[name] = reconstruction_metrics(sae, rows[key])
+        print(f"{name} held-out ({m['n_tokens']:,} tokens): ev {m['explained_variance']:.3f} | "
+              f"ev centred {m['explained_variance_centered']:.3f} | l0 {m['l0']:.1f} | never "
+              f"fired {100 * m['dead_frac']:.1f}% (§4.4: no activation on any of these "
+              f"{m['n_tokens']:,} tokens)")
+    return out
+
+
+@torch.no_grad()
+def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=None, chat=None):
+    """One held-out pass: each batch runs the LM clean (capturing the site), with the SAE spliced
+    in, and with the site zero-ablated (`three_passes`). Returns the metrics dict (firing
+    frequencies (F,) under "freq"). core: a saebench.Core that also takes every batch. chat:
+    --chat DATA, conversations rendered by tok's chat template, read instead of dataset's
+    held-out documents (§4.5.2)."""
+    metrics, n_seq = Metrics(sae, core), 0
+    s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
+    sums = dict.fromkeys(CE_PASSES + KL_KEYS, 0.0)
+    n_scored, bar, T = 0, progress(n_tokens, "evaluate"), config["context_size"]
+    batches = data.chat_batches(tok, chat, T, lm_batch_size) if chat else \
+        data.document_batches(tok, dataset, "eval", T, lm_batch_size, epochs=1)
+    for input_ids, mask in batches:
+        input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
+        keep, x, batch, n = three_passes(lm, tok, sae, config, input_ids, mask)
+        for key, value in batch.items():
+            sums[key] += value
+        n_scored += n
+        seq = torch.arange(n_seq, n_seq + len(input_ids), device=lm.device)[:, None]  # (B, 1)
+        metrics.add(*x, s_out, seq.expand_as(keep)[keep])
+        n_seq += len(input_ids)
+        bar.update(len(x[0]))
+        if metrics.n >= n_tokens:
+            break
+    bar.close()
+    out = metrics.result()
+    out.update({key: total / max(n_scored, 1) for key, total in sums.items()})
+    out["delta_lm_loss"] = out["ce_loss_with_sae"] - out["ce_loss"]
+    return out
+
+
+def three_passes(lm, tok, sae, config, input_ids, mask):
+    """One batch run clean, spliced and ablated: (keep (B, T) the replaced positions, (x_in,
+    x_out) their clean rows, summed CE per pass and KL(clean || patched), predictions scored).
+    Position t is scored (predicting t+1) when it is kept and t+1 is a real token."""
+    layer, site, seen = config["layer"], config["site"], {}
+
+    def clean(x_in, x_out):
+        seen["keep"] = data.scored(input_ids, mask, tok, x_in, x_out,
+                                   config.get("outlier_norm_limit"))
+        seen["x"] = x_in[seen["keep"]], x_out[seen["keep"]]
+        return x_out
+
+    def spliced(x_in, x_out):
+        x_hat = reconstruct(sae, x_in.flatten(0, 1)).view_as(x_out)
+        return torch.where(seen["keep"][..., None], x_hat.to(x_out.dtype), x_out)
+
+    def ablated(x_in, x_out):
+        return torch.where(seen["keep"][..., None], torch.zeros_like(x_out), x_out)
+    sums = {}
+    for name, fn, kl_key in zip(CE_PASSES, (clean, spliced, ablated), (None,) + KL_KEYS):
+        with model.splice(lm, layer, site, fn):
+            logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        if kl_key is None:  # the clean pass has set the scored positions
+            ok = seen["keep"][:, :-1] & mask[:, 1:].bool()
+        pred = logits[:, :-1][ok].float()  # (n, V)
+        sums[name] = F.cross_entropy(pred, input_ids[:, 1:][ok], reduction="sum").item()
+        if kl_key is None:
+            lp_clean = F.log_softmax(pred, -1)
+        else:
+            sums[kl_key] = saebench.kl_sum(lp_clean, pred)
+    return seen["keep"], seen["x"], sums, len(pred)
+
+
+# -------------------------------------------------------------------------- long context (§4.5.1)
+
+def buckets(T):
+    """Position buckets [lo, hi): 1-63, then powers of two up to T (position 0 is BOS)."""
+    edges = sorted({1, T} | {2 ** i for i in range(6, 32) if 2 ** i < T})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@torch.no_grad()
+def long_context(lm, tok, sae, config, T, n_tokens, dataset):
+    """MSE (normalized space, per element), L0 and EV per position bucket over held-out documents
+    of at least T tokens, each truncated to T, until n_tokens have been read: (rows, documents
+    used). Says so in one line when the split has too few such documents."""
+    key, spans, n, n_docs, longest = (config["layer"], config["site"]), buckets(T), 0, 0, 0
+    metrics = [Metrics(sae) for _ in spans]
+    s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
+    bar = progress(n_tokens, "long context")
+    for doc in data.iter_documents(dataset, "eval", epochs=1):
+        ids = data.encode_documents(tok, [doc])[0]  # BOS + document
+        longest = max(longest, len(ids))
+        if len(ids) < T:  # §4.5.1: documents longer than T, each truncated to T; never joined
+            continue
+        ids, n_docs = torch.tensor([ids[:T]], device=lm.device), n_docs + 1
+        mask = torch.ones_like(ids)
+        x_in, x_out = model.capture(lm, ids, mask, [key])[key]
+        keep = data.scored(ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))
+        add_by_position(metrics, spans, x_in[0], x_out[0], keep[0], s_out)
+        n += T
+        bar.update(T)
+        if n >= n_tokens:
+            break
+    bar.close()
+    if n == 0:
+        raise ValueError(f"--long-context {T}: no held-out document of {dataset} has {T} tokens "
+                         f"(BOS included; the longest has {longest}): give a smaller T or a "
+                         f"--dataset of longer documents")
+    if n < n_tokens:
+        print(f"--long-context {T}: only {n_docs} held-out documents have at least {T} tokens; "
+              f"used all {n_docs} ({n:,} tokens of the {n_tokens:,} asked)")
+    return [{"positions": f"{lo}-{hi - 1}", "first": lo, "last": hi - 1,
+             **{k: r[k] for k in ("n_tokens", "mse", "l0", "explained_variance")}}
+            for (lo, hi), r in zip(spans, (m.result() for m in metrics))], n_docs
+
+
+def add_by_position(metrics, spans, x_in, x_out, keep, s_out):
+    """One sequence's scored rows x_in, x_out (T, D), keep (T,), each into its position bucket's
+    Metrics."""
+    pos = torch.arange(len(keep), device=keep.device)
+    for (lo, hi), m in zip(spans, metrics):
+        k = keep & (pos >= lo) & (pos < hi)
+        if k.any():
+            m.add(x_in[k], x_out[k], s_out)
