@@ -158,7 +158,15 @@ def open_stream(path, sites, rank=0, world=1, dtype=torch.float32, seed=0, skip=
     if (y is not None) != (len(sites) == 1 and model.is_transcoder(sites[0][1])):
         raise ValueError(f"--activations {path}: a file with `targets` trains one TC site, a "
                          f"file without trains R, A or M (got --site "
-                         f"{','.join(site for _, site in sites)})")
+                         f"{','.join(dict.fromkeys(site for _, site in sites))})")
     rows = file_producer(model.to_rows(x, y)[rank::world].to(dtype), seed=seed)
     return FanOut(({sites[0]: r} for r in itertools.islice(rows, skip, None)), sites,
                   skip), x.shape[1]
+
+
+def source(path, model_name, dataset, context_size):
+    """Where a run's rows came from (model, dataset, context_size), for its checkpoints: an
+    activation cache's manifest knows; a single file does not know its model; else the flags."""
+    if path and os.path.isdir(path):
+        return read_cache(path)
+    return dict(model=None if path else model_name, dataset=dataset, context_size=context_size)

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 import data
 import model
 import parallel
+import plan
 from sae import SAE
 
 
@@ -61,7 +62,7 @@ def sae_step(d, f, k, rows, repeat, dtype, device):
     """ms of one TopK training step (sparse and dense) and of the encoder matmul alone, as
     train.py runs it: float32 weights and Adam, the matmuls (and the rows) in dtype. Under a
     dtype other than float32, also the step with the weights themselves in dtype (`pure_step_ms`:
-    what the speed of fp32 master weights costs; README, Precision)."""
+    what the speed of fp32 master weights costs; docs/precision.md)."""
     torch.manual_seed(0)
     sae = SAE(d, f, k=k).to(device)
     sae.set_norms_(torch.ones(1, d), torch.ones(1, d))
@@ -149,7 +150,7 @@ def multi_sae(counts, tokens, device):
     return out
 
 
-def main():
+def get_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4096, help="rows per SAE step (small shapes)")
     p.add_argument("--big-rows", type=int, default=512,
@@ -165,17 +166,10 @@ def main():
     p.add_argument("--dtype", default=None, help="the matmuls' and the rows' precision "
                    "(default: bfloat16 on GPU, float32 on CPU, as train.py); weights float32")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
-    dtype = getattr(torch, args.dtype or model.default_dtype(args.device))
-    res = {"device": args.device, "dtype": str(dtype), "threads": torch.get_num_threads()}
-    if args.multi_tokens:  # first: Linux counts a child's peak as at least this process's size
-        cmd = [sys.executable, "train.py", "--total-tokens", "70000", "--eval-tokens", "0",
-               "--out", "/tmp/bench_out", "--device", str(args.device)]
-        subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__) or ".")
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    res["sae_small"] = sae_step(576, 4608, 50, args.rows, args.repeat, dtype, args.device)
-    if args.big_rows:
-        res["sae_llama8b_8x"] = sae_step(4096, 32768, 50, args.big_rows, 2, dtype, args.device)
+    return p.parse_args()
+
+
+def print_sae_steps(res, dtype):
     for key in ("sae_small", "sae_llama8b_8x"):
         if key in res:
             r = res[key]
@@ -186,6 +180,34 @@ def main():
                   f"{r['encoder_matmul_ms']:.1f} ms | step_over_floor "
                   f"{r['step_over_floor']:.2f} | "
                   f"dense reference {r['dense_step_over_floor']:.2f}{pure}")
+
+
+def print_costs(res, cfg):
+    """What a row costs here in plan.py's units (ms per million weights a row goes through),
+    beside the constants plan.py plans with."""
+    r, block = res["sae_small"], plan.lm_weights(cfg)[0]
+    sae = r["sae_step_ms"] / r["rows"] / (r["d_model"] * r["n_features"] / 1e6)
+    lm = 1e3 / res["lm_tok_s"]["15"] / (16 * block / 1e6)
+    res["costs_ms_per_mweight"] = {"lm": lm, "sae": sae}
+    print(f"costs per million weights: LM {lm:.4f} ms per token (plan.py: "
+          f"{plan.LM_MS_PER_MWEIGHT:.4f}), SAE step {sae:.4f} ms per row (plan.py: "
+          f"{plan.SAE_MS_PER_MWEIGHT:.4f}); an LM row to layer 15 costs "
+          f"{lm * 16 * block / (sae * 4608 * 576):.1f}x an 8x SAE's step on it")
+
+
+def main():
+    args = get_args()
+    dtype = getattr(torch, args.dtype or model.default_dtype(args.device))
+    res = {"device": args.device, "dtype": str(dtype), "threads": torch.get_num_threads()}
+    if args.multi_tokens:  # first: Linux counts a child's peak as at least this process's size
+        cmd = [sys.executable, "train.py", "--total-tokens", "70000", "--eval-tokens", "0",
+               "--out", "/tmp/bench_out", "--device", str(args.device)]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__) or ".")
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    res["sae_small"] = sae_step(576, 4608, 50, args.rows, args.repeat, dtype, args.device)
+    if args.big_rows:
+        res["sae_llama8b_8x"] = sae_step(4096, 32768, 50, args.big_rows, 2, dtype, args.device)
+    print_sae_steps(res, dtype)
     if args.tp:
         r = res["sae_small"]
         ms = tp_step(args.tp, 576, 4608, 50, args.rows, args.repeat, args.device)
@@ -200,6 +222,7 @@ def main():
             target = 0.9 * n_layers / (layer + 1) * full
             print(f"LM to layer {layer:>2}: {v:8.0f} tok/s | target >= {target:.0f} "
                   f"(0.9 x {n_layers}/{layer + 1} x full depth)")
+        print_costs(res, model.load_config())
     if args.multi_tokens:
         per_tok = multi_sae([1, 4], args.multi_tokens, args.device)
         res["multi_sae_s_per_token"] = {str(k): v for k, v in per_tok.items()}

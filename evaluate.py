@@ -6,6 +6,7 @@
     python evaluate.py out/L15R-8x-k50-TopK.safetensors --long-context 8192          # §4.5.1
     python evaluate.py out/L15R-8x-k50-TopK.safetensors --chat wiki-chat [--eval-model ID]
     python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
+    python evaluate.py out/ --tokens 20000 --json scope.json --plot plots/    # a scope, Fig. 10
 
 Everything comes from the file: model, layer, site, normalization, the massive-activation limit,
 and where and in what precision to run (its training device type and dtype, when that kind of
@@ -19,6 +20,8 @@ neighbours against the Johnson-Lindenstrauss baseline (§4.6). --long-context T:
 position on held-out documents of at least T tokens (§4.5.1). --eval-model ID: the same metrics on
 another model's activations at the same site, side by side; --chat DATA: on conversations
 rendered by the instruct model's chat template (§4.5.2). --saebench-json: SAEBench's core file.
+A folder of checkpoints (a scope, scope.py) is evaluated in one pass (metrics.scope_metrics): its
+JSON holds one entry per SAE with the keys of a single evaluation; --plot draws Fig. 10.
 """
 import argparse
 import json
@@ -37,6 +40,7 @@ import metrics
 import model
 import plots
 import saebench
+import scope
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
         "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "kl_div_with_sae",
@@ -85,7 +89,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_flags(args, sae):
+def check_against_sae(args, sae):
     """The checks that need the SAE (its width, its threshold) but no LM. Returns the feature
     ids of --features (None without)."""
     if args.mode == "jumprelu" and sae.threshold is None:
@@ -110,34 +114,18 @@ def check_flags(args, sae):
     return feats and [int(v) for v in feats]
 
 
-def check_lm(name, sae, config):
-    """The LM's config, after checking from it alone (no weights loaded) that the SAE fits."""
-    if not name:
-        raise ValueError("no LM is known for this SAE: give --model ID, or evaluate with "
-                         "--activations FILE")
-    try:
-        cfg = model.load_config(name)
-    except Exception as e:  # no such folder, an unknown Hub id, offline
-        raise ValueError(f"{name}: no readable model config ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]})") from None
-    if cfg["hidden_size"] != sae.d_model:
-        raise ValueError(f"checkpoint d_model {sae.d_model} does not match {name} "
-                         f"(hidden size {cfg['hidden_size']})")
-    if config["layer"] >= cfg["num_hidden_layers"]:
-        raise ValueError(f"the SAE reads layer {config['layer']}: {name} has "
-                         f"{cfg['num_hidden_layers']} layers")
-    return cfg
-
-
 def evaluate(args):
     """The evaluation the flags ask for: on pre-saved rows, or through the LM (metrics, features,
-    long context, or two models side by side); prints it, returns what --json writes."""
-    sae, config = inference.load_sae(args.checkpoint, model_name=args.model)
-    args.device, args.dtype, note = model.placement(config, args.device, args.dtype)
-    dtype = getattr(torch, args.dtype)
-    sae.to(args.device).compute_dtype = dtype  # float32 weights, matmuls in dtype
+    long context, or two models side by side), or of a folder of checkpoints; prints it, returns
+    what --json writes."""
+    released = os.path.isfile(os.path.join(args.checkpoint, "hyperparams.json"))
+    if os.path.isdir(args.checkpoint) and not released:
+        return evaluate_scope(args)
+    sae, config, (args.device, args.dtype, note) = inference.load_sae(
+        args.checkpoint, args.model, args.device, args.dtype)
+    dtype = getattr(torch, args.dtype)  # the LM's and the SAE's matmuls; its weights float32
     print(f"running on {args.device} in {args.dtype} ({note})")
-    feats = check_flags(args, sae)
+    feats = check_against_sae(args, sae)
     sae.act = args.mode or sae.act
     name, t0 = formats.sae_name(args.checkpoint), time.time()
     dataset = args.dataset or config.get("dataset_path")
@@ -149,12 +137,12 @@ def evaluate(args):
                                              freq=True)
         return report(args, name, sae, out, t0)
     lm_name = config.get("model_name")  # every check before the slow load
-    max_pos = check_lm(lm_name, sae, config).get("max_position_embeddings") or args.long_context
+    max_pos = inference.check_lm(lm_name, sae, config).get("max_position_embeddings") or args.long_context
     if args.long_context and not 2 <= args.long_context <= max_pos:
         raise ValueError(f"--long-context {args.long_context} is out of range: allowed "
                          f"2-{max_pos} ({lm_name}'s max_position_embeddings)")
     if args.eval_model:
-        check_lm(args.eval_model, sae, config)
+        inference.check_lm(args.eval_model, sae, config)
     chat_name, chat_tok = None, None
     if args.chat:
         chat_name, chat_tok = data.chat_tokenizer([n for n in (args.eval_model, lm_name) if n],
@@ -166,7 +154,7 @@ def evaluate(args):
         return dump(args, features.show(lm, tok, inference.for_lm(sae, config, lm), config, feats,
                                         args.tokens, args.top, dataset, args.html))
     if args.long_context:
-        return long_context(args, lm, tok, sae, config, name, dataset, t0)
+        return report_long_context(args, lm, tok, sae, config, name, dataset, t0)
     core = saebench.Core(sae.n_features) if args.saebench_json else None
     out = metrics.lm_metrics(lm, chat_tok or tok, inference.for_lm(sae, config, lm), config,
                              args.tokens, dataset, core=core, chat=args.chat)
@@ -181,6 +169,42 @@ def evaluate(args):
     return two_models(args, sae, config, out, chat_tok, dataset, name, t0)
 
 
+def evaluate_scope(args):
+    """Every checkpoint of a folder from one pass over held-out documents (scope.py): a table
+    in layer order, Fig. 10 with --plot, one entry per SAE in --json."""
+    other = [flag for flag in ("activations", "features", "long_context", "eval_model", "chat",
+                               "saebench_json", "mode", "html") if getattr(args, flag)]
+    if other:
+        raise ValueError(f"--{other[0].replace('_', '-')} evaluates one checkpoint; "
+                         f"{args.checkpoint} is a folder (a scope)")
+    saes, (args.device, args.dtype, note) = scope.load(args.checkpoint, args.model, args.device,
+                                                      args.dtype)
+    print(f"running on {args.device} in {args.dtype} ({note})")
+    config = next(iter(saes.values()))[1]
+    for sae, c in saes.values():  # every check before the slow load
+        inference.check_lm(c["model_name"], sae, c)
+    t0, dataset = time.time(), args.dataset or config.get("dataset_path")
+    lm, tok = model.load_model(config["model_name"], args.device, getattr(torch, args.dtype))
+    adapted = {name: (inference.for_lm(sae, c, lm), c) for name, (sae, c) in saes.items()}
+    results = metrics.scope_metrics(lm, tok, adapted, args.tokens, dataset,
+                                    config["context_size"])
+    for name, m in results.items():  # the keys of a single evaluation
+        m.pop("freq")
+        m.update(data=f"held-out {dataset}", time_s=time.time() - t0, mode=saes[name][0].act,
+                 checkpoint=os.path.join(args.checkpoint, f"{name}.safetensors"),
+                 device=args.device, dtype=args.dtype)
+    print(f"{len(saes)} SAEs of {args.checkpoint}, {args.tokens:,} held-out tokens each "
+          f"({time.time() - t0:.0f}s):")
+    print("\n".join(scope.table(results)))
+    if args.plot:
+        os.makedirs(args.plot, exist_ok=True)
+        path = os.path.join(args.plot, "scope.png")
+        plots.plot_scope(results, {n: c for n, (_, c) in saes.items()}, path,
+                         f"{config['model_name']}: {len(saes)} SAEs (Fig. 10)")
+        print(f"plotted {path}")
+    return dump(args, results)
+
+
 def two_models(args, sae, config, out, chat_tok, dataset, name, t0):
     """--eval-model: the same metrics on another model's activations at the same site, printed
     beside the first model's (out)."""
@@ -190,23 +214,31 @@ def two_models(args, sae, config, out, chat_tok, dataset, name, t0):
     other["data"] = out["data"]
     for m in (out, other):
         m.pop("freq")
-    print(f"{name} on two models' activations at L{config['layer']}{config['site']}, "
+    site = formats.site_name((config["layer"], config["site"]))
+    print(f"{name} on two models' activations at {site}, "
           f"{out['data']} ({time.time() - t0:.0f}s):")
     side_by_side({config["model_name"]: out, args.eval_model: other}, KEYS)
     return dump(args, {config["model_name"]: out, args.eval_model: other})
 
 
-def long_context(args, lm, tok, sae, config, name, dataset, t0):
+def report_long_context(args, lm, tok, sae, config, name, dataset, t0):
     """--long-context T (§4.5.1): the table by position, and Fig. 5 with --plot."""
-    rows, n_docs = metrics.long_context(lm, tok, inference.for_lm(sae, config, lm), config,
-                                        args.long_context, args.tokens, dataset)
-    print_long_context(rows, name, args.long_context, config["context_size"], t0, n_docs)
+    T, trained = args.long_context, config["context_size"]
+    rows, n_docs = metrics.long_context(lm, tok, inference.for_lm(sae, config, lm), config, T,
+                                        args.tokens, dataset)
+    print(f"{name}: MSE and L0 by position on {n_docs} held-out documents of at least {T} "
+          f"tokens, each truncated to {T} (trained on {trained}; {time.time() - t0:.0f}s)")
+    print(f"  {'positions':>11} {'tokens':>8} {'mse':>8} {'l0':>7} {'ev':>7}")
+    for r in rows:
+        print(f"  {r['positions']:>11} {r['n_tokens']:>8,} {r['mse']:>8.4f} {r['l0']:>7.1f} "
+              f"{r['explained_variance']:>7.3f}"
+              f"{'  beyond the training context' if r['first'] >= trained else ''}")
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
         path = os.path.join(args.plot, f"{name}-long-context.png")
-        plots.plot_long_context(rows, path, name, config["context_size"])
+        plots.plot_long_context(rows, path, name, trained)
         print(f"plotted {path}")
-    return dump(args, {"T": args.long_context, "documents": n_docs, "buckets": rows})
+    return dump(args, {"T": T, "documents": n_docs, "buckets": rows})
 
 
 def side_by_side(columns, keys):
@@ -215,16 +247,6 @@ def side_by_side(columns, keys):
     for key in keys:
         print(f"  {key:<28}" + "".join(f"{m[key]:>32.4f}" if isinstance(m[key], float) else
                                        f"{m[key]:>32}" for m in columns.values()))
-
-
-def print_long_context(rows, name, T, context_size, t0, n_docs):
-    print(f"{name}: MSE and L0 by position on {n_docs} held-out documents of at least {T} "
-          f"tokens, each truncated to {T} (trained on {context_size}; {time.time() - t0:.0f}s)")
-    print(f"  {'positions':>11} {'tokens':>8} {'mse':>8} {'l0':>7} {'ev':>7}")
-    for r in rows:
-        print(f"  {r['positions']:>11} {r['n_tokens']:>8,} {r['mse']:>8.4f} {r['l0']:>7.1f} "
-              f"{r['explained_variance']:>7.3f}"
-              f"{'  beyond the training context' if r['first'] >= context_size else ''}")
 
 
 def report(args, name, sae, out, t0):

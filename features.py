@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import data
 import model
+from formats import site_name
 from tracking import progress
 
 BEFORE, AFTER = 24, 8  # tokens of context shown before and after the activating token
@@ -178,6 +179,6 @@ def show(lm, tok, sae, config, feats, n_tokens, top, dataset, html_path=None):
     print_features(out)
     if html_path:
         with open(html_path, "w") as f:
-            f.write(html_page(out, f"L{config['layer']}{config['site']} features"))
+            f.write(html_page(out, f"{site_name((config['layer'], config['site']))} features"))
         print(f"wrote {html_path}")
     return out

@@ -28,7 +28,7 @@ from sae import SAE
 
 ACT_FN = {"topk": "topk", "vanilla": "relu", "jumprelu": "jumprelu"}  # ours -> Llama Scope's
 RESUME_FREE = {"resume", "save_every", "out", "log_every", "eval_tokens", "device", "rule",
-               "wandb_project"}  # train.py flags a resumed run may change
+               "wandb_project", "plan_only"}  # train.py flags a resumed run may change
 
 
 def atomic_save_file(tensors, path, metadata):
@@ -59,24 +59,24 @@ def save_checkpoint(sae, config, path):
     atomic_save_file(tensors, path, {"config": json.dumps(config)})
 
 
-def training_config(train_args, source, key, sae, k_anneal_steps, outlier_norm_limit, served,
-                    step, heldout, device):
+def training_config(flags, source, key, sae, k_anneal_steps, outlier_norm_limit, served, step,
+                    heldout, device):
     """What train.py's checkpoints say beyond the SAE itself, in the released hyperparams.json
-    names: where it reads (source: model, dataset, context_size), how it was trained (train_args:
-    train.py's flags as a dict), the held-out check; `device` (type) and `dtype`: where and in
-    what precision it trained, which evaluate.py and postprocess.py default to."""
+    names: where it reads (source: model, dataset, context_size), how it was trained (flags:
+    `train_args`, train.py's flags as a dict), the held-out check; `device` (type) and `dtype`:
+    where and in what precision it trained, which evaluate.py and postprocess.py default to."""
     layer, site = key
-    a = train_args
+    passes = flags["passes"]
     return dict(model_name=source["model"], layer=layer, site=site,
                 k_warmup_steps=k_anneal_steps, init_decoder_norm=sae.init_decoder_norm,
-                use_batch_norm_mse=a["loss"] == "batch-norm-mse", norm_activation="dataset-wise",
-                apply_decoder_bias_to_pre_encoder=False, use_decoder_bias=True, lr=a["lr"],
-                l1_coefficient=a["l1_coef"], context_size=source["context_size"],
-                dataset_path=source["dataset"], prepend_bos=True,
-                outlier_norm_limit=outlier_norm_limit, n_training_tokens=served // a["passes"],
-                passes=a["passes"], n_rows_served=served, step=step, folded=False,
-                heldout=heldout, train_args=train_args, device=torch.device(device).type,
-                dtype=a["dtype"])
+                use_batch_norm_mse=flags["loss"] == "batch-norm-mse",
+                norm_activation="dataset-wise", apply_decoder_bias_to_pre_encoder=False,
+                use_decoder_bias=True, lr=flags["lr"], l1_coefficient=flags["l1_coef"],
+                context_size=source["context_size"], dataset_path=source["dataset"],
+                prepend_bos=True, outlier_norm_limit=outlier_norm_limit,
+                n_training_tokens=served // passes, passes=passes, n_rows_served=served,
+                step=step, folded=False, heldout=heldout, train_args=flags,
+                device=torch.device(device).type, dtype=flags["dtype"])
 
 
 def read_checkpoint(path):
@@ -181,9 +181,14 @@ def load_state(path):
     return join(tree)
 
 
-def resumable(train_args):
+def train_args(flags):
+    """The train.py flags (a dict) that define a run: saved in its checkpoints."""
+    return {k: v for k, v in flags.items() if k not in RESUME_FREE}
+
+
+def resumable(flags):
     """The flags a resumed run must share with the run it continues (JSON-normalized)."""
-    return {k: v for k, v in json.loads(json.dumps(train_args)).items() if k not in RESUME_FREE}
+    return json.loads(json.dumps(train_args(flags)))
 
 
 def resume_path(out, resume, comms):
@@ -194,17 +199,18 @@ def resume_path(out, resume, comms):
                             else resume)
 
 
-def read_resume(path, train_args, comms):
+def read_resume(path, flags, comms):
     """The saved state of the run to continue (`save_resume`), or None when there is no file;
-    refused if it is another run's or the ranks' files disagree."""
+    refused if it is another run's (a flag the file predates counts as its default) or the
+    ranks' files disagree."""
     state = load_state(path) if path and os.path.isfile(path) else None
     if len(set(comms.all_values(torch.tensor([state["step"] if state else -1])).tolist())) > 1:
         raise ValueError(f"--resume: the ranks' files ({path}) are from different steps, or "
                          f"missing")
     if state is None:
         return None
-    now = resumable(train_args)
-    diff = [k for k in now if now[k] != state["args"].get(k)]
+    now = resumable(flags)
+    diff = [k for k in now if k in state["args"] and now[k] != state["args"][k]]
     if diff:
         raise ValueError(f"--resume {path} is from a different configuration: "
                          f"--{diff[0].replace('_', '-')} was {state['args'].get(diff[0])}, "
@@ -215,11 +221,11 @@ def read_resume(path, train_args, comms):
     return state
 
 
-def save_resume(out, train_args, comms, state):
+def save_resume(out, flags, comms, state):
     """Everything to continue bit-identically (each object's state_dict() in state), with the
     flags and the world size it must match: one file per rank in out."""
     save_state(comms.shard_path(os.path.join(out, "resume.safetensors")),
-               {"args": resumable(train_args), "world": comms.world, **state})
+               {"args": resumable(flags), "world": comms.world, **state})
 
 
 # ----------------------------------------------------------------------------- names

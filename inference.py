@@ -67,11 +67,12 @@ def fit_jumprelu_(sae, x):
     sae.act = "jumprelu"
 
 
-def load_sae(path, device="cpu", model_name=None):
-    """(sae, config) after steps 1-2, from one of our checkpoint files or a released SAE (a folder
-    or a Hub reference; the authors' theta then applies). config is the file's, and its `folded`
-    says whether the file is post-processed (a released one counts as such). model_name
-    overrides the LM."""
+def load_sae(path, model_name=None, device=None, dtype=None):
+    """(sae, config, (device, dtype, note)) from one of our checkpoint files or a released SAE (a
+    folder or a Hub reference; the authors' theta then applies): placed where and in the
+    precision it is to run (model.placement: the flags, else as trained), then steps 1-2 on that
+    device. config is the file's, and its `folded` says whether the file is post-processed (a
+    released one counts as such). model_name overrides the LM."""
     if os.path.isfile(path) or not (os.path.isdir(path) or interop.hub_ref(path)):
         sae, config = formats.load_checkpoint(path)
         unfolded = not config.get("folded")
@@ -79,12 +80,33 @@ def load_sae(path, device="cpu", model_name=None):
         sae, config = interop.read_released(interop.released_folder(path), path)
         sae.act = "jumprelu" if sae.threshold is not None else sae.act
         config, unfolded = dict(config, folded=True), True
+    if model_name:
+        config["model_name"] = model_name
+    placed = model.placement(config, device, dtype)
+    sae.to(placed[0]).compute_dtype = getattr(torch, placed[1])  # float32 weights
     if unfolded:
         fold_norm_(sae)
         unit_decoder_(sae)
-    if model_name:
-        config["model_name"] = model_name
-    return sae.to(device), config
+    return sae, config, placed
+
+
+def check_lm(name, sae, config):
+    """The LM's config, after checking from it alone (no weights loaded) that the SAE fits."""
+    if not name:
+        raise ValueError("no LM is known for this SAE: give --model ID, or evaluate with "
+                         "--activations FILE")
+    try:
+        cfg = model.load_config(name)
+    except Exception as e:  # no such folder, an unknown Hub id, offline
+        raise ValueError(f"{name}: no readable model config ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    if cfg["hidden_size"] != sae.d_model:
+        raise ValueError(f"checkpoint d_model {sae.d_model} does not match {name} "
+                         f"(hidden size {cfg['hidden_size']})")
+    if config["layer"] >= cfg["num_hidden_layers"]:
+        raise ValueError(f"the SAE reads layer {config['layer']}: {name} has "
+                         f"{cfg['num_hidden_layers']} layers")
+    return cfg
 
 
 def for_lm(sae, config, lm):

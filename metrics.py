@@ -10,6 +10,8 @@
   difference `delta_lm_loss` (§4.1), and KL(clean || patched). Special tokens and
   massive-activation tokens keep their original activation and their predictions are not scored.
 - `heldout_check`: train.py's first look after training, every SAE from one LM pass.
+- `scope_metrics`: `lm_metrics` for a folder of SAEs (a scope) from one pass: one clean forward
+  per batch for every site, each SAE spliced from its own block on.
 - `long_context` (§4.5.1): MSE, L0 and EV by position on long held-out documents.
 Shapes: B sequences, T tokens, N rows, D model width, F features, V vocabulary.
 """
@@ -173,6 +175,82 @@ def three_passes(lm, tok, sae, config, input_ids, mask):
         else:
             sums[kl_key] = saebench.kl_sum(lp_clean, pred)
     return seen["keep"], seen["x"], sums, len(pred)
+
+
+@torch.no_grad()
+def scope_metrics(lm, tok, saes, n_tokens, dataset, context_size, lm_batch_size=8):
+    """`lm_metrics` for many SAEs {name: (sae, config)} from one pass over held-out documents.
+    Per batch ONE clean forward records every site and the residual entering each SAE's block;
+    then each SAE is spliced alone, and each (site, outlier limit) ablated once, from its own
+    block on (model.from_layer: the blocks before it would compute what the clean pass did).
+    Each SAE reads batches until it has n_tokens scored rows, as alone, so its numbers are those
+    `lm_metrics` gives it. Returns {name: metrics}."""
+    keys = sorted({(config["layer"], config["site"]) for _, config in saes.values()})
+    runs = {name: dict(metrics=Metrics(sae), n=0, sums=dict.fromkeys(CE_PASSES + KL_KEYS, 0.0))
+            for name, (sae, _) in saes.items()}
+    bar = progress(n_tokens * len(saes), "evaluate scope")
+    for input_ids, mask in data.document_batches(tok, dataset, "eval", context_size,
+                                                 lm_batch_size, epochs=1):
+        active = [name for name, run in runs.items() if run["metrics"].n < n_tokens]
+        if not active:
+            break
+        input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
+        with model.recording(lm, keys, sorted({layer for layer, _ in keys})) as acts:
+            clean = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        ablated = {}  # (site, limit) -> (summed CE, summed KL): shared by SAEs of a site
+        for name in active:
+            before = runs[name]["metrics"].n
+            add_batch(runs[name], *saes[name], lm, tok, input_ids, mask, acts, clean, ablated)
+            bar.update(min(runs[name]["metrics"].n, n_tokens) - min(before, n_tokens))
+    bar.close()
+    out = {}
+    for name, run in runs.items():
+        out[name] = run["metrics"].result()
+        out[name].update({k: total / max(run["n"], 1) for k, total in run["sums"].items()})
+        out[name]["delta_lm_loss"] = out[name]["ce_loss_with_sae"] - out[name]["ce_loss"]
+    return out
+
+
+def add_batch(run, sae, config, lm, tok, input_ids, mask, acts, clean, ablated):
+    """One SAE's share of a batch in `scope_metrics`: its rows into run["metrics"], its summed
+    CE and KL into run["sums"] (clean from the shared logits; spliced and ablated run from its
+    block on; the ablation shared through `ablated`), its scored predictions into run["n"]."""
+    key, limit = (config["layer"], config["site"]), config.get("outlier_norm_limit")
+    keep = data.scored(input_ids, mask, tok, *acts[key], limit)  # (B, T)
+    ok = keep[:, :-1] & mask[:, 1:].bool()  # position t scored, predicting t+1
+    target, pred = input_ids[:, 1:][ok], clean[:, :-1][ok].float()  # (n,), (n, V)
+    where = (lm, key, acts[("resid", key[0])][0], mask, ok, target, F.log_softmax(pred, -1))
+    sums = run["sums"]
+    sums["ce_loss"] += F.cross_entropy(pred, target, reduction="sum").item()
+
+    def spliced(x_in, x_out):
+        x_hat = reconstruct(sae, x_in.flatten(0, 1)).view_as(x_out)
+        return torch.where(keep[..., None], x_hat.to(x_out.dtype), x_out)
+
+    def zeroed(x_in, x_out):
+        return torch.where(keep[..., None], torch.zeros_like(x_out), x_out)
+    ce, kl = patched_scores(*where, spliced)
+    sums["ce_loss_with_sae"] += ce
+    sums["kl_div_with_sae"] += kl
+    if (key, str(limit)) not in ablated:
+        ablated[(key, str(limit))] = patched_scores(*where, zeroed)
+    ce, kl = ablated[(key, str(limit))]
+    sums["ce_loss_ablated"] += ce
+    sums["kl_div_ablated"] += kl
+    run["n"] += len(pred)
+    s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
+    run["metrics"].add(acts[key][0][keep], acts[key][1][keep], s_out)
+
+
+def patched_scores(lm, key, resid, mask, ok, target, lp_clean, fn):
+    """(summed CE, summed KL(clean || patched)) of the predictions at ok (B, T-1), with site
+    key's output replaced by fn, run from the site's block on: resid (B, T, D) is the residual
+    stream entering it (model.from_layer)."""
+    with model.splice(lm, *key, fn), model.from_layer(lm, key[0]):
+        logits = lm(inputs_embeds=resid, attention_mask=mask, use_cache=False).logits
+    logits = logits[:, :-1][ok].float()  # (n, V)
+    return F.cross_entropy(logits, target, reduction="sum").item(), \
+        saebench.kl_sum(lp_clean, logits)
 
 
 # -------------------------------------------------------------------------- long context (§4.5.1)

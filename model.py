@@ -8,7 +8,8 @@ splice back, and choose where and in what precision to run it.
 - `placement`: the device and dtype a script runs in (the GPU and bf16 as in the paper, else the
   CPU in float32; a checkpoint runs where and in what precision it trained).
 - `capture`: the four sites of §3.2 / Fig. 1 for any set of (layer, site) pairs in ONE forward
-  that stops right after the deepest hooked layer (no later block, no final norm, no LM head).
+  that stops right after the deepest hooked layer (no later block, no final norm, no LM head);
+  `recording` keeps them from any forward, `from_layer` runs the blocks from one layer on.
 - `splice`: replace a site's output with an SAE's reconstruction (Delta LM loss, §4.1).
 - The rows themselves: `is_transcoder` and `in_out` (a transcoder's row is input | target).
 
@@ -92,7 +93,9 @@ def load_config(name=EMBEDDED_MODEL):
     if name == EMBEDDED_MODEL:
         path = os.path.join(cache_dir(), EMBEDDED_MODEL)
         if not os.path.exists(os.path.join(path, "config.json")):  # SmolLM2-135M's true shape
-            return {"num_hidden_layers": 30, "hidden_size": 576, "max_position_embeddings": 8192}
+            return dict(num_hidden_layers=30, hidden_size=576, max_position_embeddings=8192,
+                        intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                        vocab_size=49152, tie_word_embeddings=True)
         name = path
     return AutoConfig.from_pretrained(name).to_dict()
 
@@ -134,7 +137,7 @@ def check_device(device):
 
 def default_dtype(device):
     """The LM's, the buffer's and the SAE matmuls' precision unless told: bfloat16 on GPU as in
-    the paper, float32 on CPU (the precision every quality number in README was measured in;
+    the paper, float32 on CPU (the precision every number in docs/quality.md was measured in;
     bf16 matmul speed on CPUs ranges from far slower to faster, by instruction set)."""
     return "bfloat16" if device.startswith("cuda") else "float32"
 
@@ -230,39 +233,60 @@ class _StopForward(Exception):
     pass
 
 
-@torch.inference_mode()
-def capture(lm, input_ids, attention_mask, sites):
-    """{(layer, site): (x_in, x_out)} with each (B, T, D), from one forward stopped after the
-    deepest hooked layer. For R, A and M x_in is x_out; for TC x_in is the MLP input, x_out its
-    output."""
-    acts, handles = {}, []
+@contextlib.contextmanager
+def recording(lm, sites, resid_before=()):
+    """Within it, a forward of lm keeps {(layer, site): [x_in, x_out]}, each (B, T, D), in the
+    dict it yields (for R, A and M x_in is x_out; for TC x_in is the MLP input, x_out its
+    output), and under ("resid", L) the residual stream entering block L for L in resid_before
+    (what `from_layer` starts from)."""
+    acts, handles = {key: [None, None] for key in sites}, []
 
-    def keep(module, name):
-        def hook(mod, args, output):
-            acts[name] = _first(output)
-        handles.append(module.register_forward_hook(hook))
-
-    for layer, site in sites:
-        m_in, m_out = _site_modules(lm, layer, site)
-        keep(m_in, (m_in, "in"))
-        keep(m_out, (m_out, "out"))
-
-    def stop(mod, args, output):
-        raise _StopForward
-    deepest = max(layer for layer, _ in sites)
-    handles.append(lm.model.layers[deepest].register_forward_hook(stop))
-    try:  # the base model, not the LM head; no KV cache, no hidden-state lists
-        lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
+    def keep(name, role):
+        return lambda module, args, output: acts[name].__setitem__(role, _first(output))
+    for key in sites:
+        for role, module in enumerate(_site_modules(lm, *key)):
+            handles.append(module.register_forward_hook(keep(key, role)))
+    for layer in resid_before:
+        acts[("resid", layer)] = [None]
+        handles.append(lm.model.layers[layer].register_forward_pre_hook(
+            lambda m, args, kw, layer=layer: acts[("resid", layer)].__setitem__(
+                0, args[0] if args else kw["hidden_states"]), with_kwargs=True))
+    try:
+        yield acts
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for layer, site in sites:
-        m_in, m_out = _site_modules(lm, layer, site)
-        out[(layer, site)] = (acts[(m_in, "in")], acts[(m_out, "out")])
-    return out
+
+
+@torch.inference_mode()
+def capture(lm, input_ids, attention_mask, sites):
+    """{(layer, site): (x_in, x_out)} with each (B, T, D), from one forward stopped after the
+    deepest hooked layer (`recording`)."""
+    def stop(mod, args, output):
+        raise _StopForward
+    with recording(lm, sites) as acts:  # its hooks first: the stop runs after them
+        handle = lm.model.layers[max(layer for layer, _ in sites)].register_forward_hook(stop)
+        try:  # the base model, not the LM head; no KV cache, no hidden-state lists
+            lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+    return {key: tuple(acts[key]) for key in sites}
+
+
+@contextlib.contextmanager
+def from_layer(lm, layer):
+    """Within it, lm runs blocks layer.. only: call it with inputs_embeds = the residual stream
+    entering block `layer` (`recording`'s resid_before). Positions and the causal mask come from
+    the attention mask as in a full forward, so the logits are the full forward's. Hooks (a
+    `splice`) must be placed before it, while layer indices still mean the whole model."""
+    blocks = lm.model.layers
+    lm.model.layers = blocks[layer:]
+    try:
+        yield
+    finally:
+        lm.model.layers = blocks
 
 
 @contextlib.contextmanager

@@ -1,46 +1,120 @@
 """What a training run will make, worked out before any slow work: whether train.py's flags can
-run on this model at all, which SAEs, how large their buffers, how the ranks share the work, and
-the derived arithmetic printed once.
+run on this model at all, which SAEs, what a row costs, how much memory they need and how they
+split into groups, how the ranks share the work, and the derived arithmetic printed once.
 
+- `parse_layers`, `parse_sites`: `--layer all`, `0-29`, `3,7`; `--site all`, `R,TC`.
 - `check_flags`: every cheap check, from the model's config alone (no weights): one line each.
 - `feature_counts`: F of every SAE at each site (--n-features, else --expansion x D).
-- `buffer_rows`: rows per site's buffer: --buffer-size, or less for a run shorter than it.
+- `costs`: ms per token of the LM forward and per row of the SAEs it feeds (the budget rule).
+- `groups`: the scope split into groups that fit --max-memory, each trained from its own LM pass,
+  with the rows each site's buffer gets and the estimated peak memory and time.
+- `buffer_rows`: rows per site's buffer: at most --buffer-size, less for a short run.
 - `check_layout`: what torchrun's dp x tp layout asks of the flags (parallel.py).
 - `describe`: the plan as train.py prints it: SAEs, steps, the budget rule, the schedule.
 The recipe itself (budget rule, schedule) is recipe.py's.
+Shapes: D model width, F features, L layer, C row width (D, or 2D for a transcoder).
 """
 import itertools
 import math
 import os
+import re
 
 import activations
 import data
+import formats
 import model
 from buffer import first_fill_rows
+from recipe import budget_rule, schedule
+
+GIB = 2 ** 30
+# Costs measured here (2 CPU cores, float32, bench.py), per million weights a row goes through:
+LM_MS_PER_MWEIGHT = 0.4 / (16 * 3.540096)  # the LM per token: 0.4 ms to SmolLM2's L15
+SAE_MS_PER_MWEIGHT = 0.1 / (4608 * 576 / 1e6)  # one SAE step per row: 0.1 ms at D 576, F 4608
+# Memory beyond what the estimate counts (Python, torch, tokenizer, allocator slack): measured
+# as the default run's peak minus its estimate.
+RUNTIME_BYTES = int(1.0 * GIB)
+MIN_BUFFER_ROWS = 16_384  # fewer rows per buffer mix too few documents: split into groups
+
+
+# ----------------------------------------------------------------------------- which SAEs
+
+def parse_layers(text, n_layers):
+    """[L, ...] of --layer: `all` (every block of a model of n_layers), a comma list of indices
+    and ranges (`3,7`, `0-29`, `0-3,15`), in the order given, repeats dropped."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if "all" in parts:
+        if len(parts) > 1:
+            raise ValueError(f"--layer {text}: `all` stands alone; allowed: all, a list (3,7) "
+                             f"or ranges (0-29)")
+        if not n_layers:
+            raise ValueError("--layer all needs the model's layer count: with --activations "
+                             "FILE give the layers")
+        return list(range(n_layers))
+    layers = []
+    for part in parts:
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m or m[2] and int(m[2]) < int(m[1]):
+            raise ValueError(f"--layer {text}: {part!r} is not a block index or a range a-b; "
+                             f"allowed: all, a list (3,7) or ranges (0-29)")
+        layers += range(int(m[1]), int(m[2] or m[1]) + 1)
+    return list(dict.fromkeys(layers))
+
+
+def parse_sites(text):
+    """[site, ...] of --site: `all` (R, A, M, TC) or a comma list of them."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if "all" in parts and len(parts) > 1:
+        raise ValueError(f"--site {text}: `all` stands alone; allowed: all or a list of "
+                         f"{', '.join(model.SITES)}")
+    if parts == ["all"]:
+        return list(model.SITES)
+    bad = ",".join(p for p in parts if p not in model.SITES)
+    if bad:
+        raise ValueError(f"--site {bad} is unknown; allowed: all, {', '.join(model.SITES)}")
+    return list(dict.fromkeys(parts))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def resolve(args):
+    """(D, the model's config) from the config alone (an activation cache's shape, nothing from
+    a single --activations file), with --layer and --site resolved to lists and the budget rule
+    applied to args: it reads what a row costs for these SAEs."""
+    cache, cfg = {}, {}
+    model.check_device(args.device)
+    if args.activations and os.path.isdir(args.activations):
+        cache = activations.read_cache(args.activations)
+        cfg = {"hidden_size": cache["d_model"], "num_hidden_layers":
+               1 + max(s["layer"] for s in cache["sites"].values())}
+    elif not args.activations:
+        data.check_dataset(args.dataset)
+        cfg = model.load_config(args.model)
+    d_model, n_layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers", 0)
+    args.layer, args.site = parse_layers(args.layer, n_layers), parse_sites(args.site)
+    if cache:
+        activations.read_cache(args.activations, itertools.product(args.layer, args.site))
+    widths = feature_counts(d_model, args.expansion, args.n_features) if d_model else []
+    ratio = None  # from files, or before check_flags refuses the widths
+    if cfg.get("vocab_size") and widths and min(widths) > 0:
+        ratio = costs(cfg, list(itertools.product(args.layer, args.site)), widths)[2]
+    args.passes, args.batch_size, args.init_bias, args.rule = budget_rule(
+        args.total_tokens, args.passes, args.batch_size, args.init_bias, ratio)
+    return d_model, cfg
 
 
 def check_flags(args):
     """Every cheap check of train.py's flags (args), before any slow work: the model's config
-    only, no weights. Returns D (None with --activations FILE: the file says)."""
-    cache = {}
-    if args.activations and os.path.isdir(args.activations):
-        cache = activations.read_cache(args.activations, itertools.product(args.layer, args.site))
-    model.check_device(args.device)
-    if cache:
-        cfg = {"hidden_size": cache["d_model"]}
-    elif args.activations:
-        cfg = {}  # a single file: D is known when it is read
-    else:
-        data.check_dataset(args.dataset)
-        cfg = model.load_config(args.model)
-    d_model, n_layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers", 0)
+    only, no weights (`resolve`). Returns (D, the model's config); D is None with --activations
+    FILE (the file says)."""
+    d_model, cfg = resolve(args)
+    n_layers = cfg.get("num_hidden_layers", 0)
+    widths = feature_counts(d_model, args.expansion, args.n_features) if d_model else []
     max_pos = cfg.get("max_position_embeddings") or args.context_size
-    n_min = min(feature_counts(d_model, args.expansion, args.n_features)) if d_model else math.inf
+    n_min = min(widths) if widths else math.inf
     sizes, half = args.n_features or args.expansion, args.buffer_size // 2
-    bad_site = ",".join(s for s in args.site if s not in model.SITES)
     bad_layer = [L for L in args.layer if not 0 <= L < n_layers] if n_layers else []
     checks = [  # (failed, the one line that says so), in the order a user would fix them
-        (bad_site, f"--site {bad_site} is unknown; allowed: {', '.join(model.SITES)}"),
         (args.activations and not os.path.exists(args.activations),
          f"--activations {args.activations}: no such file or folder"),
         (args.activations and args.cache_activations,
@@ -74,12 +148,114 @@ def check_flags(args):
     for failed, message in checks:
         if failed:
             raise ValueError(message)
-    return d_model
+    return d_model, cfg
+
+
+def schedule_for(args):
+    """recipe.schedule for train.py's flags: steps in all and of warm-up, decay, K-annealing
+    and (Vanilla) the L1 warm-up (§3.3.2)."""
+    return schedule(args.total_tokens, args.passes, args.batch_size, args.warmup_steps,
+                    args.decay_frac, args.k_anneal_frac,
+                    args.l1_warmup_frac if args.act == "vanilla" else 0.0)
 
 
 def feature_counts(d_model, expansion, n_features=None):
     """F of every SAE to train at each site: n_features (--n-features), else expansion x D."""
     return n_features or [round(e * d_model) for e in expansion]
+
+
+# ----------------------------------------------------------------------------- cost and memory
+
+def lm_weights(cfg):
+    """(weights of one block, weights in all) of a Llama-like model, from its config alone."""
+    D, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head = cfg.get("head_dim") or D // cfg["num_attention_heads"]
+    attn = 2 * D * cfg["num_attention_heads"] * head \
+        + 2 * D * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head
+    block = attn + 3 * D * inter + 2 * D  # q, o, k, v; gate, up, down; two norms
+    embed = cfg["vocab_size"] * D * (1 if cfg.get("tie_word_embeddings") else 2)
+    return block, embed + cfg["num_hidden_layers"] * block + D
+
+
+def costs(cfg, keys, widths):
+    """(LM ms per token to the deepest site of keys, ms per row of every SAE it feeds (each site
+    x each width), their ratio): what making a row costs against training on it, on 2 CPU cores
+    in float32 (a GPU is faster at both; the budget rule reads the ratio)."""
+    block, _ = lm_weights(cfg)
+    lm = (max(L for L, _ in keys) + 1) * block / 1e6 * LM_MS_PER_MWEIGHT
+    sae = len(keys) * sum(widths) * cfg["hidden_size"] / 1e6 * SAE_MS_PER_MWEIGHT
+    return lm, sae, lm / sae
+
+
+def memory(cfg, sites, widths, rows, batch, lm_batch, context, dtype_bytes):
+    """Estimated peak bytes of training `sites` x `widths` from one LM pass with `rows` per
+    buffer: the LM's weights and one forward, every SAE's weights, gradients and two Adam
+    moments (float32), the widest step's (N, F) scores, and the buffers: each site's rows, as
+    many again queued for it while the others fill (FanOut), and a refill's copies."""
+    D, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    width = {key: (2 if model.is_transcoder(key[1]) else 1) * D for key in sites}  # C per site
+    fixed = RUNTIME_BYTES + lm_weights(cfg)[1] * dtype_bytes \
+        + lm_batch * context * (6 * D + 3 * inter) * dtype_bytes
+    saes = len(sites) * sum(4 * 4 * (2 * F * D + F + D) for F in widths)
+    step = 3 * batch * max(widths) * 4
+    buffers = rows * dtype_bytes * (2 * sum(width.values()) + 2 * max(width.values()))
+    return fixed + saes + step + buffers
+
+
+def scope(cfg, sites, args, steps, batch, dtype_bytes):
+    """The run split into groups trained one after another, each from its own LM pass, so that
+    each fits --max-memory: [{"sites", "rows" per buffer, "bytes", "minutes"}]. Sites are taken
+    in layer order, so a group's forward stops early; a group grows while its buffers keep
+    MIN_BUFFER_ROWS rows (or all a short run uses). From --activations (no LM config): one
+    group with the rows --buffer-size allows."""
+    want = buffer_rows(args.buffer_size, batch, steps, args.passes)
+    if not cfg.get("vocab_size"):
+        return [dict(sites=sites, rows=want, bytes=None, minutes=None)]
+    widths = feature_counts(cfg["hidden_size"], args.expansion, args.n_features)
+    max_bytes, need = args.max_memory * GIB, min(want, MIN_BUFFER_ROWS)
+
+    def size(group, rows):
+        return memory(cfg, group, widths, rows, batch, args.lm_batch_size, args.context_size,
+                      dtype_bytes)
+    split, group = [], []
+    for key in sorted(sites, key=lambda key: (key[0], model.SITES.index(key[1]))):
+        if size([key], need) > max_bytes:
+            raise ValueError(f"--max-memory {args.max_memory:g} is too small for even one "
+                             f"SAE: {formats.site_name(key)} needs "
+                             f"{size([key], need) / GIB:.1f} GiB with {need:,} buffer rows")
+        if group and size(group + [key], need) > max_bytes:
+            split.append(group)
+            group = []
+        group.append(key)
+    split.append(group)
+    out = []
+    for group in split:
+        group = [key for key in sites if key in group]  # as given: the SAEs' init order
+        fixed, per_row = size(group, 0), size(group, 1) - size(group, 0)
+        rows = int(min(want, (max_bytes - fixed) // per_row))
+        lm_ms, sae_ms, _ = costs(cfg, group, widths)  # the LM also runs the held-out check
+        minutes = ((args.total_tokens + args.eval_tokens) * lm_ms
+                   + steps * args.batch_size * sae_ms) / 6e4
+        out.append(dict(sites=group, rows=rows, bytes=size(group, rows), minutes=minutes))
+    return out
+
+
+def describe_groups(groups, max_memory):
+    """The plan of a scope as printed before the first fill: per group its sites, buffer rows,
+    estimated peak memory and time (2 CPU cores, float32), and the totals."""
+    lines = [f"plan: {sum(len(g['sites']) for g in groups)} site(s) in {len(groups)} group(s) "
+             f"under --max-memory {max_memory:g} GiB, each group one LM pass:"]
+    for i, g in enumerate(groups):
+        names = [formats.site_name(key) for key in g["sites"]]
+        shown = ", ".join(names) if len(names) <= 6 else f"{names[0]} ... {names[-1]}"
+        est = "" if g["bytes"] is None else \
+            f"; ~{g['bytes'] / GIB:.1f} GiB, ~{g['minutes']:.0f} min on 2 CPU cores"
+        lines.append(f"  group {i}: {len(names)} site(s) {shown}; {g['rows']:,} buffer rows "
+                     f"per site{est}")
+    if groups[0]["bytes"] is not None:
+        lines.append(f"  in all ~{sum(g['minutes'] for g in groups) / 60:.1f} h, peak "
+                     f"~{max(g['bytes'] for g in groups) / GIB:.1f} GiB")
+    return "\n".join(lines)
 
 
 def buffer_rows(buffer_size, batch, steps, passes):
@@ -105,21 +281,20 @@ def check_layout(batch_size, buffer_size, n_features, comms):
             raise ValueError(message)
 
 
-def describe(flags, sched, names, d_model, widest, comms, batch):
-    """The derived arithmetic, as printed once: SAEs, steps, the budget rule, the schedule and
-    the parallel layout. flags: train.py's flags as a dict; sched: recipe.schedule's; names: the
-    SAEs; widest: the largest F."""
-    f, steps = flags, sched["steps"]
+def describe(args, sched, names, d_model, widest, comms, batch):
+    """The derived arithmetic of one group, as printed once: SAEs, steps, the budget rule, the
+    schedule and the parallel layout. args: train.py's flags; sched: `schedule_for`'s; names:
+    the SAEs; widest: the largest F."""
+    steps, tokens = sched["steps"], sched["steps"] * args.batch_size
     text = (f"{len(names)} SAE(s): {', '.join(names)} | D {d_model} | "
-            f"{steps:,} steps x {f['batch_size']} tokens = {steps * f['batch_size']:,} tokens "
-            f"each ({f['passes']} pass(es) over {steps * f['batch_size'] // f['passes']:,} "
-            f"tokens)\n{f['rule']}"
-            f"\nschedule: warm-up {sched['warmup']} steps (asked {f['warmup_steps']}; capped at "
-            f"5% of a short run) | K {sched['k_init']} -> {f['k']} over "
-            f"{sched['k_anneal_steps']} steps | lr {f['lr']:g}, decay to {f['lr_end']:g} over "
+            f"{steps:,} steps x {args.batch_size} tokens = {tokens:,} tokens "
+            f"each ({args.passes} pass(es) over {tokens // args.passes:,} tokens)\n{args.rule}"
+            f"\nschedule: warm-up {sched['warmup']} steps (asked {args.warmup_steps}; capped at "
+            f"5% of a short run) | K {sched['k_init']} -> {args.k} over "
+            f"{sched['k_anneal_steps']} steps | lr {args.lr:g}, decay to {args.lr_end:g} over "
             f"the last {sched['decay']} steps")
-    if f["act"] == "vanilla":
-        text += f" | L1 {f['l1_coef']:g} warmed up over {sched['l1_warmup']} steps"
+    if args.act == "vanilla":
+        text += f" | L1 {args.l1_coef:g} warmed up over {sched['l1_warmup']} steps"
     if comms.world > 1:
         text += (f"\nparallel: {comms.world} ranks = dp {comms.dp} x tp {comms.tp}; {batch} "
                  f"rows per rank per step, {d_model * widest:,} of each SAE's weights per "

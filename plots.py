@@ -41,3 +41,28 @@ def plot_firing(freq, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_scope(results, configs, path, title):
+    """The paper's Fig. 10 for a scope: L0, EV (eq. 6) and Delta LM loss over layers, one line
+    per site, one column of panels per width. results, configs: {name: metrics / config}."""
+    plt = _pyplot()
+    widths = sorted({c["expansion_factor"] for c in configs.values()})
+    rows = [("l0", "L0"), ("explained_variance", "EV"), ("delta_lm_loss", "Delta LM loss")]
+    fig, axes = plt.subplots(len(rows), len(widths), figsize=(4.5 * len(widths), 8),
+                             squeeze=False, sharex=True)
+    for col, width in enumerate(widths):
+        for site in sorted({c["site"] for c in configs.values()}, key="RAMTC".find):
+            names = sorted((c["layer"], n) for n, c in configs.items()
+                           if c["site"] == site and c["expansion_factor"] == width)
+            for row, (key, label) in enumerate(rows):
+                ax = axes[row][col]
+                ax.plot([layer for layer, _ in names], [results[n][key] for _, n in names],
+                        marker="o", ms=3, label=site)
+                ax.set(ylabel=label, title=f"{width:g}x" if row == 0 else None)
+        axes[-1][col].set(xlabel="layer")
+    axes[0][0].legend(title="site")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

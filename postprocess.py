@@ -82,7 +82,8 @@ def tc_gain(config, lm, d_model):
 
 def postprocess(args):
     """Fit theta (step 3) and write the file; export to SAELens when asked."""
-    sae, config = inference.load_sae(args.checkpoint, model_name=args.model)
+    sae, config, (args.device, args.dtype, note) = inference.load_sae(
+        args.checkpoint, args.model, args.device, args.dtype)
     ours = os.path.isfile(args.checkpoint)
     folded = config.get("folded")  # the file is post-processed already (a released one is)
     if ours and folded and not args.export_saelens:
@@ -93,23 +94,22 @@ def postprocess(args):
     if os.path.abspath(out) == os.path.abspath(args.checkpoint):
         raise ValueError(f"--out {out} would overwrite the input")
     rows = args.export_saelens or not folded  # theta and/or firing counts
-    args.device, args.dtype, note = model.placement(config, args.device, args.dtype)
     print(f"running on {args.device} in {args.dtype} ({note})")
     lm, tok = None, None
     if needs_lm(args, config, rows):  # loaded once: the rows and a transcoder's gain
         lm = model.load_lm(config["model_name"], args.device, getattr(torch, args.dtype))
         tok = None if args.activations else model.load_tokenizer(config["model_name"])
-    sae.to(args.device).compute_dtype = getattr(torch, args.dtype)
     tc = args.export_saelens and model.is_transcoder(config["site"])
     gain = tc_gain(config, lm, sae.d_model).to(sae.W_enc) if tc else None
     x = inputs(args, sae, config, lm, tok) if rows else None
     del lm
     if not folded:
+        config = dict(config, folded=True)
+        theta = ""
         if sae.act == "topk":
             inference.fit_jumprelu_(sae, x)
-        config = dict(config, folded=True)
-        print(f"folded S_in, S_out; decoder columns unit-norm; theta "
-              f"{sae.threshold:.6g} from {len(x):,} tokens")
+            theta = f"; theta {sae.threshold:.6g} from {len(x):,} tokens"
+        print(f"folded S_in, S_out; decoder columns unit-norm{theta}")
     if not (ours and folded):  # a released SAE is saved in our format too
         formats.save_checkpoint(sae, config, out)
         print(f"saved {out}")

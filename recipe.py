@@ -26,24 +26,32 @@ DEAD_WINDOW = 100_000  # rows served: a feature that has not fired within this m
                       # dead (§4.4)
 
 
-def budget_rule(total_tokens, passes=None, batch_size=None, init_bias=None):
+def budget_rule(total_tokens, passes=None, batch_size=None, init_bias=None, cost_ratio=None):
     """(passes, batch_size, init_bias, the rule as printed) for total_tokens of data per SAE;
     what is given (not None) is kept.
 
     The paper's recipe (2048 tokens per step, each row once) is for 390K steps. A short run with
     it makes a few hundred steps, most of them in warm-up, K-annealing and decay, and leaves
-    features dead; yet the LM, not the SAE, is the cost (on 2 CPU cores ~0.4 ms per token at
-    layer 15 vs ~0.1 ms per SAE row). So a run under SHORT_RUN tokens serves each row up to
-    MAX_PASSES times (the buffer keeps a row until it has been served that often), and the batch
-    shrinks toward 16K steps: the largest power of two <= rows served / 16384, within 256..2048
-    (the floor keeps the per-step overhead small on CPU). It also starts its biases at the data
-    mean (`SAE.set_norms_`): with few steps, features that all read the same large mean at step
-    0 lose TopK for good (docs/choices.md). The same rule holds for pre-saved --activations
-    (--total-tokens rows of the file, read for epochs if it is shorter). At paper scale this is
-    the paper's recipe, biases at 0 included."""
-    chosen = {}
+    features dead. So a run under SHORT_RUN tokens serves each row several times (the buffer
+    keeps a row until it has been served that often) when rows are dear: cost_ratio is what
+    making a row costs (the LM forward to the deepest site) against training every SAE it feeds
+    on it (plan.costs; on 2 CPU cores ~0.4 ms per token to layer 15 against ~0.1 ms per row of
+    one 8x SAE there: 4). A row is served up to 2 x cost_ratio times, at most MAX_PASSES: then
+    making rows takes at most a third of the time, and a scope of many SAEs on one forward, where
+    rows are cheap, takes fresh rows instead. None (pre-saved --activations rows, read for epochs
+    if the file is shorter): the token budget alone decides. The batch shrinks toward 16K steps:
+    the largest power of two <= rows served / 16384, within 256..2048 (the floor keeps the
+    per-step overhead small on CPU). A short run also starts its biases at the data mean
+    (`SAE.set_norms_`): with few steps, features that all read the same large mean at step 0
+    lose TopK for good (docs/choices.md). At paper scale this is the paper's recipe, biases at 0
+    included."""
+    chosen, dear = {}, "" if cost_ratio is None else f"; a row here costs {cost_ratio:.2g}x " \
+        f"the SAE steps it feeds, so at most {max(1, int(2 * cost_ratio))}"
     if passes is None:
-        passes = chosen["passes"] = min(MAX_PASSES, max(1, SHORT_RUN // max(total_tokens, 1)))
+        passes = min(MAX_PASSES, max(1, SHORT_RUN // max(total_tokens, 1)))
+        if cost_ratio is not None:
+            passes = min(passes, max(1, int(2 * cost_ratio)))
+        chosen["passes"] = passes
     if batch_size is None:
         per_step = max(1, total_tokens * passes // STEPS_PER_BATCH_SIZE)
         batch_size = chosen["batch size"] = min(2048, max(256, 2 ** int(math.log2(per_step))))
@@ -54,7 +62,7 @@ def budget_rule(total_tokens, passes=None, batch_size=None, init_bias=None):
     rule = (f"budget rule for {total_tokens:,} tokens: "
             + ", ".join(f"{name} {value}" for name, value in chosen.items())
             + f" (runs under {SHORT_RUN // 1_000_000}M tokens serve each row up to "
-              f"{MAX_PASSES}x and start their biases at the mean; batch = rows served / "
+              f"{MAX_PASSES}x{dear} and start their biases at the mean; batch = rows served / "
               f"{STEPS_PER_BATCH_SIZE}, 256..2048)")
     return passes, batch_size, init_bias, rule
 
@@ -96,11 +104,14 @@ def first_fill(rows, size, key, d_model, max_norm_ratio, saes, comms, center=Fal
     if not torch.isfinite(first).all():
         raise ValueError(f"step 0 (the first buffer fill): NaN or Inf in the activations of site "
                          f"{key}")
-    limit = data.outlier_norm_limit(first[:size], d_model, max_norm_ratio, comms.all_values)
-    sample = model.in_out(data.keep_rows(first[:size], limit, d_model), d_model)
+    outlier_norm_limit = data.outlier_norm_limit(first[:size], d_model, max_norm_ratio,
+                                                 comms.all_values)
+    sample = model.in_out(data.keep_rows(first[:size], outlier_norm_limit, d_model), d_model)
     for sae in saes:
         sae.set_norms_(*sample, comms.mean, center=center)
-    return [data.keep_rows(first, limit, d_model)], limit  # one tensor: resumable as before
+    # one tensor, all of the first fill (whole chunks): the buffer takes `size` rows and keeps
+    # the rest pending, so the pending rows are saved with a resumable state
+    return [data.keep_rows(first, outlier_norm_limit, d_model)], outlier_norm_limit
 
 
 def step_site(trainers, rows, step, k, lr, served, l1_coef=0.0):

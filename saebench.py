@@ -108,8 +108,8 @@ def write(path, core, out, sae, config, dtype, dataset, details=False):
     result = output(
         core, {"clean": out["ce_loss"], "sae": out["ce_loss_with_sae"],
                "ablated": out["ce_loss_ablated"]},
-        {"sae": out["kl_div_with_sae"], "ablated": out["kl_div_ablated"]}, sae, config,
-        eval_config, details)
+        {"sae": out["kl_div_with_sae"], "ablated": out["kl_div_ablated"]}, sae,
+        dict(config, folded=True), eval_config, details)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
 

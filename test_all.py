@@ -12,6 +12,7 @@ contract (exit code, stderr), kill -9, torchrun.
 import copy
 import html.parser
 import io
+import itertools
 import json
 import math
 import os
@@ -166,6 +167,34 @@ def released_embedded(embedded_ckpt, embedded_rows, tmp_path_factory):
     config, t = formats.read_checkpoint(embedded_ckpt)
     theta = formats.read_checkpoint(folded)[0]["jump_relu_threshold"]
     return folded, write_released(str(tmp / "Llama3_1-8B-Base-L3R-2x"), config, t, theta)
+
+
+def tiny_lm_folder(folder, n_layers=3):
+    """A random 3-block Llama (D 64) with SmolLM2's tokenizer, saved as a Hub-style folder: a
+    model train.py and evaluate.py load by path, fast enough for a whole scope."""
+    tok = model.load_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+SCOPE = ["--layer", "all", "--site", "R,TC", "--expansion", "2", "--k", "8", "--total-tokens",
+         "8192", "--buffer-size", "4096", "--batch-size", "256", "--context-size", "128",
+         "--eval-tokens", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_scope(tmp_path_factory):
+    """(the tiny LM's folder, a folder of its 6 SAEs: every layer x R, TC, from one LM pass)."""
+    tmp = tmp_path_factory.mktemp("scope")
+    lm = tiny_lm_folder(tmp / "lm")
+    train.main(["--model", lm, *SCOPE, "--out", str(tmp / "out")])
+    return lm, str(tmp / "out")
 
 
 def trained_like(transcoder, seed=0):
@@ -630,23 +659,45 @@ def test_k_annealing_and_lr_schedule():
     assert lr_at(999, 1000, 8e-4, 0, 200, 8e-6) > 8e-6
 
 
+def planned(*flags):
+    """train.py's flags as its checks leave them: --layer and --site resolved, the budget rule
+    applied (plan.check_flags reads the model's config, no weights)."""
+    args = train.get_args(list(flags))
+    plan.check_flags(args)
+    return args
+
+
 def test_budget_rule_adapts_short_runs_and_keeps_the_paper_recipe_at_scale():
     """A short run reuses its rows and takes small batches so it makes thousands of steps;
     explicit flags win; at the paper's 800M tokens the paper's recipe is unchanged."""
-    short = train.get_args([])
+    short = planned()
     assert short.passes == recipe.MAX_PASSES and short.batch_size == 256
-    assert train.train_schedule(short)["steps"] >= 10_000 and "passes 8" in short.rule
-    paper = train.get_args(["--total-tokens", "800000000"])
+    assert plan.schedule_for(short)["steps"] >= 10_000 and "passes 8" in short.rule
+    paper = planned("--total-tokens", "800000000")
     assert (paper.passes, paper.batch_size) == (1, 2048)
-    assert train.train_schedule(paper) == dict(steps=390_625, warmup=10_000, decay=78_125,
-                                         k_anneal_steps=39_062, l1_warmup=0)
+    assert plan.schedule_for(paper) == dict(steps=390_625, warmup=10_000, decay=78_125,
+                                            k_anneal_steps=39_062, l1_warmup=0)
     assert short.init_bias == "mean" and paper.init_bias == "zero"
-    given = train.get_args(["--batch-size", "2048", "--passes", "1", "--init-bias", "zero"])
+    given = planned("--batch-size", "2048", "--passes", "1", "--init-bias", "zero")
     assert (given.passes, given.batch_size, given.init_bias, given.rule) == (1, 2048, "zero",
                                                                              "as given")
-    assert train.get_args(["--batch-size", "1024"]).passes == recipe.MAX_PASSES
-    mid = train.get_args(["--total-tokens", "10000000"])
+    assert planned("--batch-size", "1024").passes == recipe.MAX_PASSES
+    mid = planned("--total-tokens", "10000000")
     assert mid.passes == 5 and mid.batch_size == 2048
+
+
+def test_budget_rule_reuses_rows_only_while_they_are_dear():
+    """Passes follow what a row costs: the LM forward to the deepest site against every SAE it
+    feeds. One 8x SAE at layer 15 (LM ~4x the SAE): 8 passes; at layer 3 the forward is 4x
+    cheaper: 2; a whole scope of 120 SAEs on one forward: fresh rows, 1 pass; pre-saved rows:
+    the token budget alone."""
+    _, _, ratio = plan.costs(model.load_config(), [(15, "R")], [4608])
+    assert ratio == pytest.approx(4.0, rel=1e-3) and planned().passes == 8
+    assert planned("--layer", "3").passes == 2
+    scope = planned("--layer", "all", "--site", "all", "--expansion", "4")
+    assert (scope.layer, scope.site, scope.passes) == (list(range(30)), list(model.SITES), 1)
+    assert "costs 0.12x" in scope.rule
+    assert recipe.budget_rule(340_000)[0] == recipe.MAX_PASSES  # no cost known: --activations
 
 
 def test_bf16_runs_keep_float32_weights_that_learn_where_bf16_weights_stall():
@@ -693,7 +744,7 @@ def test_vanilla_warms_its_l1_weight_up_linearly(tmp_path, monkeypatch):
                 "--out", str(tmp_path)])
     assert len(seen) == 64 and seen[0] == pytest.approx(1e-3 / 16)  # 64 steps, 16 warming up
     assert seen[7] == pytest.approx(1e-3 / 2) and seen[15:] == [pytest.approx(1e-3)] * 49
-    assert train.train_schedule(train.get_args([]))["l1_warmup"] == 0
+    assert plan.schedule_for(planned())["l1_warmup"] == 0
 
 
 # ========================================================================================= plan.py
@@ -704,7 +755,13 @@ def test_vanilla_warms_its_l1_weight_up_linearly(tmp_path, monkeypatch):
 BAD_FLAGS = [
     (["--layer", "30"],
      "--layer 30 is out of range: smollm2-135m-instruct has 30 layers, allowed 0-29"),
-    (["--site", "R,X"], "--site X is unknown; allowed: R, A, M, TC"),
+    (["--site", "R,X"], "--site X is unknown; allowed: all, R, A, M, TC"),
+    (["--layer", "all,3"], "--layer all,3: `all` stands alone; allowed: all, a list (3,7) or"),
+    (["--layer", "5-2"], "--layer 5-2: '5-2' is not a block index or a range a-b; allowed: all"),
+    (["--layer", "28-30"], "--layer 30 is out of range: smollm2-135m-instruct has 30 layers"),
+    (["--site", "all,R"], "--site all,R: `all` stands alone; allowed: all or a list of R, A"),
+    (["--layer", "all", "--site", "all", "--max-memory", "1"],
+     "--max-memory 1 is too small for even one SAE: L0R needs"),
     (["--expansion", "0"], "--expansion 0 must be positive"),
     (["--n-features", "-5"], "--n-features -5 must be positive"),
     (["--k", "0"], "--k 0 must be at least 1"),
@@ -718,6 +775,62 @@ BAD_FLAGS = [
     (["--resume", "nope.safetensors"], "--resume nope.safetensors: no such file"),
     (["--device", "tpu"], "--device tpu: no such device here; allowed: cpu"),
 ]
+
+
+def test_layer_and_site_specs_resolve_against_the_model():
+    """`all`, lists and ranges name the same SAEs a user would type out; the order given is kept
+    and repeats are dropped."""
+    assert planned("--layer", "0-3,15,2").layer == [0, 1, 2, 3, 15]
+    assert planned("--layer", "all").layer == list(range(30))
+    assert planned("--layer", "7, 15", "--site", "TC,R").site == ["TC", "R"]
+    assert planned("--site", "all").site == ["R", "A", "M", "TC"]
+
+
+def scope_flags(**given):
+    """The flags plan.scope reads, as train.py's parser and budget rule leave them."""
+    flags = dict(buffer_size=65_536, passes=1, batch_size=256, expansion=[4], n_features=None,
+                 max_memory=12.0, lm_batch_size=8, context_size=128, total_tokens=1_000_000,
+                 eval_tokens=0)
+    return types.SimpleNamespace(**(flags | given))
+
+
+def test_memory_planning_splits_a_scope_into_groups_that_fit():
+    """A scope that does not fit --max-memory is split into groups, in layer order, each under
+    the limit with buffers of at least MIN_BUFFER_ROWS rows; one that fits stays one group with
+    the whole --buffer-size, or smaller buffers first; a limit below one site's needs is one line
+    saying what it needs."""
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=1000)
+    sites, steps = list(itertools.product(range(8), model.SITES)), 1_000_000 // 256
+    size = lambda keys, rows: plan.memory(cfg, keys, [256], rows, 256, 8, 128, 4)  # noqa: E731
+    one, least = size(sites[:1], plan.MIN_BUFFER_ROWS), size(sites, plan.MIN_BUFFER_ROWS)
+    everything = size(sites, 65_536)
+    limit = (one + least) / 2 / plan.GIB  # below what the whole scope needs at the least
+    groups = plan.scope(cfg, sites, scope_flags(max_memory=limit), steps, 256, 4)
+    assert len(groups) > 1 and sorted(k for g in groups for k in g["sites"]) == sorted(sites)
+    assert all(g["bytes"] <= limit * plan.GIB and g["rows"] >= plan.MIN_BUFFER_ROWS
+               for g in groups)
+    assert all(max(a["sites"])[0] <= min(b["sites"])[0] for a, b in zip(groups, groups[1:]))
+    whole = plan.scope(cfg, sites, scope_flags(max_memory=everything / plan.GIB), steps, 256, 4)
+    assert len(whole) == 1 and whole[0]["rows"] == 65_536
+    shrunk = plan.scope(cfg, sites, scope_flags(max_memory=(least + everything) / 2 / plan.GIB),
+                        steps, 256, 4)  # buffers shrink before the scope splits
+    assert len(shrunk) == 1 and plan.MIN_BUFFER_ROWS < shrunk[0]["rows"] < 65_536
+    with pytest.raises(ValueError, match=r"--max-memory 0.5 is too small for even one SAE: "
+                                         r"L0R needs \d+\.\d GiB with 16,384 buffer rows"):
+        plan.scope(cfg, sites, scope_flags(max_memory=0.5), steps, 256, 4)
+
+
+def test_plan_only_prints_the_scope_from_the_config_alone(capsys, monkeypatch):
+    """--plan-only sizes a whole scope (here SmolLM2's 120 SAEs at 4x under 8 GiB) and exits
+    without loading weights: groups, buffer rows, memory and time, then each group's arithmetic
+    is printed when it trains."""
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    assert train.main(["--layer", "all", "--site", "all", "--expansion", "4",
+                       "--max-memory", "8", "--plan-only"]) == []
+    out = capsys.readouterr().out
+    assert "plan: 120 site(s) in " in out and "under --max-memory 8 GiB" in out
+    assert "group 0: " in out and "buffer rows per site" in out and " h, peak ~" in out
 
 
 @pytest.mark.parametrize("passes,steps", [(1, 10), (8, 10), (8, 10_000)])
@@ -956,7 +1069,7 @@ def test_released_folder_gives_the_same_features_l0_and_ev(released_embedded, em
     folded, folder = released_embedded
     acts, rows = embedded_rows
     ours, _ = formats.load_checkpoint(folded)
-    released, config = inference.load_sae(folder)
+    released, config, _ = inference.load_sae(folder)
     assert (config["layer"], config["site"]) == (3, "R")
     assert config["model_name"] == model.EMBEDDED_MODEL  # from lm_config.json
     f_ours, f_rel = ours.encode(rows), released.encode(rows)
@@ -988,7 +1101,7 @@ def test_hub_reference_downloads_only_that_sae(released_embedded, monkeypatch, t
         shutil.copytree(released_embedded[1], tmp_path / "snap" / "Sub" / "L3R")
         return str(tmp_path / "snap")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    sae, config = inference.load_sae("fnlp/Llama3_1-8B-Base-LXR-8x:Sub/L3R")
+    sae, config, _ = inference.load_sae("fnlp/Llama3_1-8B-Base-LXR-8x:Sub/L3R")
     assert calls == [("fnlp/Llama3_1-8B-Base-LXR-8x",
                       ["Sub/L3R/hyperparams.json", "Sub/L3R/lm_config.json",
                        "Sub/L3R/checkpoints/final.safetensors"])]
@@ -1236,6 +1349,49 @@ def test_the_splice_leaves_a_chats_special_tokens_unreplaced_and_unscored(smollm
 
 
 @pytest.mark.slow
+def test_a_scope_is_evaluated_in_one_pass_as_each_sae_alone(tiny_scope, tmp_path, capsys,
+                                                            monkeypatch):
+    """evaluate.py DIR: one full forward per batch for every site (each SAE then spliced from
+    its own block on), and every SAE's numbers equal evaluating its checkpoint alone; the table
+    lists them in layer order and --plot draws Fig. 10."""
+    lm_dir, folder = tiny_scope
+    load, forwards = model.load_model, []
+
+    def counting(*a, **k):  # count the forwards that start from the embeddings
+        lm, tok = load(*a, **k)
+        lm.model.embed_tokens.register_forward_hook(lambda *h: forwards.append(1))
+        return lm, tok
+    monkeypatch.setattr(model, "load_model", counting)
+    together = evaluate.main([folder, "--tokens", "300", "--json", str(tmp_path / "s.json"),
+                              "--plot", str(tmp_path)])
+    printed = capsys.readouterr().out
+    names = [f"L{layer}{site}-2x-k8-TopK" for layer in range(3) for site in ("R", "TC")]
+    assert list(together) == names and json.load(open(tmp_path / "s.json")).keys() == set(names)
+    assert [line.split()[0] for line in printed.splitlines() if line.startswith("  L")] == names
+    batches = len(forwards)
+    assert os.path.getsize(tmp_path / "scope.png") > 0
+    for name in names:
+        forwards.clear()
+        alone = evaluate.main([os.path.join(folder, f"{name}.safetensors"), "--tokens", "300"])
+        assert len(forwards) == 3 * batches  # clean, spliced, ablated: every pass full
+        for key in evaluate.KEYS:
+            assert together[name][key] == pytest.approx(alone[key], rel=1e-3, abs=1e-6), key
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no checkpoints (*.safetensors) to evaluate" in one_line_error(
+        capsys, evaluate.main, [str(empty)])
+    config, t = formats.read_checkpoint(os.path.join(folder, f"{names[0]}.safetensors"))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    sae, _ = formats.load_checkpoint(os.path.join(folder, f"{names[0]}.safetensors"))
+    formats.save_checkpoint(sae, dict(config, model_name="other-model"),
+                            str(mixed / "x.safetensors"))
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    err = one_line_error(capsys, evaluate.main, [str(mixed)])
+    assert "its checkpoints read different model_names (" in err and "other-model)" in err
+
+
+@pytest.mark.slow
 def test_long_context_reads_long_documents_truncated_never_joined(embedded_ckpt, smollm,
                                                                   monkeypatch, tmp_path, capsys):
     """§4.5.1: each sequence is the first T tokens of ONE held-out document at least T tokens
@@ -1293,12 +1449,9 @@ def saebench_run(monkeypatch):
 
 
 @torch.no_grad()
-def test_saebench_core_metrics_match_a_direct_computation(monkeypatch):
-    """Each SAEBench core metric, recomputed here from the tiny model's own forwards with
-    SAEBench's formulas (main.py): KL(clean || patched), the CE score, its two EVs, mse, cossim,
-    shrinkage, sparsity, the feature statistics."""
-    lm, batches, sae, ours, result = saebench_run(monkeypatch)
-    m = result["eval_result_metrics"]
+def saebench_reference(lm, batches, sae):
+    """The tiny model's own forwards, clean, spliced and ablated at L2R: (mean KL per patch,
+    mean CE per pass, per batch (x, x_hat, f, scored positions))."""
     s_in, s_out = sae.scales()
     kl, ce, rows = {"sae": [], "ablated": []}, {"clean": [], "sae": [], "ablated": []}, []
     for ids, mask in batches:
@@ -1316,6 +1469,16 @@ def test_saebench_core_metrics_match_a_direct_computation(monkeypatch):
         for name in kl:
             kl[name].append((p * (p.log() - F.softmax(logits[name], -1).log())).sum(-1))
     kl, ce = ({k: torch.cat(v).mean().item() for k, v in d.items()} for d in (kl, ce))
+    return kl, ce, rows
+
+
+def test_saebench_core_metrics_match_a_direct_computation(monkeypatch):
+    """Each SAEBench core metric, recomputed here from the tiny model's own forwards with
+    SAEBench's formulas (main.py): KL(clean || patched), the CE score, its two EVs, mse, cossim,
+    shrinkage, sparsity, the feature statistics."""
+    lm, batches, sae, ours, result = saebench_run(monkeypatch)
+    m = result["eval_result_metrics"]
+    kl, ce, rows = saebench_reference(lm, batches, sae)
     close = lambda a, b: pytest.approx(float(b), rel=1e-3, abs=1e-6) == a  # noqa: E731
     assert close(m["model_behavior_preservation"]["kl_div_with_sae"], kl["sae"])
     assert close(m["model_behavior_preservation"]["kl_div_score"],
@@ -1324,7 +1487,6 @@ def test_saebench_core_metrics_match_a_direct_computation(monkeypatch):
                  (ce["ablated"] - ce["sae"]) / (ce["ablated"] - ce["clean"]))
     assert close(ours["kl_div_with_sae"], kl["sae"]) and close(ours["ce_loss"], ce["clean"])
     x, x_hat = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
-    sse = (x - x_hat).pow(2).sum(-1)
     q = m["reconstruction_quality"]
     assert close(q["mse"], torch.cat([(r[0] - r[1]).pow(2).sum(-1) / len(r[0])
                                       for r in rows]).mean().item())
@@ -1627,6 +1789,36 @@ def test_kill_9_then_resume_ends_bit_identical(tmp_path, capsys):
     err = one_line_error(capsys, train.main, [*RESUMABLE, "--lr", "1e-3", "--out", str(a),
                                               "--resume", "auto"])
     assert "from a different configuration: --lr was 0.0008, now 0.001" in err
+
+
+@pytest.mark.slow
+def test_a_scope_split_into_groups_resumes_bit_identical_after_kill_9(tmp_path, capsys):
+    """--max-memory that holds two of the four sites trains them as groups one after another,
+    each from its own LM pass; a run killed in its second group resumes there (the first
+    group's checkpoints kept) and ends with the same bits as a run never stopped."""
+    lm = tiny_lm_folder(tmp_path / "lm", n_layers=2)
+    cfg, keys = model.load_config(lm), [(0, "R"), (0, "TC"), (1, "R"), (1, "TC")]
+    two = plan.memory(cfg, keys[:2], [128], plan.MIN_BUFFER_ROWS, 256, 32, 128, 4)
+    flags = [*SCOPE, "--model", lm, "--max-memory", f"{(two + 2 ** 20) / plan.GIB:.6f}",
+             "--total-tokens", "20480", "--buffer-size", "16384", "--save-every", "2048"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--out", str(a)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = a / "L0R-2x-k8-TopK.safetensors"
+    while proc.poll() is None and not (first.exists() and (a / "resume.safetensors").stat()
+                                       .st_mtime > first.stat().st_mtime):
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL, in the second group
+    assert proc.wait() == -9, "the run ended before it could be killed"
+    assert not (a / "L1R-2x-k8-TopK.safetensors").exists()
+    train.main([*flags, "--out", str(a), "--resume", "auto"])
+    out = capsys.readouterr().out
+    assert "in 2 group(s)" in out and "resuming at step" in out
+    paths = train.main([*flags, "--out", str(b)])
+    assert len(paths) == 4
+    for path in paths:
+        ta, tb = tensors(str(a / os.path.basename(path))), tensors(path)
+        assert all(torch.equal(ta[k], tb[k]) for k in tb)
 
 
 # ================================================================================== postprocess.py

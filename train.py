@@ -3,12 +3,14 @@
     python train.py                                # L15R-8x-k50-TopK, embedded SmolLM2, ~8 min
     python train.py --layer 23 --site A --expansion 32
     python train.py --layer 7,15 --site R,TC --expansion 8,32   # 8 SAEs fed by one LM pass
+    python train.py --layer all --site all --expansion 4 --plan-only   # a whole scope, planned
     torchrun --nproc_per_node=8 train.py --expansion 32 --tp 2  # 4 LM copies x SAEs in 2 shards
 
-Reads top to bottom: flags and their checks, then the run in order (`train`): set-up, data (LM ->
-per-site buffers, data.py and buffer.py), the SAEs (recipe.Trainer: one SAE with its Adam), the
-loop with the schedule of §3.3.2 (recipe.py), a check on held-out documents (metrics.py),
-checkpoints (formats.py). The last lines printed are `saved <path>`, one per SAE.
+Reads top to bottom: flags (checked by plan.py, which also splits a scope into groups that fit
+--max-memory), then the run in order (`train`, then `train_group` per group): set-up, data (LM
+-> per-site buffers, data.py and buffer.py), the SAEs (recipe.Trainer: one SAE with its Adam),
+the loop with the schedule of §3.3.2 (recipe.py), a check on held-out documents (metrics.py),
+checkpoints (formats.py). The last lines printed are `saved <path>`, one per SAE of a group.
 """
 import argparse
 import itertools
@@ -27,7 +29,7 @@ import model
 import parallel
 import plan
 from buffer import ActivationBuffer, FanOut
-from recipe import Trainer, budget_rule, first_fill, k_at, lr_at, schedule, step_site
+from recipe import Trainer, first_fill, k_at, lr_at, step_site
 from sae import SAE
 from tracking import make_logger
 
@@ -39,12 +41,15 @@ def csv(kind):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group(
-        "what to train (comma lists train every combination from one LM pass)")
+        "what to train (every --layer x --site x width; SAEs that fit --max-memory together "
+        "share each LM pass)")
     g.add_argument("--model", default=model.EMBEDDED_MODEL,
                    help="Hugging Face id or folder of a Llama-like causal LM (default: embedded)")
-    g.add_argument("--layer", type=csv(int), default=[15], help="block index(es), from 0")
-    g.add_argument("--site", type=csv(str), default=["R"],
-                   help="R resid-post, A attn-out, M mlp-out, TC transcoder (MLP in -> MLP out)")
+    g.add_argument("--layer", default="15",
+                   help="block indices from 0: all, a list (7,15) or ranges (0-29, 0-3,15)")
+    g.add_argument("--site", default="R",
+                   help="all, or a list of R resid-post, A attn-out, M mlp-out, TC transcoder "
+                        "(MLP in -> MLP out)")
     g.add_argument("--expansion", type=csv(float), default=[8], help="features per model dim")
     g.add_argument("--n-features", type=csv(int), default=None, help="F; overrides --expansion")
     g.add_argument("--act", choices=["topk", "vanilla"], default="topk",
@@ -116,6 +121,13 @@ def get_args(argv=None):
     g.add_argument("--tp", type=int, default=1,
                    help="tensor parallel: ranks that split each SAE's features; the rest of the "
                         "torchrun processes are data parallel (parallel.py)")
+    g.add_argument("--max-memory", type=float, default=12.0,
+                   help="GiB the run may use: buffers shrink, then the SAEs split into groups "
+                        "trained one after another, each with its own LM pass (plan.py); the "
+                        "default leaves room on a 16 GB machine")
+    g.add_argument("--plan-only", action="store_true",
+                   help="print the plan (groups, buffer rows, passes, batch, memory, time) from "
+                        "the model's config alone, then exit")
     g.add_argument("--out", default="out", help="folder for checkpoints")
     g.add_argument("--save-every", type=int, default=0,
                    help="tokens between resumable checkpoints (<out>/resume.safetensors); 0 = off")
@@ -131,22 +143,7 @@ def get_args(argv=None):
                    help="log every log line to this Weights & Biases project; default off")
     args = p.parse_args(argv)
     args.dtype = args.dtype or model.default_dtype(args.device)
-    # the budget rule fills in --passes, --batch-size and --init-bias when not given
-    args.passes, args.batch_size, args.init_bias, args.rule = budget_rule(
-        args.total_tokens, args.passes, args.batch_size, args.init_bias)
-    return args
-
-
-def train_args(args):
-    """The flags that define the run (saved in checkpoints; a resumed run must match them)."""
-    return {k: v for k, v in vars(args).items() if k not in formats.RESUME_FREE}
-
-
-def train_schedule(args):
-    """Steps in all, of warm-up, decay, K-annealing and (Vanilla) the L1 warm-up (§3.3.2)."""
-    return schedule(args.total_tokens, args.passes, args.batch_size, args.warmup_steps,
-                    args.decay_frac, args.k_anneal_frac,
-                    args.l1_warmup_frac if args.act == "vanilla" else 0.0)
+    return args  # plan.check_flags resolves --layer, --site and the budget rule
 
 
 # ----------------------------------------------------------------------------- data
@@ -168,27 +165,15 @@ def open_data(args, comms, sites, dtype, skip):
     return FanOut(producer, sites, made=skip), lm, tok, lm.config.hidden_size
 
 
-def data_source(args):
-    """Where the rows came from (model, dataset, context_size), for the checkpoints: the flags,
-    or the manifest of an activation cache, which knows."""
-    if args.activations and os.path.isdir(args.activations):
-        return activations.read_cache(args.activations)
-    return dict(model=None if args.activations else args.model, dataset=args.dataset,
-                context_size=args.context_size)
-
-
 def cache_activations(args, comms, sites, dtype):
     """Run the LM once and write --total-tokens rows of every site (activations.write_cache):
     then train, sweep K or width, and evaluate from the folder with no LM (--activations DIR)."""
     if comms.world > 1:
         raise ValueError("--cache-activations runs in one process (no torchrun)")
-    lm, tok = model.load_model(args.model, args.device, dtype)
-    batches = data.document_batches(tok, args.dataset, "train", args.context_size,
-                                    args.lm_batch_size, args.seed)
     t0 = time.time()
+    stream, lm, tok, d_model = open_data(args, comms, sites, dtype, 0)
     manifest = activations.write_cache(
-        args.cache_activations, data.activation_producer(lm, tok, sites, batches), sites,
-        args.total_tokens, lm.config.hidden_size,
+        args.cache_activations, stream.producer, sites, args.total_tokens, d_model,
         dict(model=args.model, dataset=args.dataset, split="train", seed=args.seed,
              context_size=args.context_size, dtype=args.dtype))
     print(f"cached {manifest['rows']:,} rows of {', '.join(manifest['sites'])} in "
@@ -199,31 +184,34 @@ def cache_activations(args, comms, sites, dtype):
 
 def fill_buffers(args, comms, stream, trainers, size, batch, steps, d_model, state):
     """One ActivationBuffer per site, its first fill setting the site's outlier limit and its
-    SAEs' norms; a resumed run takes the limits from its state. Returns (buffers, limits)."""
-    buffers, limits = {}, {}
+    SAEs' norms; a resumed run takes the limits from its state. Returns (buffers,
+    outlier_norm_limits)."""
+    buffers, outlier_norm_limits = {}, {}
     for i, key in enumerate(trainers):
         if state:
-            first, limits[key] = [], state["outlier_norm_limits"][i]
+            first, limit = [], state["limits"][i]
         else:
-            first, limits[key] = first_fill(stream[key], size, key, d_model,
-                                            args.max_norm_ratio, [t.sae for t in trainers[key]],
-                                            comms, center=args.init_bias == "mean")
-        rest = data.kept_rows(stream[key], limits[key], d_model)
+            first, limit = first_fill(stream[key], size, key, d_model, args.max_norm_ratio,
+                                      [t.sae for t in trainers[key]], comms,
+                                      center=args.init_bias == "mean")
+        outlier_norm_limits[key] = limit
+        rest = data.kept_rows(stream[key], limit, d_model)
         buffers[key] = ActivationBuffer(itertools.chain(first, rest), size, batch,
                                         seed=args.seed + comms.rank, device=args.device,
                                         rows_to_serve=steps * batch, passes=args.passes)
         sae = trainers[key][0].sae
         comms.print0(f"{key}: norms in {sae.norm_in.item():.2f} out {sae.norm_out.item():.2f}; "
-                     f"outlier limit {limits[key] and round(limits[key][0], 1)}")
-    return buffers, limits
+                     f"outlier limit {limit and round(limit[0], 1)}")
+    return buffers, outlier_norm_limits
 
 
 # ----------------------------------------------------------------------------- the run, in order
 
 def setup(args):
-    """Every check before slow work; torchrun's ranks, or no-op collectives for one process; the
-    logger (a no-op without --wandb-project); the seed. Returns (comms, logger)."""
-    d_model = plan.check_flags(args)
+    """Every check before slow work (plan.py); torchrun's ranks, or no-op collectives for one
+    process; the logger (a no-op without --wandb-project); the seed. Returns (comms, logger,
+    the model's config)."""
+    d_model, cfg = plan.check_flags(args)
     comms = parallel.Comms(args.tp, args.device)
     widths = args.n_features or []  # with --activations FILE, D is known once it is read
     if d_model:
@@ -232,27 +220,43 @@ def setup(args):
     args.device = comms.device
     logger = make_logger(args.wandb_project if comms.rank == 0 else None, vars(args))
     torch.manual_seed(args.seed)
-    return comms, logger
+    return comms, logger, cfg
 
 
 def train(args):
-    # set-up: checks, ranks, logger, seed; the schedule (§3.3.2) and a resumed run's state
-    comms, logger = setup(args)
+    # set-up: checks, ranks, logger, seed; the schedule (§3.3.2); the groups that fit in memory
+    comms, logger, cfg = setup(args)
     dtype = getattr(torch, args.dtype)
     sites = list(dict.fromkeys(itertools.product(args.layer, args.site)))
     if args.cache_activations:
         return cache_activations(args, comms, sites, dtype)
-    sched = train_schedule(args)
+    sched = plan.schedule_for(args)
+    batch = args.batch_size // comms.world  # each rank's share; a tp group gathers its ranks'
+    groups = plan.scope(cfg, sites, args, sched["steps"], batch, dtype.itemsize)
+    comms.print0(plan.describe_groups(groups, args.max_memory))
+    if args.plan_only:
+        return []
     state = formats.read_resume(formats.resume_path(args.out, args.resume, comms), vars(args),
                                 comms)
-    t0 = time.time()
+    paths = []
+    for i, group in enumerate(groups):  # each group: its own LM pass, buffers and SAEs
+        if state and i < state.get("group", 0):
+            continue  # trained and saved before the run was stopped
+        paths += train_group(args, comms, logger, sched, dtype, i, group,
+                             state if state and state.get("group", 0) == i else None)
+    logger.finish()
+    comms.close()
+    return paths
 
-    # data: rows per site from the LM (or a file); a resumed run skips what it has made
+
+def train_group(args, comms, logger, sched, dtype, index, group, state):
+    """One group of SAEs from one LM pass, in order: data, SAEs and buffers, the loop, the
+    checkpoints. Returns their paths."""
+    t0, sites, size = time.time(), group["sites"], group["rows"]
     stream, lm, tok, d_model = open_data(args, comms, sites, dtype,
                                          state["data"]["made"] if state else 0)
-    sched["k_init"] = args.k_init or d_model  # K-annealing starts at D unless told (§3.3.2)
-    batch = args.batch_size // comms.world  # each rank's share; a tp group gathers its ranks'
-    size = plan.buffer_rows(args.buffer_size, batch, sched["steps"], args.passes)
+    sched = dict(sched, k_init=args.k_init or d_model)  # K starts at D unless told (§3.3.2)
+    batch = args.batch_size // comms.world
     comms.print0(f"loaded in {time.time() - t0:.1f}s; "
                  f"{'resuming at step ' + str(state['step']) if state else 'filling'}"
                  f" {len(sites)} buffer(s) of {size:,} rows")
@@ -261,17 +265,22 @@ def train(args):
     widths = plan.feature_counts(d_model, args.expansion, args.n_features)
     trainers = {key: [new_trainer(args, key, n, d_model, dtype, comms) for n in widths]
                 for key in sites}
-    buffers, limits = fill_buffers(args, comms, stream, trainers, size, batch, sched["steps"],
-                                   d_model, state)
-    if state:  # everything else continues exactly where it stopped
-        restore(state, stream, buffers, trainers)
-    every = every_trainer(trainers)
-    comms.print0(plan.describe(vars(args), sched, [t.name for t in every], d_model,
-                               max(t.sae.n_features for t in every), comms, batch))
+    buffers, outlier_norm_limits = fill_buffers(args, comms, stream, trainers, size, batch,
+                                                sched["steps"], d_model, state)
+    all_trainers = every_trainer(trainers)
+    if state:  # everything else continues exactly where it stopped, each from its state_dict()
+        stream.load_state_dict(state["data"])
+        for obj, saved in zip([*buffers.values(), *all_trainers],
+                              state["buffers"] + state["runs"]):
+            obj.load_state_dict(saved)
+        torch.set_rng_state(state["rng"])
+    comms.print0(plan.describe(args, sched, [t.name for t in all_trainers], d_model,
+                               max(t.sae.n_features for t in all_trainers), comms, batch))
 
     # the loop, then the whole SAEs on rank 0, a held-out check and the checkpoints
-    step, served = loop(args, comms, sched, stream, buffers, trainers, limits, logger, state)
-    return finish(args, comms, lm, tok, trainers, sched, limits, served, step)
+    step, served = loop(args, comms, sched, stream, buffers, trainers, outlier_norm_limits,
+                        logger, state, index)
+    return finish(args, comms, lm, tok, trainers, sched, outlier_norm_limits, served, step)
 
 
 def new_trainer(args, key, n_features, d_model, dtype, comms):
@@ -287,21 +296,13 @@ def every_trainer(trainers):
     return [t for ts in trainers.values() for t in ts]
 
 
-def restore(state, stream, buffers, trainers):
-    """A resumed run's objects, each from its own state_dict(), and the RNG."""
-    stream.load_state_dict(state["data"])
-    objects = [*buffers.values(), *every_trainer(trainers)]
-    for obj, saved in zip(objects, state["buffers"] + state["trainers"]):
-        obj.load_state_dict(saved)
-    torch.set_rng_state(state["rng"])
-
-
-def loop(args, comms, sched, stream, buffers, trainers, limits, logger, state):
+def loop(args, comms, sched, stream, buffers, trainers, outlier_norm_limits, logger, state,
+         group):
     """Every step, every SAE takes one minibatch from its site's buffer. Returns (steps, rows
     served): each step serves --batch-size rows, so rows served = tokens of data x passes."""
     os.makedirs(args.out, exist_ok=True)
-    start, served = (state["step"], state["served"]) if state else (0, 0)
-    every = args.log_every or max(1, sched["steps"] // 40)
+    start, served = (state["step"], state["tokens"]) if state else (0, 0)
+    log_every = args.log_every or max(1, sched["steps"] // 40)
     t_train, step = time.time(), start
     bar = tqdm(total=sched["steps"], initial=start, desc="training", unit="step", leave=False,
                disable=None if comms.rank == 0 else True)  # on a terminal; the log lines stay
@@ -314,16 +315,16 @@ def loop(args, comms, sched, stream, buffers, trainers, limits, logger, state):
             comms.print0(f"data ran out at step {step}")  # on some rank: all stop together
             break
         served += args.batch_size
-        for key, batch in batches.items():  # every SAE of a site on the same rows
-            step_site(trainers[key], comms.gather_rows(batch), step, k, lr, served, l1)
+        for key, rows in batches.items():  # every SAE of a site on the same rows
+            step_site(trainers[key], comms.gather_rows(rows), step, k, lr, served, l1)
         bar.update()
-        if (step + 1) % every == 0 or step + 1 == sched["steps"]:
+        if (step + 1) % log_every == 0 or step + 1 == sched["steps"]:
             log(args, comms, bar, logger, trainers, sched, step, start, served, t_train, k, lr)
         if args.save_every \
                 and served // args.save_every > (served - args.batch_size) // args.save_every:
-            save_resume(args, comms, step + 1, served, stream, buffers, trainers, limits)
+            save_resumable(args, comms, group, step + 1, served, stream, buffers, trainers,
+                           outlier_norm_limits)
     bar.close()
-    logger.finish()
     comms.print0(f"trained {served:,} rows ({served // args.passes:,} tokens x {args.passes} "
                  f"passes) in {time.time() - t_train:.0f}s")
     return step + 1, served
@@ -341,37 +342,40 @@ def log(args, comms, bar, logger, trainers, sched, step, start, served, t_train,
             bar.write(line)  # above the bar, which stays at the bottom
             sys.stdout.flush()
         logger.log({f"{trainer.name}/{key}": v for key, v in trainer.logged.items()}
-                   | {"k": k, "lr": lr, "tokens": served}, step=step + 1)
+                   | {"k": k, "lr": lr, "tokens": served}, step=step + 1)  # key: rows served
 
 
-def save_resume(args, comms, step, served, stream, buffers, trainers, limits):
-    """Everything to continue bit-identically: each object's state_dict(), one file per rank."""
+def save_resumable(args, comms, group, step, served, stream, buffers, trainers,
+                   outlier_norm_limits):
+    """Everything to continue bit-identically: the group and each of its objects' state_dict(),
+    one file per rank. The file keeps its first names: `tokens` is rows served, `limits` the
+    outlier norm limits, `runs` the trainers."""
     formats.save_resume(args.out, vars(args), comms, {
-        "step": step, "served": served, "rng": torch.get_rng_state(),
-        "data": stream.state_dict(), "outlier_norm_limits": list(limits.values()),
+        "group": group, "step": step, "tokens": served, "rng": torch.get_rng_state(),
+        "data": stream.state_dict(), "limits": list(outlier_norm_limits.values()),
         "buffers": [b.state_dict() for b in buffers.values()],
-        "trainers": [t.state_dict() for t in every_trainer(trainers)]})
+        "runs": [t.state_dict() for t in every_trainer(trainers)]})
 
 
-def finish(args, comms, lm, tok, trainers, sched, limits, served, step):
+def finish(args, comms, lm, tok, trainers, sched, outlier_norm_limits, served, step):
     """The whole SAEs on rank 0, a first look at held-out documents, one self-describing
     checkpoint per SAE (formats.py); the last lines printed are `saved <path>`."""
-    every = every_trainer(trainers)
-    for trainer in every:
+    all_trainers = every_trainer(trainers)
+    for trainer in all_trainers:
         trainer.sae = comms.gather_sae(trainer.sae)
-    comms.close()
     if comms.rank > 0:
         return []
     heldout = {}
     if lm is not None and args.eval_tokens > 0:  # a first look; evaluate.py does the rest
-        heldout = metrics.heldout_check(lm, tok, {t.name: (t.key, t.sae) for t in every}, limits,
-                                        args.dataset, args.context_size, args.lm_batch_size,
-                                        args.eval_tokens)
-    paths = []
-    for t in every:
-        config = formats.training_config(train_args(args), data_source(args), t.key, t.sae,
-                                         sched["k_anneal_steps"], limits[t.key], served, step,
-                                         heldout.get(t.name), args.device)
+        heldout = metrics.heldout_check(lm, tok, {t.name: (t.key, t.sae) for t in all_trainers},
+                                        outlier_norm_limits, args.dataset, args.context_size,
+                                        args.lm_batch_size, args.eval_tokens)
+    paths, flags = [], formats.train_args(vars(args))
+    source = activations.source(args.activations, args.model, args.dataset, args.context_size)
+    for t in all_trainers:
+        config = formats.training_config(flags, source, t.key, t.sae,
+                                         sched["k_anneal_steps"], outlier_norm_limits[t.key],
+                                         served, step, heldout.get(t.name), args.device)
         paths.append(os.path.join(args.out, f"{t.name}.safetensors"))
         formats.save_checkpoint(t.sae, config, paths[-1])
     for path in paths:
