@@ -47,11 +47,12 @@ def unit_decoder_(sae):
 @torch.no_grad()
 def jumprelu_threshold(sae, x, k, chunk=4096):
     """theta: on the raw inputs x (N, D) of a folded SAE, exactly N*k pre-activations h exceed it
-    (the midpoint between the (N*k)-th and (N*k+1)-th largest). Each row keeps its m largest h; the
-    answer is exact when no row has more than m values above theta, else m doubles."""
+    (the midpoint between the (N*k)-th and (N*k+1)-th largest), h in float32 whatever the
+    compute dtype (SAE.pre_acts full). Each row keeps its m largest h; the answer is exact when
+    no row has more than m values above theta, else m doubles."""
     m = min(sae.n_features, 4 * k)
     while True:
-        top = torch.cat([torch.relu(sae.pre_acts(c.to(sae.W_enc))).topk(m).values
+        top = torch.cat([torch.relu(sae.pre_acts(c, full=True)).topk(m).values
                          for c in x.split(chunk)])  # (N, m), each row descending
         a, b = top.flatten().float().topk(len(x) * k + 1).values[-2:]
         theta = ((a + b) / 2).item()

@@ -24,7 +24,7 @@ import data
 import formats
 import model
 from buffer import first_fill_rows
-from recipe import budget_rule, schedule
+from recipe import PAPER_WARMUP, budget_rule, schedule
 
 GIB = 2 ** 30
 # Costs measured here (2 CPU cores, float32, bench.py), per million weights a row goes through:
@@ -286,11 +286,13 @@ def describe(args, sched, names, d_model, widest, comms, batch):
     schedule and the parallel layout. args: train.py's flags; sched: `schedule_for`'s; names:
     the SAEs; widest: the largest F."""
     steps, tokens = sched["steps"], sched["steps"] * args.batch_size
+    warmup = "as given" if args.warmup_steps is not None else \
+        f"the paper's {PAPER_WARMUP}, at most 5% of a short run"
     text = (f"{len(names)} SAE(s): {', '.join(names)} | D {d_model} | "
             f"{steps:,} steps x {args.batch_size} tokens = {tokens:,} tokens "
             f"each ({args.passes} pass(es) over {tokens // args.passes:,} tokens)\n{args.rule}"
-            f"\nschedule: warm-up {sched['warmup']} steps (asked {args.warmup_steps}; capped at "
-            f"5% of a short run) | K {sched['k_init']} -> {args.k} over "
+            f"\nschedule: warm-up {sched['warmup']} steps ({warmup}) | K {sched['k_init']} -> "
+            f"{args.k} over "
             f"{sched['k_anneal_steps']} steps | lr {args.lr:g}, decay to {args.lr_end:g} over "
             f"the last {sched['decay']} steps")
     if args.act == "vanilla":

@@ -8,8 +8,10 @@
 2. Make every decoder column unit-norm, moving its norm into the encoder row and bias.
 3. JumpReLU: one global theta such that, on training-distribution tokens, K features fire per
    token on average; at inference f_i = h_i if h_i > theta else 0, no TopK needed.
-Steps 1-2 happen as the SAE is loaded (inference.load_sae); this script fits theta on the device
-and in the precision the SAE trained in (model.placement; --device, --dtype) and writes the file.
+Steps 1-2 happen as the SAE is loaded (inference.load_sae); this script runs the LM for theta's
+rows on the device and in the precision the SAE trained in (model.placement; --device, --dtype),
+fits theta on float32 pre-activations (bf16 ones tie: a tie at theta flips a whole bin) and
+writes the file.
 The folded file keeps K, so it can still be run in TopK mode (evaluate.py --mode topk). A
 released SAE is saved in our format with the authors' theta. --export-saelens writes SAELens's
 format (interop.py).

@@ -18,7 +18,7 @@ import data
 import model
 import parallel
 
-PAPER_STEPS = 800_000_000 // 2048  # the released 8x runs: 390,625 steps of 2048 tokens
+PAPER_WARMUP = 10_000  # steps of linear lr warm-up (§3.3.2; released: 5000)
 SHORT_RUN = 50_000_000  # tokens per SAE: a shorter run reuses its rows (the paper: 800M, 1.6B)
 MAX_PASSES = 8  # a short run serves each LM row up to this many times
 STEPS_PER_BATCH_SIZE = 16_384  # batch <= rows served / this, within 256..2048
@@ -70,9 +70,14 @@ def budget_rule(total_tokens, passes=None, batch_size=None, init_bias=None, cost
 def schedule(total_tokens, passes, batch_size, warmup_steps, decay_frac, k_anneal_frac,
              l1_warmup_frac=0.0):
     """Steps in all and of warm-up, decay, K-annealing and the Vanilla L1 warm-up; a run shorter
-    than the paper's keeps their shares. Every token of data is served `passes` times."""
+    than the paper's keeps their shares. Every token of data is served `passes` times.
+    warmup_steps None: the paper's PAPER_WARMUP, at most 5% of the steps of a run under SHORT_RUN
+    tokens (the budget rule's threshold); given, it is used as given."""
     steps = total_tokens * passes // batch_size
-    warmup = min(warmup_steps, round(steps * 0.05)) if steps < PAPER_STEPS else warmup_steps
+    warmup = warmup_steps
+    if warmup is None:
+        warmup = PAPER_WARMUP if total_tokens >= SHORT_RUN else \
+            min(PAPER_WARMUP, round(steps * 0.05))
     return dict(steps=steps, warmup=warmup, decay=round(steps * decay_frac),
                 k_anneal_steps=round(steps * k_anneal_frac),
                 l1_warmup=round(steps * l1_warmup_frac))

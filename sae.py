@@ -127,8 +127,11 @@ class SAE(torch.nn.Module):
         dtype = self.compute_dtype or self.W_enc.dtype
         return torch.autocast(self.W_enc.device.type, dtype, enabled=dtype != self.W_enc.dtype)
 
-    def pre_acts(self, x):
-        """(N, F) W_enc x + b_enc, in the compute dtype."""
+    def pre_acts(self, x, full=False):
+        """(N, F) W_enc x + b_enc, in the compute dtype; full: in the weights' (float32), as
+        JumpReLU's theta is fit and applied: bf16 values tie, and a tie at theta flips whole."""
+        if full:
+            return F.linear(x.to(self.W_enc), self.W_enc, self.b_enc)
         with self.autocast():
             return F.linear(x, self.W_enc, self.b_enc)
 
@@ -137,7 +140,7 @@ class SAE(torch.nn.Module):
         if self.act == "vanilla":
             return F.relu(self.pre_acts(x))
         if self.act == "jumprelu":
-            h = self.pre_acts(x)
+            h = self.pre_acts(x, full=True)
             return h * (h > self.threshold)
         with self.autocast():  # the (N, F) scores in compute_dtype, the K values back in fp32
             return TopKEncode.apply(x, self.W_enc, self.b_enc, self.rank_scale(), k or self.k,

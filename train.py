@@ -85,8 +85,9 @@ def get_args(argv=None):
                    help="times the SAE sees each row of data (paper: 1); default: by the "
                         "budget rule")
     g.add_argument("--lr", type=float, default=8e-4, help="Adam lr (released: 2e-4 for 128x)")
-    g.add_argument("--warmup-steps", type=int, default=10_000,
-                   help="linear warm-up (released: 5000); short runs scale it, see the printout")
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps (released: 5000); default: the paper's 10000, at "
+                        "most 5%% of a run under 50M tokens")
     g.add_argument("--decay-frac", type=float, default=0.2, help="linear decay over this share")
     g.add_argument("--lr-end", type=float, default=0.0,
                    help="lr after decay (released: 0.01 x lr)")
