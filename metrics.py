@@ -23,7 +23,6 @@ import torch.nn.functional as F
 import data
 import model
 import saebench
-from buffer import FanOut
 from sae import firing_counts
 from tracking import progress
 
@@ -93,22 +92,47 @@ def reconstruction_metrics(sae, rows, norm_out=None, chunk=4096, freq=False):
 
 
 def heldout_check(lm, tok, saes, outlier_norm_limits, dataset, context_size, lm_batch_size,
-                  n_tokens):
+                  n_tokens, chunk=4096):
     """train.py's check after training: EV (eq. 6), L0 and the never-fired share of each SAE
     {name: ((layer, site), sae)} on n_tokens held-out rows of its site (one LM pass for all);
-    prints a line per SAE and returns {name: metrics}."""
+    prints a line per SAE and returns {name: metrics}. Streamed: each LM batch's kept rows go
+    into every SAE's Metrics in the chunks `reconstruction_metrics` would cut from all of them,
+    so memory holds a batch per site, not n_tokens rows (a scope's 40 sites: ~9 GB)."""
     sites = list(dict.fromkeys(key for key, _ in saes.values()))
     batches = data.document_batches(tok, dataset, "eval", context_size, lm_batch_size, epochs=1)
-    stream, rows, out = FanOut(data.activation_producer(lm, tok, sites, batches), sites), {}, {}
-    for name, (key, sae) in saes.items():
-        if key not in rows:
-            rows[key] = data.keep_rows(data.take_rows(stream[key], n_tokens, "held-out check"),
-                                       outlier_norm_limits[key], sae.d_model)
-        m = out[name] = reconstruction_metrics(sae, rows[key])
-        print(f"{name} held-out ({m['n_tokens']:,} tokens): ev {m['explained_variance']:.3f} | "
-              f"ev centred {m['explained_variance_centered']:.3f} | l0 {m['l0']:.1f} | never "
-              f"fired {100 * m['dead_frac']:.1f}% (§4.4: no activation on any of these "
-              f"{m['n_tokens']:,} tokens)")
+    runs = {name: (key, sae, Metrics(sae), math.sqrt(sae.d_model) / sae.norm_out.item())
+            for name, (key, sae) in saes.items()}
+    pending, seen, bar = {key: [] for key in sites}, 0, progress(n_tokens, "held-out check")
+
+    def feed(key, rows):  # one chunk of a site's kept rows into each of its SAEs
+        for site, sae, m, s_out in runs.values():
+            if site == key:
+                m.add(*model.in_out(rows.to(sae.W_enc.device), sae.d_model), s_out)
+    for out in data.activation_producer(lm, tok, sites, batches):
+        seen += len(out[sites[0]])  # every site's rows come from the same tokens
+        bar.update(min(len(out[sites[0]]), n_tokens - bar.n))
+        for key in sites:
+            d_model = next(sae.d_model for site, sae, _, _ in runs.values() if site == key)
+            rows = torch.cat(pending[key] + [data.keep_rows(out[key], outlier_norm_limits[key],
+                                                            d_model)])
+            whole = len(rows) // chunk * chunk if seen < n_tokens else len(rows)
+            for part in rows[:whole].split(chunk):
+                feed(key, part)
+            pending[key] = [rows[whole:]]
+        if seen >= n_tokens:
+            break
+    bar.close()
+    if seen == 0:
+        raise ValueError("the dataset yielded no tokens (every document empty or special tokens "
+                         "only)")
+    out = {}
+    for name, (_, _, m, _) in runs.items():
+        out[name] = m.result()
+        del out[name]["freq"]
+        print(f"{name} held-out ({m.n:,} tokens): ev {out[name]['explained_variance']:.3f} | "
+              f"ev centred {out[name]['explained_variance_centered']:.3f} | l0 "
+              f"{out[name]['l0']:.1f} | never fired {100 * out[name]['dead_frac']:.1f}% (§4.4: "
+              f"no activation on any of these {m.n:,} tokens)")
     return out
 
 

@@ -228,6 +228,11 @@ def scope(cfg, sites, args, steps, batch, dtype_bytes):
             group = []
         group.append(key)
     split.append(group)
+    n = len(split)  # as many groups as the greedy split needs, but even in size when they fit
+    order = [key for group in split for key in group]
+    even = [order[len(order) * i // n:len(order) * (i + 1) // n] for i in range(n)]
+    if all(size(group, need) <= max_bytes for group in even):
+        split = even
     out = []
     for group in split:
         group = [key for key in sites if key in group]  # as given: the SAEs' init order

@@ -51,14 +51,17 @@ def plot_scope(results, configs, path, title):
     rows = [("l0", "L0"), ("explained_variance", "EV"), ("delta_lm_loss", "Delta LM loss")]
     fig, axes = plt.subplots(len(rows), len(widths), figsize=(4.5 * len(widths), 8),
                              squeeze=False, sharex=True)
+    lines = sorted({(c["site"], c["act_fn"]) for c in configs.values()},
+                   key=lambda line: ("RAMTC".find(line[0]), line[1]))
     for col, width in enumerate(widths):
-        for site in sorted({c["site"] for c in configs.values()}, key="RAMTC".find):
-            names = sorted((c["layer"], n) for n, c in configs.items()
-                           if c["site"] == site and c["expansion_factor"] == width)
+        for site, act in lines:  # a JumpReLU file beside its TopK one gets a line of its own
+            names = sorted((c["layer"], n) for n, c in configs.items() if c["site"] == site
+                           and c["act_fn"] == act and c["expansion_factor"] == width)
             for row, (key, label) in enumerate(rows):
                 ax = axes[row][col]
                 ax.plot([layer for layer, _ in names], [results[n][key] for _, n in names],
-                        marker="o", ms=3, label=site)
+                        marker="o", ms=3, label=site if len(lines) == len(
+                            {s for s, _ in lines}) else f"{site} {act}")
                 ax.set(ylabel=label, title=f"{width:g}x" if row == 0 else None)
         axes[-1][col].set(xlabel="layer")
     axes[0][0].legend(title="site")

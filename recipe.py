@@ -45,8 +45,8 @@ def budget_rule(total_tokens, passes=None, batch_size=None, init_bias=None, cost
     (`SAE.set_norms_`): with few steps, features that all read the same large mean at step 0
     lose TopK for good (docs/choices.md). At paper scale this is the paper's recipe, biases at 0
     included."""
-    chosen, dear = {}, "" if cost_ratio is None else f"; a row here costs {cost_ratio:.2g}x " \
-        f"the SAE steps it feeds, so at most {max(1, int(2 * cost_ratio))}"
+    chosen, dear = {}, "" if cost_ratio is None else f", and up to 2x what a row costs " \
+        f"against the SAE steps it feeds (here {cost_ratio:.2g}x)"
     if passes is None:
         passes = min(MAX_PASSES, max(1, SHORT_RUN // max(total_tokens, 1)))
         if cost_ratio is not None:
@@ -62,7 +62,7 @@ def budget_rule(total_tokens, passes=None, batch_size=None, init_bias=None, cost
     rule = (f"budget rule for {total_tokens:,} tokens: "
             + ", ".join(f"{name} {value}" for name, value in chosen.items())
             + f" (runs under {SHORT_RUN // 1_000_000}M tokens serve each row up to "
-              f"{MAX_PASSES}x{dear} and start their biases at the mean; batch = rows served / "
+              f"{MAX_PASSES}x{dear}, and start their biases at the mean; batch = rows served / "
               f"{STEPS_PER_BATCH_SIZE}, 256..2048)")
     return passes, batch_size, init_bias, rule
 

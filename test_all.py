@@ -698,7 +698,7 @@ def test_budget_rule_reuses_rows_only_while_they_are_dear():
     assert planned("--layer", "3").passes == 2
     scope = planned("--layer", "all", "--site", "all", "--expansion", "4")
     assert (scope.layer, scope.site, scope.passes) == (list(range(30)), list(model.SITES), 1)
-    assert "costs 0.12x" in scope.rule
+    assert "(here 0.12x)" in scope.rule
     assert recipe.budget_rule(340_000)[0] == recipe.MAX_PASSES  # no cost known: --activations
 
 
