@@ -95,9 +95,12 @@ def resolve(args):
     if cache:
         activations.read_cache(args.activations, itertools.product(args.layer, args.site))
     widths = feature_counts(d_model, args.expansion, args.n_features) if d_model else []
-    ratio = None  # from files, or before check_flags refuses the widths
-    if cfg.get("vocab_size") and widths and min(widths) > 0:
-        ratio = costs(cfg, list(itertools.product(args.layer, args.site)), widths)[2]
+    # what a row costs its LM; a cache's rows cost what they cost its LM, so training from a
+    # cache is training from the LM; a single file's LM is unknown: the token budget decides
+    lm_cfg = model.load_config(cache["model"]) if cache.get("model") else cfg
+    ratio = None
+    if lm_cfg.get("vocab_size") and widths and min(widths) > 0:  # else check_flags refuses
+        ratio = costs(lm_cfg, list(itertools.product(args.layer, args.site)), widths)[2]
     args.passes, args.batch_size, args.init_bias, args.rule = budget_rule(
         args.total_tokens, args.passes, args.batch_size, args.init_bias, ratio)
     return d_model, cfg

@@ -38,8 +38,9 @@ def budget_rule(total_tokens, passes=None, batch_size=None, init_bias=None, cost
     on it (plan.costs; on 2 CPU cores ~0.4 ms per token to layer 15 against ~0.1 ms per row of
     one 8x SAE there: 4). A row is served up to 2 x cost_ratio times, at most MAX_PASSES: then
     making rows takes at most a third of the time, and a scope of many SAEs on one forward, where
-    rows are cheap, takes fresh rows instead. None (pre-saved --activations rows, read for epochs
-    if the file is shorter): the token budget alone decides. The batch shrinks toward 16K steps:
+    rows are cheap, takes fresh rows instead. None (a single --activations file, which names no
+    LM, read for epochs if it is shorter): the token budget alone decides; a cache's rows count
+    as its LM's. The batch shrinks toward 16K steps:
     the largest power of two <= rows served / 16384, within 256..2048 (the floor keeps the
     per-step overhead small on CPU). A short run also starts its biases at the data mean
     (`SAE.set_norms_`): with few steps, features that all read the same large mean at step 0
