@@ -1748,7 +1748,7 @@ def test_cli_contract_bad_input_is_one_line_and_exit_code_2():
     assert code == 2 and err.strip() == \
         "error: --layer 30 is out of range: smollm2-135m-instruct has 30 layers, allowed 0-29"
     code, _, err = run_train("--site", "X")
-    assert code == 2 and "--site X is unknown; allowed: R, A, M, TC" in err
+    assert code == 2 and "--site X is unknown; allowed: all, R, A, M, TC" in err
 
 
 def test_a_k_sweep_in_one_folder_keeps_every_checkpoint(tmp_path, capsys):
