@@ -282,9 +282,14 @@ def take_rows(rows, n, desc=None):
             break
     bar.close()
     if have == 0:
-        raise ValueError("the dataset yielded no tokens (every document empty or special tokens "
-                         "only)")
+        raise no_tokens()
     return torch.cat(got)
+
+
+def no_tokens():
+    """The error when a stream of rows ends before its first row."""
+    return ValueError("the dataset yielded no tokens (every document empty or special tokens "
+                      "only)")
 
 
 # ----------------------------------------------------------------------------- massive activations

@@ -123,8 +123,7 @@ def heldout_check(lm, tok, saes, outlier_norm_limits, dataset, context_size, lm_
             break
     bar.close()
     if seen == 0:
-        raise ValueError("the dataset yielded no tokens (every document empty or special tokens "
-                         "only)")
+        raise data.no_tokens()
     out = {}
     for name, (_, _, m, _) in runs.items():
         out[name] = m.result()
