@@ -178,25 +178,18 @@ def three_passes(lm, tok, sae, config, input_ids, mask):
                                    config.get("outlier_norm_limit"))
         seen["x"] = x_in[seen["keep"]], x_out[seen["keep"]]
         return x_out
-
-    def spliced(x_in, x_out):
-        x_hat = reconstruct(sae, x_in.flatten(0, 1)).view_as(x_out)
-        return torch.where(seen["keep"][..., None], x_hat.to(x_out.dtype), x_out)
-
-    def ablated(x_in, x_out):
-        return torch.where(seen["keep"][..., None], torch.zeros_like(x_out), x_out)
-    sums = {}
-    for name, fn, kl_key in zip(CE_PASSES, (clean, spliced, ablated), (None,) + KL_KEYS):
+    with model.splice(lm, layer, site, clean):
+        logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    ok = seen["keep"][:, :-1] & mask[:, 1:].bool()
+    target, pred = input_ids[:, 1:][ok], logits[:, :-1][ok].float()  # (n,), (n, V)
+    sums, lp_clean = {"ce_loss": F.cross_entropy(pred, target, reduction="sum").item()}, \
+        F.log_softmax(pred, -1)
+    for name, fn, kl_key in zip(CE_PASSES[1:], patches(sae, seen["keep"]), KL_KEYS):
         with model.splice(lm, layer, site, fn):
             logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        if kl_key is None:  # the clean pass has set the scored positions
-            ok = seen["keep"][:, :-1] & mask[:, 1:].bool()
-        pred = logits[:, :-1][ok].float()  # (n, V)
-        sums[name] = F.cross_entropy(pred, input_ids[:, 1:][ok], reduction="sum").item()
-        if kl_key is None:
-            lp_clean = F.log_softmax(pred, -1)
-        else:
-            sums[kl_key] = saebench.kl_sum(lp_clean, pred)
+        patched = logits[:, :-1][ok].float()
+        sums[name] = F.cross_entropy(patched, target, reduction="sum").item()
+        sums[kl_key] = saebench.kl_sum(lp_clean, patched)
     return seen["keep"], seen["x"], sums, len(pred)
 
 
@@ -245,13 +238,7 @@ def add_batch(run, sae, config, lm, tok, input_ids, mask, acts, clean, ablated):
     where = (lm, key, acts[("resid", key[0])][0], mask, ok, target, F.log_softmax(pred, -1))
     sums = run["sums"]
     sums["ce_loss"] += F.cross_entropy(pred, target, reduction="sum").item()
-
-    def spliced(x_in, x_out):
-        x_hat = reconstruct(sae, x_in.flatten(0, 1)).view_as(x_out)
-        return torch.where(keep[..., None], x_hat.to(x_out.dtype), x_out)
-
-    def zeroed(x_in, x_out):
-        return torch.where(keep[..., None], torch.zeros_like(x_out), x_out)
+    spliced, zeroed = patches(sae, keep)
     ce, kl = patched_scores(*where, spliced)
     sums["ce_loss_with_sae"] += ce
     sums["kl_div_with_sae"] += kl
@@ -263,6 +250,18 @@ def add_batch(run, sae, config, lm, tok, input_ids, mask, acts, clean, ablated):
     run["n"] += len(pred)
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     run["metrics"].add(acts[key][0][keep], acts[key][1][keep], s_out)
+
+
+def patches(sae, keep):
+    """The two site patches of §4.1, each replacing the site's output at the scored positions
+    keep (B, T) only: (the SAE's reconstruction, zero)."""
+    def spliced(x_in, x_out):
+        x_hat = reconstruct(sae, x_in.flatten(0, 1)).view_as(x_out)
+        return torch.where(keep[..., None], x_hat.to(x_out.dtype), x_out)
+
+    def zeroed(x_in, x_out):
+        return torch.where(keep[..., None], torch.zeros_like(x_out), x_out)
+    return spliced, zeroed
 
 
 def patched_scores(lm, key, resid, mask, ok, target, lp_clean, fn):
