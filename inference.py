@@ -122,15 +122,42 @@ def for_lm(sae, config, lm):
     return sae
 
 
-def training_rows(lm, tok, config, d_model, n_tokens, lm_batch_size=16):
-    """n_tokens rows of the SAE's input from the documents it was trained on (train split), with
-    the same special-token and massive-activation rules as training: theta's rows."""
+def training_rows(lm, tok, config, d_model, n_tokens, lm_batch_size=16, limit=True,
+                  desc="theta fit"):
+    """n_tokens rows (N, C) of the SAE's site from the documents it was trained on (train
+    split), with the same special-token and (limit) massive-activation rules as training."""
     key = (config["layer"], config["site"])
     batches = data.document_batches(tok, config["dataset_path"], "train",
                                     config["context_size"], lm_batch_size, epochs=1)
     rows = (r[key] for r in data.activation_producer(lm, tok, [key], batches))
-    rows = data.kept_rows(rows, config.get("outlier_norm_limit"), d_model)
-    return model.in_out(data.take_rows(rows, n_tokens, "theta fit")[:n_tokens], d_model)[0]
+    rows = data.kept_rows(rows, config.get("outlier_norm_limit") if limit else None, d_model)
+    return data.take_rows(rows, n_tokens, desc)[:n_tokens]
+
+
+def token_rule(lm, tok, config, d_model, ratio=None, dataset=None, n_tokens=16_384):
+    """(config with its outlier_norm_limit, the rule as one line): the one rule every SAE is
+    scored by, ours or released. Padding and special tokens are never scored; tokens whose norm
+    exceeds ratio x the site's median norm on training rows (of dataset) are left out: the
+    massive-activation limit of training (data.py). ratio: evaluate.py's --max-norm-ratio; 0 =
+    no limit; None = as trained: the checkpoint's own limit, else the ratio it trained with,
+    else train.py's default (a released SAE records none). A ratio given is fit here, on the
+    same n_tokens training rows for every SAE of a site, ours or released."""
+    limit, how = config.get("outlier_norm_limit"), "the checkpoint's, from its training rows"
+    if ratio is None:
+        ratio = config.get("train_args", {}).get("max_norm_ratio", data.MAX_NORM_RATIO)
+    else:
+        limit = None
+    if ratio <= 0:
+        limit = None
+    elif limit is None:
+        rows = training_rows(lm, tok, dict(config, dataset_path=dataset or config["dataset_path"]),
+                             d_model, n_tokens, limit=False, desc="token rule")
+        limit = data.outlier_norm_limit(rows, d_model, ratio)
+        how = f"fit on {len(rows):,} training rows"
+    rule = "scored: every token but padding and special tokens, " + (
+        f"and none above {ratio:g} x the site's median norm (in {limit[0]:.1f}, out "
+        f"{limit[1]:.1f}: {how})" if limit else "massive activations included (no limit)")
+    return dict(config, outlier_norm_limit=limit and list(limit)), rule
 
 
 @torch.no_grad()

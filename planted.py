@@ -22,6 +22,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
+import flags
 import metrics
 from formats import load_checkpoint
 
@@ -99,13 +100,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="planted-feature recovery of train.py's defaults")
     p.add_argument("--shapes", default="64:8,96:10,128:12", help="D:K pairs, comma separated")
     p.add_argument("--tokens", type=int, default=1_000_000, help="training rows per run")
-    p.add_argument("--tp", default="1,2", help="tensor-parallel sizes to run (2 = torchrun)")
-    args = p.parse_args(argv)
+    p.add_argument("--tp", type=flags.csv(int), default=[1, 2],
+                   help="tensor-parallel sizes to run (2 = torchrun)")
+    try:
+        args = flags.parse(p, argv, {"tokens": "[1, inf)", "tp": "[1, inf)"})
+    except ValueError as e:  # one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     print(f"{'D':>4} {'F':>5} {'K':>3} {'tp':>3} {'recovered':>10} {'EV':>7} {'never fired':>12}")
     with tempfile.TemporaryDirectory() as folder:
         for shape in args.shapes.split(","):
             d, k = (int(v) for v in shape.split(":"))
-            for tp in (int(v) for v in args.tp.split(",")):
+            for tp in args.tp:
                 rec, ev, dead, rule = train_and_score(d, k, args.tokens, tp, folder)
                 print(f"{d:>4} {EXPANSION * d:>5} {k:>3} {tp:>3} {rec:>10.3f} {ev:>7.3f} "
                       f"{100 * dead:>11.1f}%   {rule.partition(': ')[2].split(' (')[0]}",

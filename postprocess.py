@@ -23,6 +23,7 @@ import sys
 import torch
 
 import activations
+import flags
 import formats
 import inference
 import interop
@@ -48,7 +49,7 @@ def get_args(argv=None):
     p.add_argument("--architecture", choices=["jumprelu", "topk"], default="jumprelu",
                    help="SAELens architecture for --export-saelens (Vanilla SAEs: standard)")
     model.placement_args(p)
-    return p.parse_args(argv)
+    return flags.parse(p, argv, {"tokens": "[1, inf)"})
 
 
 def needs_lm(args, config, rows):
@@ -70,8 +71,9 @@ def inputs(args, sae, config, lm, tok):
     if args.activations:
         key = (config["layer"], config["site"])
         rows = activations.activation_rows(args.activations, key, args.tokens)
-        return model.in_out(rows, sae.d_model)[0]
-    return inference.training_rows(lm, tok, config, sae.d_model, args.tokens)
+    else:
+        rows = inference.training_rows(lm, tok, config, sae.d_model, args.tokens)
+    return model.in_out(rows, sae.d_model)[0]
 
 
 def tc_gain(config, lm, d_model):

@@ -33,9 +33,11 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import activations
+import bench
 import buffer
 import data
 import evaluate
+import flags
 import formats
 import inference
 import interop
@@ -580,7 +582,26 @@ def test_holdout_split_is_disjoint_and_deterministic():
     held = list(data.iter_documents(split="eval", epochs=1))
     assert len(held) == 1003 and len(train) > 8900  # every 10th of the 10,033 summaries
     assert not train & set(held)
-    assert held == list(data.iter_documents(split="eval", epochs=1))
+    assert held == list(data.iter_documents(split="eval", epochs=1, seed=7))  # one order
+
+
+def test_any_prefix_of_the_held_out_stream_mixes_topics(tmp_path):
+    """The embedded file runs topic by topic (12 topics); held-out documents are read in one
+    seeded order, so the first 100 (~10K tokens) already hold every topic, and chats follow the
+    same order. A local file sorted by topic is mixed the same way."""
+    topic = {a["extract"]: a["topic"] for a in data._embedded_articles()}
+    held = list(data.iter_documents(split="eval", epochs=1))
+    assert len({topic[d] for d in held[:100]}) == 12
+    in_file = [a["extract"] for i, a in enumerate(data._embedded_articles()) if data.held_out(i)]
+    assert sorted(held) == sorted(in_file) and len({topic[d] for d in in_file[:100]}) <= 2
+    assert [c[1]["content"] for c in data.iter_chats()] == [d for d in held if d.strip()]
+    path = tmp_path / "sorted.jsonl"
+    path.write_text("".join(json.dumps({"text": f"topic {i // 500} doc {i}"}) + "\n"
+                            for i in range(5000)))
+    held = list(data.iter_documents(str(path), "eval", epochs=1))
+    assert sorted(held) == sorted(f"topic {i // 500} doc {i}" for i in range(9, 5000, 10))
+    assert len({d.split()[1] for d in held[:20]}) >= 6  # of 10 topics
+    assert sorted(data.mixed(range(1000), 64)) == list(range(1000))
 
 
 def test_chat_batches_render_held_out_chats_with_the_template():
@@ -764,15 +785,10 @@ BAD_FLAGS = [
     (["--site", "all,R"], "--site all,R: `all` stands alone; allowed: all or a list of R, A"),
     (["--layer", "all", "--site", "all", "--max-memory", "1"],
      "--max-memory 1 is too small for even one SAE: L0R needs"),
-    (["--expansion", "0"], "--expansion 0 must be positive"),
-    (["--n-features", "-5"], "--n-features -5 must be positive"),
-    (["--k", "0"], "--k 0 must be at least 1"),
     (["--k", "4608"], "--k 4608 must be less than the number of features (4608)"),
     (["--batch-size", "4096", "--buffer-size", "4096"], "--batch-size 4096 must be in 1..2048"),
     (["--context-size", "100000"], "--context-size 100000 is out of range: allowed 2-8192"),
-    (["--passes", "0"], "--passes 0 must be at least 1"),
     (["--dataset", "./nope.jsonl"], "--dataset ./nope.jsonl: no such file or folder; give a .txt"),
-    (["--l1-warmup-frac", "2"], "--l1-warmup-frac 2.0 must be in [0, 1]"),
     (["--activations", "nope.safetensors"], "--activations nope.safetensors: no such file"),
     (["--resume", "nope.safetensors"], "--resume nope.safetensors: no such file"),
     (["--device", "tpu"], "--device tpu: no such device here; allowed: cpu"),
@@ -849,10 +865,11 @@ def test_buffer_rows_are_what_the_first_fill_takes(passes, steps):
     assert size == 4096 if steps == 10_000 else size < 4096
 
 
-@pytest.mark.parametrize("flags,message", BAD_FLAGS)
-def test_bad_flags_fail_in_one_line_before_the_model_loads(flags, message, capsys, monkeypatch):
+@pytest.mark.parametrize("argv,message", BAD_FLAGS)
+def test_bad_flags_fail_in_one_line_before_the_model_loads(argv, message, capsys, monkeypatch):
+    """Checks that need the model's config (ranges alone: flags.py's test)."""
     monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
-    assert message in one_line_error(capsys, train.main, flags)
+    assert message in one_line_error(capsys, train.main, argv)
 
 
 # ===================================================================================== parallel.py
@@ -1092,6 +1109,45 @@ def test_released_folder_gives_the_same_features_l0_and_ev(released_embedded, em
     postprocess.main([folder, "--out", out])
     back, _ = formats.load_checkpoint(out)
     torch.testing.assert_close(back.encode(rows), f_rel)
+
+
+@pytest.mark.slow
+def test_one_token_rule_for_our_checkpoints_and_released_folders(released_embedded, capsys):
+    """Ours carry the massive-activation limit they trained with, a released folder none: by
+    default each is scored as trained (a released SAE at train.py's 10 x median, fit on its
+    training rows), and the rule is printed; --max-norm-ratio R (or 0) scores both on the same
+    tokens."""
+    folded, folder = released_embedded
+    ours, rel = (evaluate.main([p, "--tokens", "300"]) for p in (folded, folder))
+    assert "the checkpoint's, from its training rows" in ours["token_rule"]
+    assert "none above 10 x the site's median norm" in rel["token_rule"]
+    assert "fit on 16,384 training rows" in rel["token_rule"]
+    assert capsys.readouterr().out.count("token rule: scored: every token but padding") == 2
+    for ratio in ("10", "0"):
+        a, b = (evaluate.main([p, "--tokens", "300", "--max-norm-ratio", ratio])
+                for p in (folded, folder))
+        assert a["token_rule"] == b["token_rule"] and a["n_tokens"] == b["n_tokens"]
+        assert a["explained_variance"] == pytest.approx(b["explained_variance"], abs=1e-4)
+    assert "massive activations included (no limit)" in a["token_rule"]
+
+
+@pytest.mark.slow
+def test_saebench_l1_and_per_feature_values_are_those_of_the_folded_sae(
+        embedded_ckpt, released_embedded, tmp_path):
+    """A TopK file that was never post-processed and its JumpReLU file run as TopK are one SAE:
+    the SAEBench file's l1 and per-feature values agree (both folded, as its SAELens export)."""
+    files = []
+    for argv in ([embedded_ckpt], [released_embedded[0], "--mode", "topk"]):
+        path = str(tmp_path / f"{len(files)}.json")
+        evaluate.main(argv + ["--tokens", "300", "--saebench-json", path, "--saebench-details"])
+        files.append(json.load(open(path)))
+    (l1, raw), (l1_folded, folded) = [(f["eval_result_metrics"]["sparsity"]["l1"],
+                                       f["eval_result_details"]) for f in files]
+    assert l1 == pytest.approx(l1_folded, rel=1e-4)
+    assert len(raw) == len(folded) > 0
+    for a, b in zip(raw, folded):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6)
+                                            for k in a)
 
 
 @pytest.mark.slow
@@ -1630,6 +1686,64 @@ def test_feature_inspection_in_one_pass(released_embedded, embedded_rows, tmp_pa
     one = len(passes)
     evaluate.main([folder, "--features", str(feats[0]), "--top", "3", "--tokens", "300"])
     assert len(passes) == 2 * one  # two features cost the same single pass as one
+
+
+# ======================================================================================== flags.py
+# Every numeric flag of every script has a stated range, checked right after parsing: a value
+# just outside it is one line naming the flag, the value and the range, exit code 2, before any
+# model or config is read.
+
+SCRIPTS = {"train.py": (train.main, []), "evaluate.py": (evaluate.main, ["x.safetensors"]),
+           "postprocess.py": (postprocess.main, ["x.safetensors"]),
+           "bench.py": (bench.main, []), "planted.py": (planted_bench.main, [])}
+
+
+def numeric_flags():
+    """(script, option, type, nargs, range) of every numeric flag, read from each script's own
+    parser as flags.parse receives it."""
+    out, parse = [], flags.parse
+    for script, (main, positional) in SCRIPTS.items():
+        def grab(parser, argv, ranges):
+            out.extend((script, a.option_strings[0], flags.kind(a), a.nargs, ranges.get(a.dest))
+                       for a in parser._actions if flags.kind(a))
+            raise SystemExit(0)
+        flags.parse = grab
+        try:
+            with pytest.raises(SystemExit):
+                main(positional)
+        finally:
+            flags.parse = parse
+    return out
+
+
+def outside(text, kind):
+    """Values of kind just outside the range `text` (either side of each bound)."""
+    near = {v + d for lo, hi, _, _ in flags.intervals(text) for v in (lo, hi) if math.isfinite(v)
+            for d in (-1, -0.5, 0, 0.5, 1)}
+    return sorted(kind(v) for v in near if kind(v) == v and not flags.inside(v, text))
+
+
+def test_every_numeric_flag_of_every_script_is_range_checked(capsys, monkeypatch):
+    for name in ("load_model", "load_config", "load_tokenizer"):
+        monkeypatch.setattr(model, name, lambda *a, **k: pytest.fail("the model was read"))
+    table = numeric_flags()
+    assert len(table) >= 35 and {s for s, *_ in table} == set(SCRIPTS)
+    for script, option, kind, nargs, text in table:
+        assert text, f"{script} {option} has no stated range"
+        bad = outside(text, kind)
+        assert bad, f"{script} {option}: the range {text} excludes nothing"
+        main, positional = SCRIPTS[script]
+        for v in bad:
+            err = one_line_error(capsys, main, positional + [option] + [str(v)] * (nargs or 1))
+            assert f"{option} {v} is out of range: allowed {text}" in err, (script, err)
+
+
+def test_ranges_read_as_written():
+    assert flags.inside(0, "0 or (1, inf)") and flags.inside(1.5, "0 or (1, inf)")
+    assert not flags.inside(1, "0 or (1, inf)") and not flags.inside(0.5, "0 or (1, inf)")
+    assert flags.inside(0, "[0, 1)") and not flags.inside(1, "[0, 1)")
+    assert flags.inside(1e12, "[1, inf)") and not flags.inside(0.99, "[1, inf)")
+    assert outside("[0, 1]", float) == [-1.0, -0.5, 1.5, 2.0]
 
 
 # ===================================================================================== tracking.py

@@ -23,19 +23,27 @@ from tqdm import tqdm
 
 import activations
 import data
+import flags
 import formats
 import metrics
 import model
 import parallel
 import plan
-from buffer import ActivationBuffer, FanOut
+from buffer import ActivationBuffer, FanOut, return_freed_memory
 from recipe import Trainer, first_fill, k_at, lr_at, step_site
 from sae import SAE
 from tracking import make_logger
 
 
-def csv(kind):
-    return lambda s: [kind(v) for v in s.split(",")]
+RANGES = {  # every numeric flag's range (flags.py), checked right after parsing
+    "expansion": "(0, inf)", "n_features": "[1, inf)", "k": "[1, inf)", "l1_coef": "(0, inf)",
+    "l1_warmup_frac": "[0, 1]", "context_size": "[2, inf)", "max_norm_ratio": "0 or (1, inf)",
+    "total_tokens": "[1, inf)", "batch_size": "[1, inf)", "passes": "[1, inf)",
+    "lr": "(0, inf)", "warmup_steps": "[0, inf)", "decay_frac": "[0, 1]", "lr_end": "[0, inf)",
+    "k_anneal_frac": "[0, 1]", "k_init": "[1, inf)", "adam_betas": "[0, 1)",
+    "grad_clip": "[0, inf)", "init_decoder_norm": "(0, inf)", "buffer_size": "[2, inf)",
+    "lm_batch_size": "[1, inf)", "seed": "[0, inf)", "tp": "[1, inf)", "max_memory": "(0, inf)",
+    "save_every": "[0, inf)", "log_every": "[0, inf)", "eval_tokens": "[0, inf)"}
 
 
 def get_args(argv=None):
@@ -50,8 +58,10 @@ def get_args(argv=None):
     g.add_argument("--site", default="R",
                    help="all, or a list of R resid-post, A attn-out, M mlp-out, TC transcoder "
                         "(MLP in -> MLP out)")
-    g.add_argument("--expansion", type=csv(float), default=[8], help="features per model dim")
-    g.add_argument("--n-features", type=csv(int), default=None, help="F; overrides --expansion")
+    g.add_argument("--expansion", type=flags.csv(float), default=[8],
+                   help="features per model dim")
+    g.add_argument("--n-features", type=flags.csv(int), default=None,
+                   help="F; overrides --expansion")
     g.add_argument("--act", choices=["topk", "vanilla"], default="topk",
                    help="TopK (eq. 5) or the ReLU + L1 baseline (§4.2)")
     g.add_argument("--k", type=int, default=50, help="active features per token after annealing")
@@ -71,7 +81,7 @@ def get_args(argv=None):
     g.add_argument("--cache-activations", default=None, metavar="DIR",
                    help="instead of training, run the LM once and write --total-tokens rows of "
                         "every --layer x --site to DIR (shards + manifest.json)")
-    g.add_argument("--max-norm-ratio", type=float, default=10.0,
+    g.add_argument("--max-norm-ratio", type=float, default=data.MAX_NORM_RATIO,
                    help="drop tokens whose norm exceeds this x the median (massive activations); "
                         "0 = off")
     g = p.add_argument_group("schedule (§3.3.2; paper values unless noted)")
@@ -142,7 +152,7 @@ def get_args(argv=None):
                         "features over 100K; the whole held-out split when smaller); 0 = off")
     g.add_argument("--wandb-project", default=None,
                    help="log every log line to this Weights & Biases project; default off")
-    args = p.parse_args(argv)
+    args = flags.parse(p, argv, RANGES)
     args.dtype = args.dtype or model.default_dtype(args.device)
     return args  # plan.check_flags resolves --layer, --site and the budget rule
 
@@ -221,6 +231,7 @@ def setup(args):
     args.device = comms.device
     logger = make_logger(args.wandb_project if comms.rank == 0 else None, vars(args))
     torch.manual_seed(args.seed)
+    return_freed_memory()
     return comms, logger, cfg
 
 
