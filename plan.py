@@ -140,7 +140,9 @@ def check_flags(args):
         (args.k_init is not None and not args.k <= args.k_init <= n_min,
          f"--k-init {args.k_init} must be in {args.k}..{n_min}"),
         (args.resume not in (None, "auto") and not os.path.isfile(args.resume),
-         f"--resume {args.resume}: no such file (give a path or `auto`)")]
+         f"--resume {args.resume}: no such file (give a path or `auto`)"),
+        (args.log_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.log_file))),
+         f"--log-file {args.log_file}: no such folder")]
     for failed, message in checks:
         if failed:
             raise ValueError(message)

@@ -1,7 +1,10 @@
-"""The figures, as PNG files: Fig. 4 (firing frequencies) and Fig. 5 (long context).
+"""The figures, as PNG files: Fig. 4 (firing frequencies), Fig. 5 (long context), Fig. 10 (a
+scope) and Fig. 12 (training curves).
 
 matplotlib is imported when a figure is drawn, with its file-only backend (no display needed).
 """
+import json
+
 import torch
 
 
@@ -38,6 +41,26 @@ def plot_firing(freq, path, title):
     ax.set(xlabel="log10 firing frequency", ylabel="features",
            title=f"{title}: {int((freq == 0).sum())} of {len(freq)} never fire")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training(runs, path, title):
+    """Fig. 12: loss and the share of features that ever fired against rows served, one line
+    per run x SAE. runs: {label: a train.py --log-file}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for label, log in runs.items():
+        with open(log) as f:
+            lines = [json.loads(line) for line in f]
+        for name in sorted({k.rsplit("/", 1)[0] for k in lines[0] if "/" in k}):
+            for ax, key in zip(axes, ("loss", "fired")):
+                ax.plot([x["tokens"] for x in lines], [x[f"{name}/{key}"] for x in lines],
+                        label=f"{label} {name}" if len(runs) > 1 else name)
+    axes[0].set(yscale="log", xlabel="rows served", ylabel="loss (normalized MSE)", title=title)
+    axes[1].set(xlabel="rows served", ylabel="share of features that ever fired", ylim=(0, 1.02))
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

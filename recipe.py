@@ -180,9 +180,10 @@ class Trainer:
                                                         device=c.device)).tolist()
         self.log = {}
         fired = c.sum_(self.last_fired.clone(), c.dp_group, parallel.MAX)  # latest replica
-        dead = c.sum_((served - fired >= DEAD_WINDOW).sum(), c.tp_group).item() \
-            / (self.sae.n_features * c.tp)
-        self.logged = dict(loss=mse + l1, mse=mse, ev=ev, l0=l0, dead=dead)  # for the logger
+        dead, ever = (c.sum_(x.sum(), c.tp_group).item() / (self.sae.n_features * c.tp)
+                      for x in (served - fired >= DEAD_WINDOW, fired > 0))
+        self.logged = dict(loss=mse + l1, mse=mse, ev=ev, l0=l0, dead=dead,
+                           fired=ever)  # for the logger; fired: the share that ever fired
         return f"loss {mse + l1:.4f} | ev {ev:.3f} | l0 {l0:.1f} | dead {100 * dead:.1f}%"
 
     def state_dict(self):

@@ -46,6 +46,7 @@ import model
 import parallel
 import plan
 import planted as planted_bench
+import plots
 import postprocess
 import recipe
 import saebench
@@ -791,6 +792,7 @@ BAD_FLAGS = [
     (["--dataset", "./nope.jsonl"], "--dataset ./nope.jsonl: no such file or folder; give a .txt"),
     (["--activations", "nope.safetensors"], "--activations nope.safetensors: no such file"),
     (["--resume", "nope.safetensors"], "--resume nope.safetensors: no such file"),
+    (["--log-file", "nope/log.jsonl"], "--log-file nope/log.jsonl: no such folder"),
     (["--device", "tpu"], "--device tpu: no such device here; allowed: cpu"),
 ]
 
@@ -1776,7 +1778,7 @@ def test_progress_bars_on_a_terminal_only(tmp_path, capsys, monkeypatch):
     assert logs[0] == logs[1] and len(logs[0]) == 64 // 4  # 4096 rows x 8 passes / 512
 
 
-def test_wandb_project_logs_every_log_line(tmp_path, monkeypatch, capsys):
+def test_wandb_project_and_log_file_log_every_log_line(tmp_path, monkeypatch, capsys):
     log = []
 
     class Run:
@@ -1791,13 +1793,19 @@ def test_wandb_project_logs_every_log_line(tmp_path, monkeypatch, capsys):
     train.main(["--activations", str(tmp_path / "a.safetensors"), "--expansion", "4", "--k", "4",
                 "--total-tokens", "8192", "--passes", "1", "--batch-size", "1024",
                 "--buffer-size", "4096", "--log-every", "2", "--out", str(tmp_path),
-                "--wandb-project", "scope"])
+                "--wandb-project", "scope", "--log-file", str(tmp_path / "log.jsonl")])
     lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
     assert log[0] == "scope" and log[-1] == "finish" and len(lines) == 4
     assert [e["step"] for e in log[1:-1]] == [2, 4, 6, 8]  # one entry per printed log line
     assert {"L15R-4x-k4-TopK/loss", "L15R-4x-k4-TopK/ev", "L15R-4x-k4-TopK/dead",
             "lr"} <= set(log[1])
-    assert isinstance(tracking.make_logger(None, {}), tracking.NullLogger)  # the default: no-op
+    saved = [json.loads(line) for line in open(tmp_path / "log.jsonl")]  # the same, as a file
+    assert saved == log[1:-1]
+    fired = [e["L15R-4x-k4-TopK/fired"] for e in saved]  # the share that ever fired
+    assert 0 < fired[0] and fired == sorted(fired) and fired[-1] <= 1
+    plots.plot_training({"run": str(tmp_path / "log.jsonl")}, str(tmp_path / "f.png"), "t")
+    assert os.path.getsize(tmp_path / "f.png") > 1000
+    assert tracking.make_logger(None, {}).loggers == []  # the default: no-op
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a one-line error
     with pytest.raises(ValueError, match="--wandb-project scope needs wandb"):
         tracking.make_logger("scope", {})

@@ -2,10 +2,13 @@
 
 - `progress`: a tqdm bar with rate and ETA over a number of tokens, drawn on a terminal only, so
   log files and captured output stay clean (the fixed log lines of train.py carry the numbers).
-- `make_logger`: `--wandb-project NAME` logs every log line to Weights & Biases; without it a
-  no-op logger takes the calls, so the training loop has no `if wandb:` branch. wandb is imported
-  only when asked for and is not a dependency.
+- `make_logger`: `--wandb-project NAME` logs every log line to Weights & Biases, `--log-file
+  FILE` to a JSON-lines file (loss curves with no account: plots.plot_training draws them);
+  without either a no-op logger takes the calls, so the training loop has no `if wandb:` branch.
+  wandb is imported only when asked for and is not a dependency.
 """
+import json
+
 from tqdm import tqdm
 
 
@@ -14,16 +17,6 @@ def progress(n_tokens, desc):
     no bar at all."""
     return tqdm(total=n_tokens, desc=desc, unit="tok", unit_scale=True, leave=False,
                 disable=None if desc else True)
-
-
-class NullLogger:
-    """Takes log calls and does nothing."""
-
-    def log(self, metrics, step):
-        pass
-
-    def finish(self):
-        pass
 
 
 class WandbLogger:
@@ -42,6 +35,34 @@ class WandbLogger:
         self.run.finish()
 
 
-def make_logger(project, config):
-    """A WandbLogger for a project name, else a NullLogger."""
-    return WandbLogger(project, config) if project else NullLogger()
+class FileLogger:
+    """Each log call as one JSON line {"step": ..., key: value, ...}, flushed as it comes."""
+
+    def __init__(self, path):
+        self.file = open(path, "w")
+
+    def log(self, metrics, step):
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def finish(self):
+        self.file.close()
+
+
+class Loggers:
+    def __init__(self, loggers):
+        self.loggers = loggers
+
+    def log(self, metrics, step):
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def finish(self):
+        for logger in self.loggers:
+            logger.finish()
+
+
+def make_logger(project, config, path=None):
+    """Every log call to W&B (a project name) and to a JSON-lines file (path), or neither."""
+    return Loggers(([WandbLogger(project, config)] if project else [])
+                   + ([FileLogger(path)] if path else []))

@@ -152,6 +152,9 @@ def get_args(argv=None):
                         "features over 100K; the whole held-out split when smaller); 0 = off")
     g.add_argument("--wandb-project", default=None,
                    help="log every log line to this Weights & Biases project; default off")
+    g.add_argument("--log-file", default=None, metavar="FILE",
+                   help="also write every log line's numbers (per SAE: loss, mse, ev, l0, dead, "
+                        "the share of features that ever fired) to FILE as JSON lines")
     args = flags.parse(p, argv, RANGES)
     args.dtype = args.dtype or model.default_dtype(args.device)
     return args  # plan.check_flags resolves --layer, --site and the budget rule
@@ -229,7 +232,8 @@ def setup(args):
         widths = plan.feature_counts(d_model, args.expansion, args.n_features)
     plan.check_layout(args.batch_size, args.buffer_size, widths, comms)
     args.device = comms.device
-    logger = make_logger(args.wandb_project if comms.rank == 0 else None, vars(args))
+    logger = make_logger(args.wandb_project, vars(args), args.log_file) if comms.rank == 0 \
+        else make_logger(None, None)
     torch.manual_seed(args.seed)
     return_freed_memory()
     return comms, logger, cfg
