@@ -49,9 +49,8 @@ KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "
 NOTES = {"dead_frac": "   never fired on any of these tokens",
          "ultra_active_frac": "   fired on more than 10% of them (§4.4)"}
 WINDOW = 100_000  # §4.4 counts never-firing features over 100K tokens
-RANGES = {  # every numeric flag's range (flags.py)
-    "tokens": "[1, inf)", "long_context": "0 or [2, inf)", "top": "[1, inf)",
-    "max_norm_ratio": "0 or (1, inf)"}
+RANGES = {"tokens": "[1, inf)", "long_context": "0 or [2, inf)", "top": "[1, inf)",
+          "max_norm_ratio": "0 or (1, inf)"}  # every numeric flag's range (flags.py)
 
 
 def get_args(argv=None):

@@ -34,6 +34,15 @@ SAE_MS_PER_MWEIGHT = 0.1 / (4608 * 576 / 1e6)  # one SAE step per row: 0.1 ms at
 # as the default run's peak minus its estimate.
 RUNTIME_BYTES = int(1.0 * GIB)
 MIN_BUFFER_ROWS = 16_384  # fewer rows per buffer mix too few documents: split into groups
+RANGES = {  # the range of every numeric flag of train.py (flags.py), checked right after parsing
+    "expansion": "(0, inf)", "n_features": "[1, inf)", "k": "[1, inf)", "l1_coef": "(0, inf)",
+    "l1_warmup_frac": "[0, 1]", "context_size": "[2, inf)", "max_norm_ratio": "0 or (1, inf)",
+    "total_tokens": "[1, inf)", "batch_size": "[1, inf)", "passes": "[1, inf)",
+    "lr": "(0, inf)", "warmup_steps": "[0, inf)", "decay_frac": "[0, 1]", "lr_end": "[0, inf)",
+    "k_anneal_frac": "[0, 1]", "k_init": "[1, inf)", "adam_betas": "[0, 1)",
+    "grad_clip": "[0, inf)", "init_decoder_norm": "(0, inf)", "buffer_size": "[2, inf)",
+    "lm_batch_size": "[1, inf)", "seed": "[0, inf)", "tp": "[1, inf)", "max_memory": "(0, inf)",
+    "save_every": "[0, inf)", "log_every": "[0, inf)", "eval_tokens": "[0, inf)"}
 
 
 # ----------------------------------------------------------------------------- which SAEs

@@ -35,17 +35,6 @@ from sae import SAE
 from tracking import make_logger
 
 
-RANGES = {  # every numeric flag's range (flags.py), checked right after parsing
-    "expansion": "(0, inf)", "n_features": "[1, inf)", "k": "[1, inf)", "l1_coef": "(0, inf)",
-    "l1_warmup_frac": "[0, 1]", "context_size": "[2, inf)", "max_norm_ratio": "0 or (1, inf)",
-    "total_tokens": "[1, inf)", "batch_size": "[1, inf)", "passes": "[1, inf)",
-    "lr": "(0, inf)", "warmup_steps": "[0, inf)", "decay_frac": "[0, 1]", "lr_end": "[0, inf)",
-    "k_anneal_frac": "[0, 1]", "k_init": "[1, inf)", "adam_betas": "[0, 1)",
-    "grad_clip": "[0, inf)", "init_decoder_norm": "(0, inf)", "buffer_size": "[2, inf)",
-    "lm_batch_size": "[1, inf)", "seed": "[0, inf)", "tp": "[1, inf)", "max_memory": "(0, inf)",
-    "save_every": "[0, inf)", "log_every": "[0, inf)", "eval_tokens": "[0, inf)"}
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group(
@@ -155,7 +144,7 @@ def get_args(argv=None):
     g.add_argument("--log-file", default=None, metavar="FILE",
                    help="also write every log line's numbers (per SAE: loss, mse, ev, l0, dead, "
                         "the share of features that ever fired) to FILE as JSON lines")
-    args = flags.parse(p, argv, RANGES)
+    args = flags.parse(p, argv, plan.RANGES)
     args.dtype = args.dtype or model.default_dtype(args.device)
     return args  # plan.check_flags resolves --layer, --site and the budget rule
 
