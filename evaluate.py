@@ -90,7 +90,8 @@ def get_args(argv=None):
                    help="also evaluate on this model's activations at the same site (§4.5.2)")
     p.add_argument("--top", type=int, default=20, help="--features: contexts per feature")
     p.add_argument("--saebench-json", default=None, metavar="FILE",
-                   help="also write SAEBench's core-eval results file (its CoreEvalOutput) here")
+                   help="also write SAEBench's core-eval file (CoreEvalOutput), from a pass "
+                        "of its own protocol over ~--tokens packed held-out tokens")
     p.add_argument("--saebench-details", action="store_true",
                    help="--saebench-json: with the per-feature eval_result_details")
     p.add_argument("--html", default=None, metavar="FILE",
@@ -108,11 +109,11 @@ def check_against_sae(args, sae):
     if feats and not all(v.isdigit() and int(v) < sae.n_features for v in feats):
         raise ValueError(f"--features {args.features}: give feature ids in "
                          f"0..{sae.n_features - 1}, comma separated")
-    if args.saebench_json and (args.activations or feats or args.long_context
-                               or args.eval_model):
-        raise ValueError(f"--saebench-json {args.saebench_json} needs the LM pass of a plain "
-                         f"evaluation (no --activations, --features, --long-context, "
-                         f"--eval-model)")
+    if args.saebench_json and (args.activations or feats or args.long_context or args.eval_model
+                               or args.chat):
+        raise ValueError(f"--saebench-json {args.saebench_json} reads held-out documents through "
+                         f"the LM: not with --activations, --features, --long-context, "
+                         f"--eval-model or --chat")
     if args.chat and (args.activations or feats or args.long_context or args.dataset):
         raise ValueError(f"--chat {args.chat} replaces the held-out documents of a plain or "
                          f"--eval-model evaluation: not with --activations, --features, "
@@ -167,14 +168,14 @@ def evaluate(args):
                                         args.tokens, args.top, dataset, args.html))
     if args.long_context:
         return report_long_context(args, lm, tok, sae, config, name, dataset, t0)
-    core = saebench.Core(sae.n_features) if args.saebench_json else None
     out = metrics.lm_metrics(lm, chat_tok or tok, inference.for_lm(sae, config, lm), config,
-                             args.tokens, dataset, core=core, chat=args.chat)
+                             args.tokens, dataset, chat=args.chat)
     out.update(data=source, token_rule=rule)
-    if core is not None:
-        saebench.write(args.saebench_json, core, out, sae, config, args.dtype,
-                       args.chat or dataset, args.saebench_details)
-        print(f"wrote {args.saebench_json} (SAEBench core)")
+    if args.saebench_json:  # its own pass, SAEBench's protocol (saebench.py)
+        saebench.write(args.saebench_json, *saebench.evaluate(
+            lm, tok, inference.for_lm(sae, config, lm), config, dataset, args.tokens), sae,
+            config, args.dtype, dataset, args.saebench_details)
+        print(f"wrote {args.saebench_json} (SAEBench core, its protocol: saebench.py)")
     if not args.eval_model:
         return report(args, name, sae, out, t0)
     del lm
@@ -197,23 +198,16 @@ def evaluate_scope(args):
         inference.check_lm(c["model_name"], sae, c)
     t0, dataset = time.time(), args.dataset or config.get("dataset_path")
     lm, tok = model.load_model(config["model_name"], args.device, getattr(torch, args.dtype))
-    adapted, rules = {}, {}
-    for name, (sae, c) in saes.items():
-        c, rules[name] = inference.token_rule(lm, tok, c, sae.d_model, args.max_norm_ratio,
-                                              args.dataset)
-        adapted[name] = (inference.for_lm(sae, c, lm), c)
-    print(f"token rule: {rules[name]} ({name}; each SAE its own limit)")
+    adapted, rules = scope.for_lm(saes, lm, tok, args.max_norm_ratio, args.dataset)
     results = metrics.scope_metrics(lm, tok, adapted, args.tokens, dataset,
                                     config["context_size"])
     for name, m in results.items():  # the keys of a single evaluation
         m.pop("freq")
         m.update(data=f"held-out {dataset}", token_rule=rules[name], time_s=time.time() - t0,
-                 mode=saes[name][0].act,
-                 checkpoint=os.path.join(args.checkpoint, f"{name}.safetensors"),
-                 device=args.device, dtype=args.dtype)
-    print(f"{len(saes)} SAEs of {args.checkpoint}, {args.tokens:,} held-out tokens each "
-          f"({time.time() - t0:.0f}s):")
-    print("\n".join(scope.table(results)))
+                 mode=saes[name][0].act, device=args.device, dtype=args.dtype,
+                 checkpoint=os.path.join(args.checkpoint, f"{name}.safetensors"))
+    print("\n".join([f"{len(saes)} SAEs of {args.checkpoint}, {args.tokens:,} held-out tokens "
+                     f"each ({time.time() - t0:.0f}s):"] + scope.table(results)))
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
         path = os.path.join(args.plot, "scope.png")
@@ -230,8 +224,7 @@ def two_models(args, sae, config, out, chat_tok, dataset, name, t0):
     other = metrics.lm_metrics(lm, chat_tok or tok, inference.for_lm(sae, config, lm), config,
                                args.tokens, dataset, chat=args.chat)
     other.update(data=out["data"], token_rule=out["token_rule"])
-    for m in (out, other):
-        m.pop("freq")
+    out.pop("freq"), other.pop("freq")
     site = formats.site_name((config["layer"], config["site"]))
     print(f"{name} on two models' activations at {site}, "
           f"{out['data']} ({time.time() - t0:.0f}s):")

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 import data
 import model
-import saebench
 from sae import firing_counts
 from tracking import progress
 
@@ -34,19 +33,16 @@ class Metrics:
     """Running sums over evaluated rows, in the SAE's normalized space (EV is scale-free
     anyway)."""
 
-    def __init__(self, sae, core=None):
-        self.sae, self.n, self.err, self.sq, self.core = sae, 0, 0.0, 0.0, core
+    def __init__(self, sae):
+        self.sae, self.n, self.err, self.sq = sae, 0, 0.0, 0.0
         self.sum_y = torch.zeros(sae.d_model, dtype=torch.float64)
         self.counts = torch.zeros(sae.n_features, dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, x_in, x_out, s_out, seq=None):
-        """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space; seq (N,): the
-        sequence of each row, for SAEBench's per-feature statistics (core)."""
+    def add(self, x_in, x_out, s_out):
+        """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space."""
         x_hat, f = forward_raw(self.sae, x_in)
         self.counts += firing_counts(f, self.sae.n_features).double().cpu()
-        if self.core is not None:
-            self.core.add(x_out, x_hat, f, seq)
         err, y = (x_hat - x_out.to(x_hat.dtype)).double() * s_out, x_out.double() * s_out
         self.err += err.pow(2).sum().item()
         self.sq += y.pow(2).sum().item()
@@ -70,6 +66,12 @@ def forward_raw(sae, x_in):
     s_in, s_out = sae.scales()
     x_hat, f = sae(x_in.to(sae.W_enc) * s_in)
     return x_hat / s_out, f
+
+
+def kl_sum(lp_clean, logits):
+    """Summed KL(clean || patched) of next-token distributions over the rows of lp_clean (N, V)
+    (clean log-probabilities) and the patched logits (N, V)."""
+    return (lp_clean.exp() * (lp_clean - F.log_softmax(logits.float(), -1))).sum().item()
 
 
 def reconstruct(sae, x_in):
@@ -136,13 +138,13 @@ def heldout_check(lm, tok, saes, outlier_norm_limits, dataset, context_size, lm_
 
 
 @torch.no_grad()
-def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=None, chat=None):
+def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, chat=None):
     """One held-out pass: each batch runs the LM clean (capturing the site), with the SAE spliced
     in, and with the site zero-ablated (`three_passes`). Returns the metrics dict (firing
-    frequencies (F,) under "freq"). core: a saebench.Core that also takes every batch. chat:
+    frequencies (F,) under "freq"). chat:
     --chat DATA, conversations rendered by tok's chat template, read instead of dataset's
     held-out documents (§4.5.2)."""
-    metrics, n_seq = Metrics(sae, core), 0
+    metrics = Metrics(sae)
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     sums = dict.fromkeys(CE_PASSES + KL_KEYS, 0.0)
     n_scored, bar, T = 0, progress(n_tokens, "evaluate"), config["context_size"]
@@ -150,13 +152,11 @@ def lm_metrics(lm, tok, sae, config, n_tokens, dataset, lm_batch_size=8, core=No
         data.document_batches(tok, dataset, "eval", T, lm_batch_size, epochs=1)
     for input_ids, mask in batches:
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
-        keep, x, batch, n = three_passes(lm, tok, sae, config, input_ids, mask)
+        _, x, batch, n = three_passes(lm, tok, sae, config, input_ids, mask)
         for key, value in batch.items():
             sums[key] += value
         n_scored += n
-        seq = torch.arange(n_seq, n_seq + len(input_ids), device=lm.device)[:, None]  # (B, 1)
-        metrics.add(*x, s_out, seq.expand_as(keep)[keep])
-        n_seq += len(input_ids)
+        metrics.add(*x, s_out)
         bar.update(len(x[0]))
         if metrics.n >= n_tokens:
             break
@@ -189,7 +189,7 @@ def three_passes(lm, tok, sae, config, input_ids, mask):
             logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         patched = logits[:, :-1][ok].float()
         sums[name] = F.cross_entropy(patched, target, reduction="sum").item()
-        sums[kl_key] = saebench.kl_sum(lp_clean, patched)
+        sums[kl_key] = kl_sum(lp_clean, patched)
     return seen["keep"], seen["x"], sums, len(pred)
 
 
@@ -272,7 +272,7 @@ def patched_scores(lm, key, resid, mask, ok, target, lp_clean, fn):
         logits = lm(inputs_embeds=resid, attention_mask=mask, use_cache=False).logits
     logits = logits[:, :-1][ok].float()  # (n, V)
     return F.cross_entropy(logits, target, reduction="sum").item(), \
-        saebench.kl_sum(lp_clean, logits)
+        kl_sum(lp_clean, logits)
 
 
 # -------------------------------------------------------------------------- long context (§4.5.1)

@@ -1,12 +1,21 @@
-"""SAEBench's "core" evaluation as its own results file: `evaluate.py CKPT --saebench-json FILE`.
+"""SAEBench's "core" evaluation, run SAEBench's way: `evaluate.py CKPT --saebench-json FILE`.
 
 The community compares SAEs with SAEBench (Karvonen et al.); its core eval writes a JSON that its
-pydantic model `sae_bench.evals.core.eval_output.CoreEvalOutput` validates. This file computes the
-same numbers with SAEBench's own formulas, on metrics.lm_metrics's pass over held-out documents
-(the site zero-ablated for the ablation baselines, special tokens excluded), and writes that JSON.
-Where SAEBench's formula is not the textbook one, we follow SAEBench (noted inline), so numbers
-compare; our own JSON keeps the paper's eq. 6 under `explained_variance`.
-Shapes: N rows, D model width, F features, V vocabulary.
+pydantic model `sae_bench.evals.core.eval_output.CoreEvalOutput` validates. This file follows its
+protocol (sae_bench 0.6.0, evals/core/main.py, with CoreEvalConfig's defaults) on our LM:
+- held-out documents packed as SAELens's ActivationsStore packs them: contexts of 128 tokens,
+  each led by BOS, documents joined by BOS, a long one running on into the next context;
+- batches of 16 contexts; BOS, EOS and PAD ignored (SAEBench's ignore_tokens), no other rule
+  (our evaluation's massive-activation limit does not apply here);
+- per batch the LM runs clean, with the SAE's reconstruction in place of the site at every
+  non-ignored position, and with the site zeroed at EVERY position (its ablation baseline);
+  KL over every position, CE over every prediction, both at non-ignored inputs;
+- the sparsity and variance metrics over the same batches' clean activations, `mse` per batch of
+  kept rows, a "prompt" is a context (the consistent-activation heuristic).
+Where SAEBench's formula is not the textbook one we follow SAEBench (noted inline). What still
+differs from running sae_bench itself is listed in DIFFERENCES and written into the file's
+eval_config. Our own evaluation (metrics.py: padded documents, §4 of the paper) is separate.
+Shapes: N rows, D model width, F features, V vocabulary, B contexts, T tokens.
 """
 import json
 import math
@@ -16,15 +25,104 @@ import uuid
 import torch
 import torch.nn.functional as F
 
+import data
+import model
+from metrics import forward_raw, kl_sum
 from sae import firing_counts
 
-PRODUCER = "llama-scope evaluate.py --saebench-json (SAEBench core formulas; not sae_bench code)"
+PRODUCER = "llama-scope evaluate.py --saebench-json (SAEBench core protocol; not sae_bench code)"
+CONTEXT, PROMPTS = 128, 16  # CoreEvalConfig's context_size and batch_size_prompts
+DIFFERENCES = (
+    "documents: the held-out split of `dataset` in data.py's seeded order, not "
+    "dataset.shuffle(seed=42); the LM: transformers' Llama, not TransformerLens's "
+    "HookedTransformer (float32 logits agree to ~1e-5); a split with fewer than "
+    "n_eval_reconstruction_batches full batches is read once, not wrapped around; a transcoder "
+    "(TC) reads the MLP input and replaces the MLP output")
 
 
-def kl_sum(lp_clean, logits):
-    """Summed KL(clean || patched) of next-token distributions over the rows of lp_clean (N, V)
-    (clean log-probabilities) and the patched logits (N, V)."""
-    return (lp_clean.exp() * (lp_clean - F.log_softmax(logits.float(), -1))).sum().item()
+def packed_contexts(docs, bos, context=CONTEXT):
+    """SAELens's packing (concat_and_batch_sequences with BOS leading every context and between
+    documents): token id lists of `context` tokens from docs, lists of ids without BOS; the
+    last, partial context is dropped."""
+    ctx = []
+    for ids in docs:
+        if not ids:
+            continue
+        if ctx:
+            ctx.append(bos)  # the separator; it may be a context's last token
+            if len(ctx) == context:
+                yield ctx
+                ctx = []
+        pos = 0
+        while pos < len(ids):
+            ctx = ctx or [bos]
+            take = context - len(ctx)
+            ctx += ids[pos:pos + take]
+            pos += take
+            if len(ctx) == context:
+                yield ctx
+                ctx = []
+
+
+def batches(tok, dataset, n_batches):
+    """Up to n_batches (PROMPTS, CONTEXT) token batches of the held-out split, packed."""
+    docs = (tok(d, add_special_tokens=False)["input_ids"]
+            for d in data.iter_documents(dataset, "eval", epochs=1))
+    contexts, out = packed_contexts(docs, tok.bos_token_id), []
+    for ctx in contexts:
+        out.append(ctx)
+        if len(out) == PROMPTS:
+            yield torch.tensor(out)
+            out, n_batches = [], n_batches - 1
+            if n_batches == 0:
+                return
+
+
+@torch.no_grad()
+def evaluate(lm, tok, sae, config, dataset, n_tokens, stream=None):
+    """SAEBench's core pass over ceil(n_tokens / 2048) batches (or stream, an iterable of
+    (B, T) token batches): (Core, mean CE {"clean", "sae", "ablated"}, mean KL {"sae",
+    "ablated"}). sae in inference form, for this LM (inference.for_lm)."""
+    layer, site = config["layer"], config["site"]
+    ignore = torch.tensor(sorted({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} -
+                                 {None}), device=lm.device)
+    stream = stream or batches(tok, dataset, math.ceil(n_tokens / (PROMPTS * CONTEXT)))
+    core, sums, n_ce, n_kl = Core(sae.n_features), dict.fromkeys(
+        ["clean", "sae", "ablated", "kl_sae", "kl_ablated"], 0.0), 0, 0
+    for ids in stream:
+        ids = ids.to(lm.device)
+        keep, seen = ~torch.isin(ids, ignore), {}  # (B, T)
+
+        def clean(x_in, x_out):
+            seen["x"] = x_in, x_out
+            return x_out
+
+        def spliced(x_in, x_out):  # exclude_special_tokens_from_reconstruction
+            x_hat = forward_raw(sae, x_in.flatten(0, 1))[0].view_as(x_out)
+            return torch.where(keep[..., None], x_hat.to(x_out.dtype), x_out)
+        logits = {}
+        for name, fn in (("clean", clean), ("sae", spliced),
+                         ("ablated", lambda x_in, x_out: torch.zeros_like(x_out))):
+            with model.splice(lm, layer, site, fn):
+                logits[name] = lm(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  use_cache=False).logits.float()
+        scored = keep[:, :-1]  # CE of position t predicting t+1, t not ignored
+        lp_clean = F.log_softmax(logits["clean"][keep], -1)  # KL at every kept position
+        for name, lg in logits.items():
+            sums[name] += F.cross_entropy(lg[:, :-1][scored], ids[:, 1:][scored],
+                                          reduction="sum").item()
+            if name != "clean":
+                sums["kl_" + name] += kl_sum(lp_clean, lg[keep])
+        n_ce, n_kl = n_ce + scored.sum().item(), n_kl + keep.sum().item()
+        x_in, x_out = (x[keep] for x in seen["x"])
+        x_hat, f = forward_raw(sae, x_in)
+        seq = torch.arange(core.contexts, core.contexts + len(ids), device=ids.device)
+        core.add(x_out, x_hat, f, seq[:, None].expand_as(keep)[keep])
+        core.contexts, core.tokens = core.contexts + len(ids), core.tokens + ids.numel()
+    if core.batches == 0:
+        raise data.no_tokens()
+    return core, {k: sums[k] / n_ce for k in ("clean", "sae", "ablated")}, \
+        {k: sums["kl_" + k] / n_kl for k in ("sae", "ablated")}
 
 
 class Core:
@@ -32,7 +130,7 @@ class Core:
     target activation (N, D), x_hat the reconstruction, f the feature activations."""
 
     def __init__(self, n_features):
-        self.n, self.batches, self.sums = 0, 0, dict.fromkeys(
+        self.n, self.batches, self.contexts, self.tokens, self.sums = 0, 0, 0, 0, dict.fromkeys(
             ["mse", "cossim", "l2_in", "l2_out", "l2_ratio", "ev_legacy", "l0", "l1", "rrb",
              "sq", "sse"], 0.0)
         self.sq_per_dim = 0.0  # sum over batches of mean_t x^2, averaged over D (for EV)
@@ -92,24 +190,21 @@ def max_cosine(W, chunk=4096):
     return torch.cat(out)
 
 
-def write(path, core, out, sae, config, dtype, dataset, details=False):
-    """SAEBench's core results file for one evaluate.py pass: out is metrics.lm_metrics's dict,
-    sae in inference form (inference.load_sae), so l1 and the per-feature values are those of
-    the folded features, as in its SAELens export."""
+def write(path, core, ce, kl, sae, config, dtype, dataset, details=False):
+    """SAEBench's core results file for one `evaluate` pass (core, ce, kl), sae in inference form
+    (inference.load_sae), so l1 and the per-feature values are those of the folded features, as
+    in its SAELens export."""
     eval_config = dict(
-        model_name=config["model_name"], llm_dtype=dtype,
-        batch_size_prompts=8, n_eval_reconstruction_batches=core.batches,
-        n_eval_sparsity_variance_batches=core.batches, dataset=dataset,
-        context_size=config["context_size"], compute_kl=True, compute_ce_loss=True,
-        compute_l2_norms=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
+        model_name=config["model_name"], llm_dtype=dtype, batch_size_prompts=PROMPTS,
+        n_eval_reconstruction_batches=core.batches,
+        n_eval_sparsity_variance_batches=core.batches, dataset=dataset, context_size=CONTEXT,
+        compute_kl=True, compute_ce_loss=True, compute_l2_norms=True,
+        compute_sparsity_metrics=True, compute_variance_metrics=True,
         compute_featurewise_density_statistics=True,
         compute_featurewise_weight_based_metrics=True,
-        exclude_special_tokens_from_reconstruction=True, verbose=False)
-    result = output(
-        core, {"clean": out["ce_loss"], "sae": out["ce_loss_with_sae"],
-               "ablated": out["ce_loss_ablated"]},
-        {"sae": out["kl_div_with_sae"], "ablated": out["kl_div_ablated"]}, sae,
-        dict(config, folded=True), eval_config, details)
+        exclude_special_tokens_from_reconstruction=True, verbose=False,
+        differences_from_sae_bench=DIFFERENCES)
+    result = output(core, ce, kl, sae, dict(config, folded=True), eval_config, details)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
 
@@ -129,8 +224,8 @@ def output(core, ce, kl, sae, config, eval_config, details=False):
             "ce_loss_score": (ce["ablated"] - ce["sae"]) / (ce["ablated"] - ce["clean"]),
             "ce_loss_with_ablation": ce["ablated"], "ce_loss_with_sae": ce["sae"],
             "ce_loss_without_sae": ce["clean"]},
-        token_stats={"total_tokens_eval_reconstruction": core.n,
-                     "total_tokens_eval_sparsity_variance": core.n},
+        token_stats={"total_tokens_eval_reconstruction": core.tokens,  # ignored ones too
+                     "total_tokens_eval_sparsity_variance": core.tokens},
         misc_metrics={**{f"freq_over_{p}_percent": o.double().mean().item()
                          for p, o in over.items()},
                       **{f"normalized_freq_over_{p}_percent":

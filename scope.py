@@ -43,6 +43,17 @@ def load(folder, model_name=None, device=None, dtype=None):
     return {name: saes[name] for name in order}, placed
 
 
+def for_lm(saes, lm, tok, ratio=None, dataset=None):
+    """({name: (sae, config)} as each SAE must read lm, {name: its token rule}): one rule for
+    all (inference.token_rule: --max-norm-ratio), each SAE its own limit; prints the rule."""
+    adapted, rules = {}, {}
+    for name, (sae, config) in saes.items():
+        config, rules[name] = inference.token_rule(lm, tok, config, sae.d_model, ratio, dataset)
+        adapted[name] = (inference.for_lm(sae, config, lm), config)
+    print(f"token rule: {rules[name]} ({name}; each SAE its own limit)")
+    return adapted, rules
+
+
 def table(results):
     """Lines of the scope's table: one row per SAE {name: metrics}, in the given order."""
     width = max(len(name) for name in results)

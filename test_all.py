@@ -1501,62 +1501,84 @@ def test_long_context_reads_long_documents_truncated_never_joined(embedded_ckpt,
 # the file validates with sae-bench's own model when installed.
 
 
-def saebench_run(monkeypatch):
-    """metrics.lm_metrics with a saebench.Core on three fixed batches of a tiny Llama (L2R, an
-    SAE with norms from those activations): (lm, batches, sae, our metrics, the core JSON)."""
-    lm, tok = tiny_llama(), types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    g, batches = torch.Generator().manual_seed(0), []
-    for _ in range(3):
-        ids = torch.randint(3, 100, (4, 16), generator=g)
-        ids[:, 0], mask = 1, torch.ones(4, 16, dtype=torch.long)
-        ids[0, 12:], mask[0, 12:] = 2, 0  # padding
-        batches.append((ids, mask))
-    monkeypatch.setattr(data, "document_batches", lambda *a, **k: iter(batches))
+def saebench_run():
+    """saebench.evaluate on three batches of four packed 16-token contexts of a tiny Llama (L2R,
+    an SAE in inference form with norms from those activations): (lm, batches, sae, config,
+    (core, ce, kl), the core JSON)."""
+    lm = tiny_llama()
+    tok = types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 100, (int(n),), generator=g).tolist()
+            for n in torch.randint(1, 30, (40,), generator=g)]
+    docs[3][5] = 2  # an EOS inside a document: ignored like BOS
+    contexts = torch.tensor(list(saebench.packed_contexts(docs, 1, 16))[:12])
+    batches = list(contexts.split(4))
     torch.manual_seed(0)
     sae = SAE(64, 256, k=8)
-    x = torch.cat([model.capture(lm, i, m, [(2, "R")])[(2, "R")][0][m.bool()] for i, m in batches])
+    x = torch.cat([model.capture(lm, i, torch.ones_like(i), [(2, "R")])[(2, "R")][0].flatten(0, 1)
+                   for i in batches])
     sae.set_norms_(x, x)
-    config = {"layer": 2, "site": "R", "context_size": 16, "outlier_norm_limit": None,
-              "dataset_average_activation_norm": {"in": sae.norm_in.item(),
-                                                  "out": sae.norm_out.item()}}
-    core = saebench.Core(256)
-    ours = metrics.lm_metrics(lm, tok, sae, config, 10**6, "any", core=core)
-    result = saebench.output(core, {"clean": ours["ce_loss"], "sae": ours["ce_loss_with_sae"],
-                                    "ablated": ours["ce_loss_ablated"]},
-                             {"sae": ours["kl_div_with_sae"], "ablated": ours["kl_div_ablated"]},
-                             sae, config, {"model_name": "tiny"}, details=True)
-    return lm, batches, sae, ours, result
+    inference.fold_norm_(sae)
+    inference.unit_decoder_(sae)
+    config = {"layer": 2, "site": "R", "context_size": 16, "model_name": "tiny",
+              "dataset_path": "any", "folded": True}
+    run = saebench.evaluate(lm, tok, sae, config, "any", 0, stream=batches)
+    result = saebench.output(*run, sae, config, {"model_name": "tiny"}, details=True)
+    return lm, batches, sae, config, run, result
 
 
 @torch.no_grad()
 def saebench_reference(lm, batches, sae):
-    """The tiny model's own forwards, clean, spliced and ablated at L2R: (mean KL per patch,
-    mean CE per pass, per batch (x, x_hat, f, scored positions))."""
-    s_in, s_out = sae.scales()
+    """The tiny model's own forwards, clean, spliced at non-special positions and ablated at
+    every position at L2R: (mean KL per patch, mean CE per pass, per batch (x, x_hat, f, kept
+    positions))."""
     kl, ce, rows = {"sae": [], "ablated": []}, {"clean": [], "sae": [], "ablated": []}, []
-    for ids, mask in batches:
-        keep = mask.bool() & (ids > 2)
+    for ids in batches:
+        keep, mask = ids > 2, torch.ones_like(ids)
         x = model.capture(lm, ids, mask, [(2, "R")])[(2, "R")][0].clone()  # (B, T, D)
-        x_hat = (sae((x * s_in).flatten(0, 1))[0] / s_out).view_as(x)
-        rows.append((x[keep].double(), x_hat[keep].double(), sae.encode(x[keep] * s_in), keep))
-        ok = keep[:, :-1] & mask[:, 1:].bool()
+        x_hat = sae(x.flatten(0, 1))[0].view_as(x)
+        rows.append((x[keep].double(), x_hat[keep].double(), sae.encode(x[keep]), keep))
         logits = {}
-        for name, new in (("clean", x), ("sae", x_hat), ("ablated", torch.zeros_like(x))):
-            with model.splice(lm, 2, "R", lambda a, b: torch.where(keep[..., None], new, b)):
-                logits[name] = lm(input_ids=ids, attention_mask=mask).logits[:, :-1][ok]
-            ce[name].append(F.cross_entropy(logits[name], ids[:, 1:][ok], reduction="none"))
-        p = F.softmax(logits["clean"], -1)
+        for name, new in (("clean", x), ("sae", torch.where(keep[..., None], x_hat, x)),
+                          ("ablated", torch.zeros_like(x))):
+            with model.splice(lm, 2, "R", lambda a, b: new):
+                logits[name] = lm(input_ids=ids, attention_mask=mask).logits
+            ce[name].append(F.cross_entropy(logits[name][:, :-1][keep[:, :-1]],
+                                            ids[:, 1:][keep[:, :-1]], reduction="none"))
+        p = F.softmax(logits["clean"][keep], -1)
         for name in kl:
-            kl[name].append((p * (p.log() - F.softmax(logits[name], -1).log())).sum(-1))
+            kl[name].append((p * (p.log() - F.softmax(logits[name][keep], -1).log())).sum(-1))
     kl, ce = ({k: torch.cat(v).mean().item() for k, v in d.items()} for d in (kl, ce))
     return kl, ce, rows
 
 
-def test_saebench_core_metrics_match_a_direct_computation(monkeypatch):
+def test_packed_contexts_are_saelens_packing():
+    """BOS leads every context and separates documents; a long document runs on into the next
+    context behind a fresh BOS; a separator may end a context; empty documents add nothing; the
+    partial tail is dropped. With sae-lens installed, its own packing gives the same contexts."""
+    docs = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [], [14], [15, 16, 17, 18], [19]]
+    ours = list(saebench.packed_contexts(docs, 1, 5))
+    assert ours == [[1, 5, 6, 7, 1], [1, 8, 9, 10, 11], [1, 12, 13, 1, 14], [1, 15, 16, 17, 18]]
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 100, (int(n),), generator=g).tolist()
+            for n in torch.randint(0, 300, (200,), generator=g)]
+    ours = list(saebench.packed_contexts(docs, 1, 128))
+    assert all(len(c) == 128 and c[0] == 1 for c in ours)
+    assert [t for c in ours for t in c if t != 1] == [t for d in docs for t in d][:sum(
+        t != 1 for c in ours for t in c)]  # every document token once, in order
+    batching = pytest.importorskip("sae_lens.tokenization_and_batching")
+    theirs = batching.concat_and_batch_sequences(
+        (torch.tensor(d, dtype=torch.long) for d in docs), 128, begin_batch_token_id=1,
+        sequence_separator_token_id=1)
+    assert [c.tolist() for c in theirs] == ours
+
+
+@torch.no_grad()
+def test_saebench_core_metrics_match_a_direct_computation():
     """Each SAEBench core metric, recomputed here from the tiny model's own forwards with
     SAEBench's formulas (main.py): KL(clean || patched), the CE score, its two EVs, mse, cossim,
     shrinkage, sparsity, the feature statistics."""
-    lm, batches, sae, ours, result = saebench_run(monkeypatch)
+    lm, batches, sae, _, (core, ours_ce, ours_kl), result = saebench_run()
     m = result["eval_result_metrics"]
     kl, ce, rows = saebench_reference(lm, batches, sae)
     close = lambda a, b: pytest.approx(float(b), rel=1e-3, abs=1e-6) == a  # noqa: E731
@@ -1565,7 +1587,7 @@ def test_saebench_core_metrics_match_a_direct_computation(monkeypatch):
                  (kl["ablated"] - kl["sae"]) / kl["ablated"])
     assert close(m["model_performance_preservation"]["ce_loss_score"],
                  (ce["ablated"] - ce["sae"]) / (ce["ablated"] - ce["clean"]))
-    assert close(ours["kl_div_with_sae"], kl["sae"]) and close(ours["ce_loss"], ce["clean"])
+    assert close(ours_kl["ablated"], kl["ablated"]) and close(ours_ce["clean"], ce["clean"])
     x, x_hat = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     q = m["reconstruction_quality"]
     assert close(q["mse"], torch.cat([(r[0] - r[1]).pow(2).sum(-1) / len(r[0])
@@ -1602,19 +1624,99 @@ def test_saebench_core_metrics_match_a_direct_computation(monkeypatch):
     detail = result["eval_result_details"][i]
     assert detail["index"] == i and close(detail["feature_density"], density[i].item())
     assert close(detail["consistent_activation_heuristic"], (fires[i] / prompts[i]).item())
-    assert m["token_stats"]["total_tokens_eval_reconstruction"] == len(x) == ours["n_tokens"]
+    assert m["token_stats"]["total_tokens_eval_reconstruction"] == 3 * 4 * 16  # as SAEBench
+    assert core.n == len(x) < 3 * 4 * 16  # BOS separators and the EOS are not scored
 
 
-def test_saebench_json_validates_with_sae_bench(monkeypatch):
+def test_saebench_json_validates_with_sae_bench():
     """The file SAEBench's own output model accepts (sae-bench is not a dependency: skipped
     when it is not installed)."""
     eval_output = pytest.importorskip("sae_bench.evals.core.eval_output")
     pydantic = pytest.importorskip("pydantic")
-    result = saebench_run(monkeypatch)[-1]
+    result = saebench_run()[-1]
     parsed = pydantic.TypeAdapter(eval_output.CoreEvalOutput).validate_json(json.dumps(result))
     assert parsed.eval_result_metrics.model_behavior_preservation.kl_div_score == \
         result["eval_result_metrics"]["model_behavior_preservation"]["kl_div_score"]
     assert len(parsed.eval_result_details) == 256
+
+
+class HookedLM:
+    """The slice of TransformerLens's HookedTransformer that SAEBench's core eval calls, over our
+    LM at one site: forwards whose hook (fn(activation, hook)) replaces the site's output,
+    per-token CE of next-token predictions, the site's activations as a cache."""
+
+    def __init__(self, lm, key):
+        self.lm, self.key = lm, key
+
+    def __call__(self, tokens, return_type="both", loss_per_token=True, fwd_hooks=()):
+        fn = fwd_hooks[0][1] if fwd_hooks else (lambda act, hook: act)
+        with model.splice(self.lm, *self.key, lambda x_in, x_out: fn(x_out.clone(), None)):
+            logits = self.lm(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
+        return logits, F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:],
+                                       reduction="none")
+
+    def run_with_hooks(self, tokens, fwd_hooks, **kw):
+        return self(tokens, fwd_hooks=fwd_hooks)
+
+    def run_with_cache(self, tokens, names_filter, **kw):
+        acts = model.capture(self.lm, tokens, torch.ones_like(tokens), [self.key])
+        return None, {names_filter[0]: acts[self.key][1].clone()}
+
+
+class TokenStore:
+    """SAEBench's view of an ActivationsStore: the same token batches, from the start again
+    after a reset."""
+
+    def __init__(self, batches):
+        self.batches, self.i, self.context_size = batches, 0, batches[0].shape[1]
+
+    def get_batch_tokens(self, n):
+        self.i += 1
+        assert len(self.batches[self.i - 1]) == n
+        return self.batches[self.i - 1]
+
+    def reset_input_dataset(self):
+        self.i = 0
+
+
+@torch.no_grad()
+def test_saebench_core_agrees_with_sae_bench_own_code(tmp_path):
+    """sae_bench 0.6.0's own core functions (run_evals, calculate_misc_metrics) on our SAE's
+    SAELens export, over the same packed batches of the tiny Llama, give every metric and
+    per-feature value our file holds (sae-bench and sae-lens: installed in CI)."""
+    core_main = pytest.importorskip("sae_bench.evals.core.main")
+    sae_lens = pytest.importorskip("sae_lens")
+    config_cls = pytest.importorskip("sae_bench.evals.core.eval_config").CoreEvalConfig
+    lm, batches, sae, config, _, ours = saebench_run()
+    interop.export_saelens(sae, config, str(tmp_path / "saelens"), "topk")
+    utils = pytest.importorskip("sae_bench.sae_bench_utils.general_utils")
+    theirs_sae = utils.load_and_format_sae(  # as sae_bench's core main takes a custom SAE
+        "ours", sae_lens.SAE.load_from_disk(str(tmp_path / "saelens")), "cpu")[1]
+    flags_on = {f: True for f in ("compute_kl", "compute_ce_loss", "compute_l2_norms",
+                                  "compute_sparsity_metrics", "compute_variance_metrics",
+                                  "compute_featurewise_density_statistics",
+                                  "compute_featurewise_weight_based_metrics",
+                                  "exclude_special_tokens_from_reconstruction")}
+    eval_config = config_cls(batch_size_prompts=4, n_eval_reconstruction_batches=3,
+                             n_eval_sparsity_variance_batches=3, context_size=16, **flags_on)
+    theirs, per_feature = core_main.run_evals(theirs_sae, TokenStore(batches),
+                                              HookedLM(lm, (2, "R")), eval_config,
+                                              ignore_tokens={1, 2})
+    theirs["misc_metrics"] = core_main.calculate_misc_metrics(per_feature)
+    compared = 0
+    for group, values in theirs.items():
+        for key, value in values.items():
+            assert ours["eval_result_metrics"][group][key] == pytest.approx(
+                value, rel=1e-3, abs=1e-5), (group, key)
+            compared += 1
+    assert compared == 26  # every metric of CoreEvalOutput
+    details = ours["eval_result_details"]
+    for key in ("feature_density", "consistent_activation_heuristic", "encoder_norm",
+                "encoder_bias", "encoder_decoder_cosine_sim", "max_encoder_cosine_sim",
+                "max_decoder_cosine_sim"):
+        mine = torch.tensor([d[key] for d in details], dtype=torch.float64)
+        other = torch.tensor(per_feature[key], dtype=torch.float64).nan_to_num(-1)
+        torch.testing.assert_close(mine, other, rtol=1e-3, atol=1e-5, msg=key)
 
 
 # ===================================================================================== features.py
