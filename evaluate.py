@@ -92,8 +92,7 @@ def get_args(argv=None):
     p.add_argument("--saebench-json", default=None, metavar="FILE",
                    help="also write SAEBench's core-eval file (CoreEvalOutput), from a pass "
                         "of its own protocol over ~--tokens packed held-out tokens")
-    p.add_argument("--saebench-details", action="store_true",
-                   help="--saebench-json: with the per-feature eval_result_details")
+    p.add_argument("--saebench-details", action="store_true", help="with per-feature values")
     p.add_argument("--html", default=None, metavar="FILE",
                    help="--features: also write one self-contained HTML page of them here")
     return flags.parse(p, argv, RANGES)
@@ -168,13 +167,14 @@ def evaluate(args):
                                         args.tokens, args.top, dataset, args.html))
     if args.long_context:
         return report_long_context(args, lm, tok, sae, config, name, dataset, t0)
-    out = metrics.lm_metrics(lm, chat_tok or tok, inference.for_lm(sae, config, lm), config,
-                             args.tokens, dataset, chat=args.chat)
+    sae_lm = inference.for_lm(sae, config, lm)
+    out = metrics.lm_metrics(lm, chat_tok or tok, sae_lm, config, args.tokens, dataset,
+                             chat=args.chat)
     out.update(data=source, token_rule=rule)
     if args.saebench_json:  # its own pass, SAEBench's protocol (saebench.py)
-        saebench.write(args.saebench_json, *saebench.evaluate(
-            lm, tok, inference.for_lm(sae, config, lm), config, dataset, args.tokens), sae,
-            config, args.dtype, dataset, args.saebench_details)
+        run = saebench.evaluate(lm, tok, sae_lm, config, dataset, saebench.n_batches(args.tokens))
+        saebench.write(args.saebench_json, *run, sae, config, args.dtype, dataset,
+                       args.saebench_details)
         print(f"wrote {args.saebench_json} (SAEBench core, its protocol: saebench.py)")
     if not args.eval_model:
         return report(args, name, sae, out, t0)

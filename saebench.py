@@ -10,13 +10,15 @@ protocol (sae_bench 0.6.0, evals/core/main.py, with CoreEvalConfig's defaults) o
 - per batch the LM runs clean, with the SAE's reconstruction in place of the site at every
   non-ignored position, and with the site zeroed at EVERY position (its ablation baseline);
   KL over every position, CE over every prediction, both at non-ignored inputs;
-- the sparsity and variance metrics over the same batches' clean activations, `mse` per batch of
-  kept rows, a "prompt" is a context (the consistent-activation heuristic).
+- the sparsity and variance metrics over the clean activations of the NEXT batches (as sae_bench
+  with SAELens 6 does: see `evaluate`), `mse` per batch of kept rows, a "prompt" is a context
+  (the consistent-activation heuristic); at the split's end it is read again from the start.
 Where SAEBench's formula is not the textbook one we follow SAEBench (noted inline). What still
 differs from running sae_bench itself is listed in DIFFERENCES and written into the file's
 eval_config. Our own evaluation (metrics.py: padded documents, §4 of the paper) is separate.
 Shapes: N rows, D model width, F features, V vocabulary, B contexts, T tokens.
 """
+import itertools
 import json
 import math
 import time
@@ -35,9 +37,8 @@ CONTEXT, PROMPTS = 128, 16  # CoreEvalConfig's context_size and batch_size_promp
 DIFFERENCES = (
     "documents: the held-out split of `dataset` in data.py's seeded order, not "
     "dataset.shuffle(seed=42); the LM: transformers' Llama, not TransformerLens's "
-    "HookedTransformer (float32 logits agree to ~1e-5); a split with fewer than "
-    "n_eval_reconstruction_batches full batches is read once, not wrapped around; a transcoder "
-    "(TC) reads the MLP input and replaces the MLP output")
+    "HookedTransformer (on SmolLM2 every metric agreed within 2e-7 with sae_bench run on one); "
+    "a transcoder (TC) reads the MLP input and replaces the MLP output")
 
 
 def packed_contexts(docs, bos, context=CONTEXT):
@@ -64,46 +65,56 @@ def packed_contexts(docs, bos, context=CONTEXT):
                 ctx = []
 
 
+def n_batches(n_tokens):
+    """Batches of PROMPTS x CONTEXT tokens that hold n_tokens: evaluate.py's --tokens."""
+    return -(-n_tokens // (PROMPTS * CONTEXT))
+
+
 def batches(tok, dataset, n_batches):
-    """Up to n_batches (PROMPTS, CONTEXT) token batches of the held-out split, packed."""
-    docs = (tok(d, add_special_tokens=False)["input_ids"]
-            for d in data.iter_documents(dataset, "eval", epochs=1))
-    contexts, out = packed_contexts(docs, tok.bos_token_id), []
-    for ctx in contexts:
-        out.append(ctx)
-        if len(out) == PROMPTS:
-            yield torch.tensor(out)
-            out, n_batches = [], n_batches - 1
-            if n_batches == 0:
-                return
+    """n_batches (PROMPTS, CONTEXT) token batches of the held-out split, packed; at its end the
+    split is read again from the start, as SAELens's get_batch_tokens does."""
+    out, epoch_yielded = [], True
+    while n_batches > 0:
+        if not epoch_yielded:  # a whole pass gave not one context
+            raise data.no_tokens()
+        docs = (tok(d, add_special_tokens=False)["input_ids"]
+                for d in data.iter_documents(dataset, "eval", epochs=1))
+        epoch_yielded = False
+        for ctx in packed_contexts(docs, tok.bos_token_id):
+            out.append(ctx)
+            epoch_yielded = True
+            if len(out) == PROMPTS:
+                yield torch.tensor(out)
+                out, n_batches = [], n_batches - 1
+                if n_batches == 0:
+                    return
 
 
 @torch.no_grad()
-def evaluate(lm, tok, sae, config, dataset, n_tokens, stream=None):
-    """SAEBench's core pass over ceil(n_tokens / 2048) batches (or stream, an iterable of
-    (B, T) token batches): (Core, mean CE {"clean", "sae", "ablated"}, mean KL {"sae",
-    "ablated"}). sae in inference form, for this LM (inference.for_lm)."""
-    layer, site = config["layer"], config["site"]
+def evaluate(lm, tok, sae, config, dataset, n_batches, stream=None):
+    """SAEBench's core eval (run_evals): CE and KL over n_batches batches, then the sparsity
+    and variance metrics over the NEXT n_batches (sae_bench calls reset_input_dataset between
+    them, but SAELens's packed-context generator reads on, so it sees new batches). stream: an
+    iterable of (B, T) token batches instead of the held-out split's. Returns (Core, mean CE
+    {"clean", "sae", "ablated"}, mean KL {"sae", "ablated"}); sae in inference form, for this
+    LM (inference.for_lm)."""
+    key = (config["layer"], config["site"])
     ignore = torch.tensor(sorted({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} -
                                  {None}), device=lm.device)
-    stream = stream or batches(tok, dataset, math.ceil(n_tokens / (PROMPTS * CONTEXT)))
+    stream = iter(stream if stream is not None else batches(tok, dataset, 2 * n_batches))
     core, sums, n_ce, n_kl = Core(sae.n_features), dict.fromkeys(
         ["clean", "sae", "ablated", "kl_sae", "kl_ablated"], 0.0), 0, 0
-    for ids in stream:
+    for ids in itertools.islice(stream, n_batches):  # reconstruction: CE and KL
         ids = ids.to(lm.device)
-        keep, seen = ~torch.isin(ids, ignore), {}  # (B, T)
-
-        def clean(x_in, x_out):
-            seen["x"] = x_in, x_out
-            return x_out
+        keep = ~torch.isin(ids, ignore)  # (B, T)
 
         def spliced(x_in, x_out):  # exclude_special_tokens_from_reconstruction
             x_hat = forward_raw(sae, x_in.flatten(0, 1))[0].view_as(x_out)
             return torch.where(keep[..., None], x_hat.to(x_out.dtype), x_out)
         logits = {}
-        for name, fn in (("clean", clean), ("sae", spliced),
+        for name, fn in (("clean", lambda x_in, x_out: x_out), ("sae", spliced),
                          ("ablated", lambda x_in, x_out: torch.zeros_like(x_out))):
-            with model.splice(lm, layer, site, fn):
+            with model.splice(lm, *key, fn):
                 logits[name] = lm(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   use_cache=False).logits.float()
         scored = keep[:, :-1]  # CE of position t predicting t+1, t not ignored
@@ -114,12 +125,17 @@ def evaluate(lm, tok, sae, config, dataset, n_tokens, stream=None):
             if name != "clean":
                 sums["kl_" + name] += kl_sum(lp_clean, lg[keep])
         n_ce, n_kl = n_ce + scored.sum().item(), n_kl + keep.sum().item()
-        x_in, x_out = (x[keep] for x in seen["x"])
+        core.recon_batches += 1
+        core.recon_tokens += ids.numel()
+    for ids in itertools.islice(stream, n_batches):  # sparsity and variance
+        ids = ids.to(lm.device)
+        keep = ~torch.isin(ids, ignore)
+        x_in, x_out = (x[keep] for x in model.capture(lm, ids, torch.ones_like(ids), [key])[key])
         x_hat, f = forward_raw(sae, x_in)
         seq = torch.arange(core.contexts, core.contexts + len(ids), device=ids.device)
         core.add(x_out, x_hat, f, seq[:, None].expand_as(keep)[keep])
         core.contexts, core.tokens = core.contexts + len(ids), core.tokens + ids.numel()
-    if core.batches == 0:
+    if core.batches == 0 or n_ce == 0:
         raise data.no_tokens()
     return core, {k: sums[k] / n_ce for k in ("clean", "sae", "ablated")}, \
         {k: sums["kl_" + k] / n_kl for k in ("sae", "ablated")}
@@ -133,6 +149,7 @@ class Core:
         self.n, self.batches, self.contexts, self.tokens, self.sums = 0, 0, 0, 0, dict.fromkeys(
             ["mse", "cossim", "l2_in", "l2_out", "l2_ratio", "ev_legacy", "l0", "l1", "rrb",
              "sq", "sse"], 0.0)
+        self.recon_batches = self.recon_tokens = 0  # CE and KL's batches (others: sparsity's)
         self.sq_per_dim = 0.0  # sum over batches of mean_t x^2, averaged over D (for EV)
         self.fired = torch.zeros(n_features, dtype=torch.float64)  # activations > 0, per feature
         self.pairs = set()  # (sequence, feature) pairs with a firing: "prompts" per feature
@@ -196,7 +213,7 @@ def write(path, core, ce, kl, sae, config, dtype, dataset, details=False):
     in its SAELens export."""
     eval_config = dict(
         model_name=config["model_name"], llm_dtype=dtype, batch_size_prompts=PROMPTS,
-        n_eval_reconstruction_batches=core.batches,
+        n_eval_reconstruction_batches=core.recon_batches,
         n_eval_sparsity_variance_batches=core.batches, dataset=dataset, context_size=CONTEXT,
         compute_kl=True, compute_ce_loss=True, compute_l2_norms=True,
         compute_sparsity_metrics=True, compute_variance_metrics=True,
@@ -224,7 +241,7 @@ def output(core, ce, kl, sae, config, eval_config, details=False):
             "ce_loss_score": (ce["ablated"] - ce["sae"]) / (ce["ablated"] - ce["clean"]),
             "ce_loss_with_ablation": ce["ablated"], "ce_loss_with_sae": ce["sae"],
             "ce_loss_without_sae": ce["clean"]},
-        token_stats={"total_tokens_eval_reconstruction": core.tokens,  # ignored ones too
+        token_stats={"total_tokens_eval_reconstruction": core.recon_tokens,  # ignored too
                      "total_tokens_eval_sparsity_variance": core.tokens},
         misc_metrics={**{f"freq_over_{p}_percent": o.double().mean().item()
                          for p, o in over.items()},

@@ -1502,16 +1502,17 @@ def test_long_context_reads_long_documents_truncated_never_joined(embedded_ckpt,
 
 
 def saebench_run():
-    """saebench.evaluate on three batches of four packed 16-token contexts of a tiny Llama (L2R,
-    an SAE in inference form with norms from those activations): (lm, batches, sae, config,
-    (core, ce, kl), the core JSON)."""
+    """saebench.evaluate on six batches of four packed 16-token contexts of a tiny Llama (L2R,
+    an SAE in inference form with norms from those activations): three for CE and KL, the next
+    three for the sparsity and variance metrics. (lm, batches, sae, config, (core, ce, kl), the
+    core JSON)."""
     lm = tiny_llama()
     tok = types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(3, 100, (int(n),), generator=g).tolist()
             for n in torch.randint(1, 30, (40,), generator=g)]
     docs[3][5] = 2  # an EOS inside a document: ignored like BOS
-    contexts = torch.tensor(list(saebench.packed_contexts(docs, 1, 16))[:12])
+    contexts = torch.tensor(list(saebench.packed_contexts(docs, 1, 16))[:24])
     batches = list(contexts.split(4))
     torch.manual_seed(0)
     sae = SAE(64, 256, k=8)
@@ -1522,7 +1523,7 @@ def saebench_run():
     inference.unit_decoder_(sae)
     config = {"layer": 2, "site": "R", "context_size": 16, "model_name": "tiny",
               "dataset_path": "any", "folded": True}
-    run = saebench.evaluate(lm, tok, sae, config, "any", 0, stream=batches)
+    run = saebench.evaluate(lm, tok, sae, config, "any", 3, stream=batches)
     result = saebench.output(*run, sae, config, {"model_name": "tiny"}, details=True)
     return lm, batches, sae, config, run, result
 
@@ -1573,6 +1574,26 @@ def test_packed_contexts_are_saelens_packing():
     assert [c.tolist() for c in theirs] == ours
 
 
+def test_saebench_batches_read_the_split_again_at_its_end(monkeypatch):
+    """Like SAELens's get_batch_tokens: when the held-out split ends, packing starts again from
+    its first document (its partial last context dropped); a split without one whole context is
+    refused rather than read forever."""
+    class Tok:
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(w) for w in text.split()]}
+    split = [" ".join(str(3 + (i + j) % 90) for j in range(60)) for i in range(3)]
+    monkeypatch.setattr(data, "iter_documents", lambda *a, **k: iter(split))
+    out = list(saebench.batches(Tok(), "any", 2))
+    assert [b.shape for b in out] == [(saebench.PROMPTS, saebench.CONTEXT)] * 2
+    first = list(saebench.packed_contexts([Tok()(d)["input_ids"] for d in split], 1))
+    assert len(first) == 1 and all(c.tolist() == first[0] for b in out for c in b)
+    monkeypatch.setattr(data, "iter_documents", lambda *a, **k: iter(["5 6 7"]))
+    with pytest.raises(ValueError):
+        next(saebench.batches(Tok(), "any", 1))
+
+
 @torch.no_grad()
 def test_saebench_core_metrics_match_a_direct_computation():
     """Each SAEBench core metric, recomputed here from the tiny model's own forwards with
@@ -1580,7 +1601,8 @@ def test_saebench_core_metrics_match_a_direct_computation():
     shrinkage, sparsity, the feature statistics."""
     lm, batches, sae, _, (core, ours_ce, ours_kl), result = saebench_run()
     m = result["eval_result_metrics"]
-    kl, ce, rows = saebench_reference(lm, batches, sae)
+    kl, ce, _ = saebench_reference(lm, batches[:3], sae)
+    rows = saebench_reference(lm, batches[3:], sae)[2]
     close = lambda a, b: pytest.approx(float(b), rel=1e-3, abs=1e-6) == a  # noqa: E731
     assert close(m["model_behavior_preservation"]["kl_div_with_sae"], kl["sae"])
     assert close(m["model_behavior_preservation"]["kl_div_score"],
@@ -1625,6 +1647,7 @@ def test_saebench_core_metrics_match_a_direct_computation():
     assert detail["index"] == i and close(detail["feature_density"], density[i].item())
     assert close(detail["consistent_activation_heuristic"], (fires[i] / prompts[i]).item())
     assert m["token_stats"]["total_tokens_eval_reconstruction"] == 3 * 4 * 16  # as SAEBench
+    assert m["token_stats"]["total_tokens_eval_sparsity_variance"] == 3 * 4 * 16
     assert core.n == len(x) < 3 * 4 * 16  # BOS separators and the EOS are not scored
 
 
@@ -1664,8 +1687,9 @@ class HookedLM:
 
 
 class TokenStore:
-    """SAEBench's view of an ActivationsStore: the same token batches, from the start again
-    after a reset."""
+    """SAEBench's view of an ActivationsStore: token batches in order. Its reset_input_dataset
+    restarts the document iterator, which the packed-context generator does not read, so the
+    batches go on (SAELens 6.54)."""
 
     def __init__(self, batches):
         self.batches, self.i, self.context_size = batches, 0, batches[0].shape[1]
@@ -1676,7 +1700,7 @@ class TokenStore:
         return self.batches[self.i - 1]
 
     def reset_input_dataset(self):
-        self.i = 0
+        pass
 
 
 @torch.no_grad()
