@@ -265,7 +265,7 @@ def report(args, name, sae, out, t0):
     out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint,
                device=args.device, dtype=args.dtype)
     source = f"tokens of {out['data']}" if "data" in out else "held-out tokens"
-    print(f"{name} ({sae.act}, {out['n_tokens']:,} {source}, {out['time_s']:.0f}s)")
+    print(f"{name} ({sae.act}, {out['n_tokens']:,} {source}, {out['time_s']:.0f}s; ours, §4)")
     notes = dict(NOTES)
     if out["n_tokens"] >= WINDOW:  # the paper's window, or the label would claim too much
         notes["dead_frac"] += " (§4.4: over 100K)"
