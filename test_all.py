@@ -11,6 +11,7 @@ contract (exit code, stderr), kill -9, torchrun.
 """
 import copy
 import html.parser
+import importlib
 import io
 import itertools
 import json
@@ -61,6 +62,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ================================================================================= shared fixtures
 # Small models and data that several sections use, and the one-line-error check.
+
+
+def interop_package(name):
+    """The interop tests' packages (sae-lens, sae-bench): skipped where they are not installed,
+    but required where .ci/run sets LLAMA_SCOPE_INTEROP=1, so CI cannot skip them."""
+    if os.environ.get("LLAMA_SCOPE_INTEROP") == "1":
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 def tiny_llama(n_layers=4, d=64, seed=0):
@@ -1281,7 +1290,7 @@ def test_transcoder_export_reads_x_over_rms_and_matches_ours(architecture, tmp_p
 def test_real_sae_lens_loads_our_sae_export(architecture, planted_sae, tmp_path):
     """With the sae-lens package installed (it is not a dependency): an exported SAE, loaded by
     SAE.load_from_disk, gives our reconstruction."""
-    sae_lens = pytest.importorskip("sae_lens")
+    sae_lens = interop_package("sae_lens")
     ckpt, _, acts = planted_sae
     out, folder = str(tmp_path / "folded.safetensors"), str(tmp_path / "saelens")
     postprocess.main([ckpt, "--activations", acts, "--tokens", "5000", "--out", out,
@@ -1298,7 +1307,7 @@ def test_real_sae_lens_loads_our_sae_export(architecture, planted_sae, tmp_path)
 def test_real_sae_lens_loads_our_exports(architecture, tmp_path):
     """With the sae-lens package installed (it is not a dependency): SAE.load_from_disk on an
     exported transcoder gives our reconstruction."""
-    sae_lens = pytest.importorskip("sae_lens")
+    sae_lens = interop_package("sae_lens")
     folder, x_in, released_view, ours = export_tc(tmp_path, architecture)
     theirs = sae_lens.SAE.load_from_disk(folder)
     with torch.no_grad():
@@ -1567,7 +1576,7 @@ def test_packed_contexts_are_saelens_packing():
     assert all(len(c) == 128 and c[0] == 1 for c in ours)
     assert [t for c in ours for t in c if t != 1] == [t for d in docs for t in d][:sum(
         t != 1 for c in ours for t in c)]  # every document token once, in order
-    batching = pytest.importorskip("sae_lens.tokenization_and_batching")
+    batching = interop_package("sae_lens.tokenization_and_batching")
     theirs = batching.concat_and_batch_sequences(
         (torch.tensor(d, dtype=torch.long) for d in docs), 128, begin_batch_token_id=1,
         sequence_separator_token_id=1)
@@ -1654,8 +1663,8 @@ def test_saebench_core_metrics_match_a_direct_computation():
 def test_saebench_json_validates_with_sae_bench():
     """The file SAEBench's own output model accepts (sae-bench is not a dependency: skipped
     when it is not installed)."""
-    eval_output = pytest.importorskip("sae_bench.evals.core.eval_output")
-    pydantic = pytest.importorskip("pydantic")
+    eval_output = interop_package("sae_bench.evals.core.eval_output")
+    pydantic = interop_package("pydantic")
     result = saebench_run()[-1]
     parsed = pydantic.TypeAdapter(eval_output.CoreEvalOutput).validate_json(json.dumps(result))
     assert parsed.eval_result_metrics.model_behavior_preservation.kl_div_score == \
@@ -1708,12 +1717,12 @@ def test_saebench_core_agrees_with_sae_bench_own_code(tmp_path):
     """sae_bench 0.6.0's own core functions (run_evals, calculate_misc_metrics) on our SAE's
     SAELens export, over the same packed batches of the tiny Llama, give every metric and
     per-feature value our file holds (sae-bench and sae-lens: installed in CI)."""
-    core_main = pytest.importorskip("sae_bench.evals.core.main")
-    sae_lens = pytest.importorskip("sae_lens")
-    config_cls = pytest.importorskip("sae_bench.evals.core.eval_config").CoreEvalConfig
+    core_main = interop_package("sae_bench.evals.core.main")
+    sae_lens = interop_package("sae_lens")
+    config_cls = interop_package("sae_bench.evals.core.eval_config").CoreEvalConfig
     lm, batches, sae, config, _, ours = saebench_run()
     interop.export_saelens(sae, config, str(tmp_path / "saelens"), "topk")
-    utils = pytest.importorskip("sae_bench.sae_bench_utils.general_utils")
+    utils = interop_package("sae_bench.sae_bench_utils.general_utils")
     theirs_sae = utils.load_and_format_sae(  # as sae_bench's core main takes a custom SAE
         "ours", sae_lens.SAE.load_from_disk(str(tmp_path / "saelens")), "cpu")[1]
     flags_on = {f: True for f in ("compute_kl", "compute_ce_loss", "compute_l2_norms",
