@@ -74,6 +74,27 @@ def kl_sum(lp_clean, logits):
     return (lp_clean.exp() * (lp_clean - F.log_softmax(logits.float(), -1))).sum().item()
 
 
+def reference(logits, target):
+    """Clean next-token logits (..., V) and the tokens that follow, target (...) -> (CE, p, h)
+    per position, p the clean distribution (..., V) and h = sum p log p: what `scores` measures
+    each patched pass against, computed once per batch."""
+    lp = F.log_softmax(logits.float(), -1)
+    p = lp.exp()
+    h = (p * lp).sum(-1)
+    return scores(logits, target, p, h)[0], p, h  # CE as every patched pass computes it
+
+
+def scores(logits, target, p, h):
+    """Patched logits (..., V) -> (CE, KL(clean || patched)) per position. With log q = logits -
+    lse (lse = logsumexp(logits)) and sum p = 1, KL = h - p.logits + lse: the logits are read
+    twice and nothing of their size is written (a log-softmax of each pass cost a third of a
+    scope's evaluation)."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, -1)
+    return lse - logits.gather(-1, target[..., None])[..., 0], \
+        h - torch.linalg.vecdot(p, logits) + lse
+
+
 def reconstruct(sae, x_in):
     """Raw x_in (N, D) -> raw x_hat (N, D): what the splice puts back in the LM."""
     return forward_raw(sae, x_in)[0]
@@ -181,16 +202,15 @@ def three_passes(lm, tok, sae, config, input_ids, mask):
     with model.splice(lm, layer, site, clean):
         logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
     ok = seen["keep"][:, :-1] & mask[:, 1:].bool()
-    target, pred = input_ids[:, 1:][ok], logits[:, :-1][ok].float()  # (n,), (n, V)
-    sums, lp_clean = {"ce_loss": F.cross_entropy(pred, target, reduction="sum").item()}, \
-        F.log_softmax(pred, -1)
+    target = input_ids[:, 1:]
+    ce, p, h = reference(logits[:, :-1], target)
+    sums = {"ce_loss": ce[ok].sum().item()}
     for name, fn, kl_key in zip(CE_PASSES[1:], patches(sae, seen["keep"]), KL_KEYS):
         with model.splice(lm, layer, site, fn):
             logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        patched = logits[:, :-1][ok].float()
-        sums[name] = F.cross_entropy(patched, target, reduction="sum").item()
-        sums[kl_key] = kl_sum(lp_clean, patched)
-    return seen["keep"], seen["x"], sums, len(pred)
+        ce, kl = scores(logits[:, :-1], target, p, h)
+        sums[name], sums[kl_key] = ce[ok].sum().item(), kl[ok].sum().item()
+    return seen["keep"], seen["x"], sums, int(ok.sum())
 
 
 @torch.no_grad()
@@ -212,8 +232,10 @@ def scope_metrics(lm, tok, saes, n_tokens, dataset, context_size, lm_batch_size=
             break
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         with model.recording(lm, keys, sorted({layer for layer, _ in keys})) as acts:
-            clean = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        ablated = {}  # (site, limit) -> (summed CE, summed KL): shared by SAEs of a site
+            logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        clean = (input_ids[:, 1:], *reference(logits[:, :-1], input_ids[:, 1:]))
+        del logits
+        ablated = {}  # (site, limit) -> per-position (CE, KL): shared by the SAEs of a site
         for name in active:
             before = runs[name]["metrics"].n
             add_batch(runs[name], *saes[name], lm, tok, input_ids, mask, acts, clean, ablated)
@@ -229,25 +251,24 @@ def scope_metrics(lm, tok, saes, n_tokens, dataset, context_size, lm_batch_size=
 
 def add_batch(run, sae, config, lm, tok, input_ids, mask, acts, clean, ablated):
     """One SAE's share of a batch in `scope_metrics`: its rows into run["metrics"], its summed
-    CE and KL into run["sums"] (clean from the shared logits; spliced and ablated run from its
-    block on; the ablation shared through `ablated`), its scored predictions into run["n"]."""
+    CE and KL into run["sums"] (clean = (target, CE, p, h), `reference` of the shared clean
+    logits; spliced and ablated run from its block on, the ablation shared through `ablated`),
+    its scored predictions into run["n"]."""
     key, limit = (config["layer"], config["site"]), config.get("outlier_norm_limit")
     keep = data.scored(input_ids, mask, tok, *acts[key], limit)  # (B, T)
     ok = keep[:, :-1] & mask[:, 1:].bool()  # position t scored, predicting t+1
-    target, pred = input_ids[:, 1:][ok], clean[:, :-1][ok].float()  # (n,), (n, V)
-    where = (lm, key, acts[("resid", key[0])][0], mask, ok, target, F.log_softmax(pred, -1))
-    sums = run["sums"]
-    sums["ce_loss"] += F.cross_entropy(pred, target, reduction="sum").item()
+    target, ce_clean, p, h = clean
+    where = (lm, key, acts[("resid", key[0])][0], mask, target, p, h)
     spliced, zeroed = patches(sae, keep)
-    ce, kl = patched_scores(*where, spliced)
-    sums["ce_loss_with_sae"] += ce
-    sums["kl_div_with_sae"] += kl
     if (key, str(limit)) not in ablated:
         ablated[(key, str(limit))] = patched_scores(*where, zeroed)
-    ce, kl = ablated[(key, str(limit))]
-    sums["ce_loss_ablated"] += ce
-    sums["kl_div_ablated"] += kl
-    run["n"] += len(pred)
+    sums = run["sums"]
+    sums["ce_loss"] += ce_clean[ok].sum().item()
+    for ce_key, kl_key, (ce, kl) in zip(CE_PASSES[1:], KL_KEYS, (
+            patched_scores(*where, spliced), ablated[(key, str(limit))])):
+        sums[ce_key] += ce[ok].sum().item()
+        sums[kl_key] += kl[ok].sum().item()
+    run["n"] += int(ok.sum())
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
     run["metrics"].add(acts[key][0][keep], acts[key][1][keep], s_out)
 
@@ -264,15 +285,13 @@ def patches(sae, keep):
     return spliced, zeroed
 
 
-def patched_scores(lm, key, resid, mask, ok, target, lp_clean, fn):
-    """(summed CE, summed KL(clean || patched)) of the predictions at ok (B, T-1), with site
-    key's output replaced by fn, run from the site's block on: resid (B, T, D) is the residual
-    stream entering it (model.from_layer)."""
+def patched_scores(lm, key, resid, mask, target, p, h, fn):
+    """Per-position (CE, KL(clean || patched)), each (B, T-1), with site key's output replaced
+    by fn, run from the site's block on: resid (B, T, D) is the residual stream entering it
+    (model.from_layer); target, p, h as `scores` takes them."""
     with model.splice(lm, *key, fn), model.from_layer(lm, key[0]):
         logits = lm(inputs_embeds=resid, attention_mask=mask, use_cache=False).logits
-    logits = logits[:, :-1][ok].float()  # (n, V)
-    return F.cross_entropy(logits, target, reduction="sum").item(), \
-        kl_sum(lp_clean, logits)
+    return scores(logits[:, :-1], target, p, h)
 
 
 # -------------------------------------------------------------------------- long context (§4.5.1)
