@@ -1,11 +1,13 @@
-"""The figures, as PNG files: Fig. 4 (firing frequencies), Fig. 5 (long context), Fig. 10 (a
-scope) and Fig. 12 (training curves).
+"""The figures, as PNG files: Fig. 2 (TopK and Vanilla over L0), Fig. 4 (firing frequencies),
+Fig. 5 (long context), Fig. 10 (a scope) and Fig. 12 (training curves).
 
 matplotlib is imported when a figure is drawn, with its file-only backend (no display needed).
 """
 import json
 
 import torch
+
+LABELS = {"topk": "TopK", "relu": "Vanilla", "jumprelu": "JumpReLU"}  # config["act_fn"] -> name
 
 
 def _pyplot():
@@ -88,6 +90,36 @@ def plot_scope(results, configs, path, title):
                 ax.set(ylabel=label, title=f"{width:g}x" if row == 0 else None)
         axes[-1][col].set(xlabel="layer")
     axes[0][0].legend(title="site")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(results, configs, path, title):
+    """The paper's Fig. 2: EV (eq. 6) and Delta LM loss over L0, one column of panels per layer;
+    TopK SAEs as points, each width's Vanilla SAEs (an L1 sweep) as a line in L0 order.
+    results, configs: {name: metrics / config}."""
+    plt = _pyplot()
+    layers = sorted({c["layer"] for c in configs.values()})
+    fig, axes = plt.subplots(2, len(layers), figsize=(4 * len(layers), 6), squeeze=False)
+    for col, layer in enumerate(layers):
+        for act in sorted({c["act_fn"] for c in configs.values()}):
+            for i, width in enumerate(sorted({c["expansion_factor"] for c in configs.values()})):
+                names = sorted((results[n]["l0"], n) for n, c in configs.items()
+                               if c["layer"] == layer and c["act_fn"] == act
+                               and c["expansion_factor"] == width)
+                if not names:
+                    continue
+                for row, key in enumerate(("explained_variance", "delta_lm_loss")):
+                    axes[row][col].plot([l0 for l0, _ in names],
+                                        [results[n][key] for _, n in names],
+                                        marker="o" if len(names) > 1 else "*XD"[i % 3],
+                                        ms=4 if len(names) > 1 else 10, alpha=0.8,
+                                        label=f"{LABELS.get(act, act)} {width:g}x")
+        axes[0][col].set(xscale="log", ylabel="EV", title=f"layer {layer}")
+        axes[1][col].set(xscale="log", yscale="log", xlabel="L0", ylabel="Delta LM loss")
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1946,6 +1946,17 @@ def test_wandb_project_and_log_file_log_every_log_line(tmp_path, monkeypatch, ca
         tracking.make_logger("scope", {})
 
 
+def test_fig2_plot_draws_topk_points_and_vanilla_lines_over_l0(tmp_path):
+    configs = {f"L{layer}R-{w}x-{act}-{i}": dict(layer=layer, act_fn=act, expansion_factor=w)
+               for layer in (7, 15) for w in (8, 32) for act, n in (("topk", 1), ("relu", 3))
+               for i in range(n)}
+    results = {name: dict(l0=10.0 * (1 + len(name) % 5), explained_variance=0.9,
+                          delta_lm_loss=0.1) for name in configs}
+    plots.plot_sweep(results, configs, str(tmp_path / "fig2.png"), "Fig. 2")
+    with open(tmp_path / "fig2.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(tmp_path / "fig2.png") > 10000
+
+
 # ======================================================================================== train.py
 # Training recovers planted features; one LM pass trains every site with its own limit;
 # checkpoints describe themselves and a K sweep keeps every one; bad input is one line and exit
