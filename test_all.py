@@ -1946,6 +1946,18 @@ def test_wandb_project_and_log_file_log_every_log_line(tmp_path, monkeypatch, ca
         tracking.make_logger("scope", {})
 
 
+def test_patched_scores_equal_ce_and_kl_from_log_softmax():
+    torch.manual_seed(0)
+    clean, patched, target = torch.randn(3, 5, 50) * 4, torch.randn(3, 5, 50) * 4, \
+        torch.randint(50, (3, 5))
+    ce0, p, h = metrics.reference(clean, target)
+    ce, kl = metrics.scores(patched, target, p, h)
+    lp0, lp = F.log_softmax(clean, -1), F.log_softmax(patched, -1)
+    assert torch.allclose(ce0, -lp0.gather(-1, target[..., None])[..., 0], atol=1e-5)
+    assert torch.allclose(ce, -lp.gather(-1, target[..., None])[..., 0], atol=1e-5)
+    assert torch.allclose(kl, (lp0.exp() * (lp0 - lp)).sum(-1), atol=1e-5) and (kl > 0).all()
+
+
 def test_fig2_plot_draws_topk_points_and_vanilla_lines_over_l0(tmp_path):
     configs = {f"L{layer}R-{w}x-{act}-{i}": dict(layer=layer, act_fn=act, expansion_factor=w)
                for layer in (7, 15) for w in (8, 32) for act, n in (("topk", 1), ("relu", 3))
