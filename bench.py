@@ -15,6 +15,7 @@
   plumbing, not a speed claim.
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -28,11 +29,25 @@ import torch
 import torch.multiprocessing as mp
 
 import data
-import flags
 import model
 import parallel
-import plan
+from extras import flags, plan
 from sae import SAE
+
+SMALL = (576, 4608, 50)  # D, F, K of SmolLM2's 8x SAE
+LLAMA_8B = (4096, 32768, 50)  # ... and of Llama-3.1-8B's
+
+
+@dataclasses.dataclass
+class Step:
+    """One SAE training step to time: its shape, rows per step, and how it runs."""
+    d_model: int
+    n_features: int
+    k: int
+    rows: int
+    repeat: int  # timed calls (the median is kept)
+    dtype: torch.dtype = torch.float32  # the matmuls' and the rows'
+    device: str = "cpu"
 
 
 def timed(fn, repeat):
@@ -46,7 +61,11 @@ def timed(fn, repeat):
     return sorted(ms)[len(ms) // 2]
 
 
-def train_step(forward, sae, opt, x, device, reduce_grads_=lambda sae: None):
+def no_reduction(sae):
+    """One process: the gradients are whole already."""
+
+
+def train_step(forward, sae, opt, x, reduce_grads_=no_reduction):
     """One training step to time: forward, MSE, backward, gradient reduction (parallel.py),
     Adam."""
     def run():
@@ -55,61 +74,69 @@ def train_step(forward, sae, opt, x, device, reduce_grads_=lambda sae: None):
         (x_hat - x).pow(2).mean().backward()
         reduce_grads_(sae)
         opt.step()
-        sync(device)
+        sync(x.device)
     return run
 
 
-def sae_step(d, f, k, rows, repeat, dtype, device):
-    """ms of one TopK training step (sparse and dense) and of the encoder matmul alone, as
-    train.py runs it: float32 weights and Adam, the matmuls (and the rows) in dtype. Under a
-    dtype other than float32, also the step with the weights themselves in dtype (`pure_step_ms`:
-    what the speed of fp32 master weights costs; docs/precision.md)."""
+def new_sae(step):
+    """The SAE to time, its norms set (scales 1), seeded."""
     torch.manual_seed(0)
-    sae = SAE(d, f, k=k).to(device)
-    sae.set_norms_(torch.ones(1, d), torch.ones(1, d))
-    sae.compute_dtype = dtype
+    sae = SAE(step.d_model, step.n_features, k=step.k)
+    sae.set_norms_(torch.ones(1, step.d_model), torch.ones(1, step.d_model))
+    return sae
+
+
+def sae_step(step):
+    """ms of one TopK training step (sparse and dense) and of the encoder matmul alone, as
+    train.py runs it: float32 weights and Adam, the matmuls (and the rows) in step.dtype. Under
+    a dtype other than float32, also the step with the weights themselves in that dtype
+    (`pure_step_ms`: what the speed of fp32 master weights costs; docs/precision.md)."""
+    sae = new_sae(step).to(step.device)
+    sae.compute_dtype = step.dtype
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as train.py
-    x = torch.randn(rows, d, device=device, dtype=dtype)
-    with torch.no_grad():
-        W, b = sae.W_enc.to(dtype), sae.b_enc.to(dtype)
-        matmul = timed(lambda: (torch.addmm(b, x, W.T), sync(device)), repeat)
-    sparse = timed(train_step(sae.forward, sae, opt, x, device), repeat)
-    dense = timed(train_step(sae.forward_dense, sae, opt, x, device), max(1, repeat // 2))
-    out = {"d_model": d, "n_features": f, "k": k, "rows": rows, "encoder_matmul_ms": matmul,
-           "sae_step_ms": sparse, "step_over_floor": sparse / matmul,
-           "dense_step_ms": dense, "dense_step_over_floor": dense / matmul}
-    if dtype != torch.float32:
-        sae.to(dtype).compute_dtype = None
+    x = torch.randn(step.rows, step.d_model, device=step.device, dtype=step.dtype)
+    W = sae.W_enc.detach().to(step.dtype)
+    b = sae.b_enc.detach().to(step.dtype)
+
+    def encoder_matmul():
+        torch.addmm(b, x, W.T)
+        sync(x.device)
+    matmul = timed(encoder_matmul, step.repeat)
+    sparse = timed(train_step(sae.forward, sae, opt, x), step.repeat)
+    dense = timed(train_step(sae.forward_dense, sae, opt, x), max(1, step.repeat // 2))
+    out = {"d_model": step.d_model, "n_features": step.n_features, "k": step.k,
+           "rows": step.rows, "encoder_matmul_ms": matmul, "sae_step_ms": sparse,
+           "step_over_floor": sparse / matmul, "dense_step_ms": dense,
+           "dense_step_over_floor": dense / matmul}
+    if step.dtype != torch.float32:
+        sae.to(step.dtype).compute_dtype = None
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-        out["pure_step_ms"] = timed(train_step(sae.forward, sae, opt, x, device), repeat)
+        out["pure_step_ms"] = timed(train_step(sae.forward, sae, opt, x), step.repeat)
     return out
 
 
-def tp_worker(rank, tp, port, d, f, k, rows, repeat, device, result):
+def tp_worker(rank, tp, port, step, result):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, torch.get_num_threads() // tp))  # ranks share one machine's CPU
-    comms = parallel.Comms(tp, device)
-    torch.manual_seed(0)
-    full = SAE(d, f, k=k)
-    full.set_norms_(torch.ones(1, d), torch.ones(1, d))
-    sae = comms.shard(full).to(comms.device)
+    comms = parallel.Comms(tp, step.device)
+    sae = comms.shard(new_sae(step)).to(comms.device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(rows, d, device=comms.device)
-    ms = timed(train_step(sae.forward, sae, opt, x, comms.device, comms.reduce_grads_), repeat)
+    x = torch.randn(step.rows, step.d_model, device=comms.device)
+    ms = timed(train_step(sae.forward, sae, opt, x, comms.reduce_grads_), step.repeat)
     if rank == 0:
         with open(result, "w") as out:
             json.dump(ms, out)
     comms.close()
 
 
-def tp_step(tp, d, f, k, rows, repeat, device):
+def tp_step(tp, step):
     """ms of one TopK step with the SAE sharded over tp processes (spawned here)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = os.path.join(tempfile.mkdtemp(), "ms.json")
-    mp.spawn(tp_worker, args=(tp, port, d, f, k, rows, repeat, device, result), nprocs=tp)
+    mp.spawn(tp_worker, args=(tp, port, step, result), nprocs=tp)
     with open(result) as r:
         return json.load(r)
 
@@ -126,7 +153,8 @@ def lm_speed(layers, tokens, lm_batch_size, device, dtype):
     batches = list(data.token_batches(tok, docs, 1024, lm_batch_size))
     out = {}
     for layer in layers:
-        n, t = 0, time.perf_counter()
+        n = 0
+        t = time.perf_counter()
         for ids, mask in batches:
             model.capture(lm, ids.to(device), mask.to(device), [(layer, "R")])
             n += int(mask.sum())
@@ -178,8 +206,9 @@ def print_sae_steps(res, dtype):
     for key in ("sae_small", "sae_llama8b_8x"):
         if key in res:
             r = res[key]
-            pure = f" | weights in {str(dtype)[6:]} too (pure): {r['pure_step_ms']:.1f} ms" \
-                if "pure_step_ms" in r else ""
+            pure = ""
+            if "pure_step_ms" in r:
+                pure = f" | weights in {str(dtype)[6:]} too (pure): {r['pure_step_ms']:.1f} ms"
             print(f"SAE step D={r['d_model']} F={r['n_features']} K={r['k']} rows={r['rows']}: "
                   f"step {r['sae_step_ms']:.1f} ms | encoder matmul "
                   f"{r['encoder_matmul_ms']:.1f} ms | step_over_floor "
@@ -190,7 +219,8 @@ def print_sae_steps(res, dtype):
 def print_costs(res, cfg):
     """What a row costs here in plan.py's units (ms per million weights a row goes through),
     beside the constants plan.py plans with."""
-    r, block = res["sae_small"], plan.lm_weights(cfg)[0]
+    r = res["sae_small"]
+    block, _ = plan.lm_weights(cfg)
     sae = r["sae_step_ms"] / r["rows"] / (r["d_model"] * r["n_features"] / 1e6)
     lm = 1e3 / res["lm_tok_s"]["15"] / (16 * block / 1e6)
     res["costs_ms_per_mweight"] = {"lm": lm, "sae": sae}
@@ -213,13 +243,14 @@ def main(argv=None):
                "--out", "/tmp/bench_out", "--device", str(args.device)]
         subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(__file__) or ".")
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    res["sae_small"] = sae_step(576, 4608, 50, args.rows, args.repeat, dtype, args.device)
+    small = Step(*SMALL, args.rows, args.repeat, dtype, args.device)
+    res["sae_small"] = sae_step(small)
     if args.big_rows:
-        res["sae_llama8b_8x"] = sae_step(4096, 32768, 50, args.big_rows, 2, dtype, args.device)
+        res["sae_llama8b_8x"] = sae_step(Step(*LLAMA_8B, args.big_rows, 2, dtype, args.device))
     print_sae_steps(res, dtype)
     if args.tp:
         r = res["sae_small"]
-        ms = tp_step(args.tp, 576, 4608, 50, args.rows, args.repeat, args.device)
+        ms = tp_step(args.tp, dataclasses.replace(small, dtype=torch.float32))
         res["tp_step_ms"] = {"1": r["sae_step_ms"], str(args.tp): ms}
         print(f"SAE step sharded over tp={args.tp} processes: {ms:.1f} ms (tp=1: "
               f"{r['sae_step_ms']:.1f} ms)")

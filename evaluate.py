@@ -8,22 +8,21 @@
     python evaluate.py fnlp/Llama3_1-8B-Base-LXR-8x:Llama3_1-8B-Base-L15R-8x     # a released SAE
     python evaluate.py out/ --tokens 20000 --json scope.json --plot plots/    # a scope, Fig. 10
 
-Everything comes from the file: model, layer, site, normalization, the massive-activation limit,
-and where and in what precision to run (its training device type and dtype, when that kind of
-device is here; --device, --dtype override). Any SAE is read in inference form (folded, unit
-decoder norms: inference.load_sae), a released one with the authors' recipe. Only held-out
-documents are read (data.py: every 10th document of any dataset), or chats.
+Everything comes from the file: model, layer, site, normalization, the outlier norm limit, and
+where and in what precision to run (its training device type and dtype, when that kind of device
+is here; --device, --dtype override). Any SAE is read in inference form (folded, unit decoder
+norms: inference.load_sae), a released one with the authors' recipe (extras/interop.py). Only
+held-out documents are read (data.py: every 10th document of any dataset), or chats.
 Reported (metrics.py): L0; explained variance, eq. 6, and the centred one peers use; `mse` in the
 SAE's normalized space; CE clean, spliced, zero-ablated and `delta_lm_loss` (§4.1), KL; firing
-frequencies (§4.4). --features (features.py): frequency, top contexts (App. D layout) and decoder
-neighbours against the Johnson-Lindenstrauss baseline (§4.6). --long-context T: MSE and L0 by
-position on held-out documents of at least T tokens (§4.5.1). --eval-model ID: the same metrics on
-another model's activations at the same site, side by side; --chat DATA: on conversations
-rendered by the instruct model's chat template (§4.5.2). --saebench-json: SAEBench's core file.
-A folder of checkpoints (a scope, scope.py) is evaluated in one pass (metrics.scope_metrics): its
-JSON holds one entry per SAE with the keys of a single evaluation; --plot draws Fig. 10.
+frequencies (§4.4). The rest is in extras/: --features (top contexts, App. D layout, decoder
+neighbours against the Johnson-Lindenstrauss baseline, §4.6), --long-context T (MSE and L0 by
+position, §4.5.1), --eval-model ID (the same metrics on another model's activations) and --chat
+DATA (conversations in the instruct model's chat template, §4.5.2), --saebench-json (SAEBench's
+core file), a folder of checkpoints (a scope: one pass, one JSON entry per SAE, --plot: Fig. 10).
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,17 +30,13 @@ import time
 
 import torch
 
-import activations
 import data
-import features
-import flags
 import formats
 import inference
 import metrics
 import model
-import plots
-import saebench
-import scope
+from extras import activations, chats, features, flags, interop, long_context, plots, saebench
+from extras import scope
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
         "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "kl_div_with_sae",
@@ -49,8 +44,9 @@ KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "
 NOTES = {"dead_frac": "   never fired on any of these tokens",
          "ultra_active_frac": "   fired on more than 10% of them (§4.4)"}
 WINDOW = 100_000  # §4.4 counts never-firing features over 100K tokens
+LM_BATCH = 8  # documents per LM forward
 RANGES = {"tokens": "[1, inf)", "long_context": "0 or [2, inf)", "top": "[1, inf)",
-          "max_norm_ratio": "0 or (1, inf)"}  # every numeric flag's range (flags.py)
+          "max_norm_ratio": "0 or (1, inf)"}  # every numeric flag's range (extras/flags.py)
 
 
 def get_args(argv=None):
@@ -64,7 +60,7 @@ def get_args(argv=None):
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
     p.add_argument("--chat", default=None, metavar="DATA",
                    help="§4.5.2: evaluate on conversations rendered by the instruct model's chat "
-                        f"template instead of held-out documents: {data.EMBEDDED_CHAT} "
+                        f"template instead of held-out documents: {chats.EMBEDDED_CHAT} "
                         "(embedded), a .jsonl/.json/.parquet file or a Hub dataset id (e.g. "
                         "allenai/WildChat-1M) with a `messages` or `conversation` column")
     p.add_argument("--model", default=None, help="the LM (default: the one the file names)")
@@ -76,13 +72,14 @@ def get_args(argv=None):
                         "median norm on training rows are not scored (massive activations); "
                         "default: as trained (the checkpoint's limit; for a released SAE 10, "
                         "train.py's default); 0 = score them too. Printed as `token rule:`")
-    model.placement_args(p)
+    inference.placement_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--activations", default=None,
                    help="evaluate on pre-saved rows (no CE): a safetensors file of "
                         "`activations` [+ `targets`], or a --cache-activations folder")
     g.add_argument("--features", default=None,
-                   help="comma list of feature ids to inspect (features.py) instead of metrics")
+                   help="comma list of feature ids to inspect (extras/features.py) instead of "
+                        "metrics")
     g.add_argument("--long-context", type=int, default=0,
                    help="T: MSE and L0 by position on held-out documents of at least T "
                         "tokens, each truncated to T (§4.5.1); 0 = off")
@@ -98,6 +95,16 @@ def get_args(argv=None):
     return flags.parse(p, argv, RANGES)
 
 
+@dataclasses.dataclass
+class Subject:
+    """The SAE under evaluation."""
+    name: str  # L15R-8x-k50-TopK
+    sae: object  # in inference form
+    config: dict  # its checkpoint's, with the token rule's outlier norm limit once applied
+    dataset: str  # whose held-out documents are read
+    started: float  # time.time() when the evaluation began
+
+
 def check_against_sae(args, sae):
     """The checks that need the SAE (its width, its threshold) but no LM. Returns the feature
     ids of --features (None without)."""
@@ -108,8 +115,8 @@ def check_against_sae(args, sae):
     if feats and not all(v.isdigit() and int(v) < sae.n_features for v in feats):
         raise ValueError(f"--features {args.features}: give feature ids in "
                          f"0..{sae.n_features - 1}, comma separated")
-    if args.saebench_json and (args.activations or feats or args.long_context or args.eval_model
-                               or args.chat):
+    one_pass = args.activations or feats or args.long_context or args.eval_model or args.chat
+    if args.saebench_json and one_pass:
         raise ValueError(f"--saebench-json {args.saebench_json} reads held-out documents through "
                          f"the LM: not with --activations, --features, --long-context, "
                          f"--eval-model or --chat")
@@ -122,161 +129,131 @@ def check_against_sae(args, sae):
     return feats and [int(v) for v in feats]
 
 
+def check_lms(args, subject):
+    """Every check of the LMs from their configs, before the slow load. Returns (name,
+    tokenizer) of the chat template that renders --chat (None, None without)."""
+    lm_name = subject.config.get("model_name")
+    lm_cfg = inference.check_lm(lm_name, subject.sae, subject.config)
+    max_pos = lm_cfg.get("max_position_embeddings") or args.long_context
+    if args.long_context and not 2 <= args.long_context <= max_pos:
+        raise ValueError(f"--long-context {args.long_context} is out of range: allowed "
+                         f"2-{max_pos} ({lm_name}'s max_position_embeddings)")
+    if args.eval_model:
+        inference.check_lm(args.eval_model, subject.sae, subject.config)
+    if not args.chat:
+        return None, None
+    return chats.chat_tokenizer([n for n in (args.eval_model, lm_name) if n], args.chat)
+
+
 def evaluate(args):
     """The evaluation the flags ask for: on pre-saved rows, or through the LM (metrics, features,
     long context, or two models side by side), or of a folder of checkpoints; prints it, returns
     what --json writes."""
     released = os.path.isfile(os.path.join(args.checkpoint, "hyperparams.json"))
-    if os.path.isdir(args.checkpoint) and not released:
-        return evaluate_scope(args)
-    sae, config, (args.device, args.dtype, note) = inference.load_sae(
+    if os.path.isdir(args.checkpoint) and not released:  # a scope, in one pass
+        return dump(args, scope.evaluate_folder(args))
+    sae, config, (args.device, args.dtype, note) = interop.load_sae(
         args.checkpoint, args.model, args.device, args.dtype)
-    dtype = getattr(torch, args.dtype)  # the LM's and the SAE's matmuls; its weights float32
     print(f"running on {args.device} in {args.dtype} ({note})")
     feats = check_against_sae(args, sae)
     sae.act = args.mode or sae.act
-    name, t0 = formats.sae_name(args.checkpoint), time.time()
-    dataset = args.dataset or config.get("dataset_path")
+    subject = Subject(formats.sae_name(args.checkpoint), sae, config,
+                      args.dataset or config.get("dataset_path"), time.time())
     if args.activations:
-        rows = activations.activation_rows(args.activations, (config["layer"], config["site"]),
-                                           args.tokens)
-        out = metrics.reconstruction_metrics(sae, rows,
-                                             config["dataset_average_activation_norm"]["out"],
-                                             freq=True)
-        return report(args, name, sae, out, t0)
-    lm_name = config.get("model_name")  # every check before the slow load
-    max_pos = inference.check_lm(lm_name, sae, config).get("max_position_embeddings") \
-        or args.long_context
-    if args.long_context and not 2 <= args.long_context <= max_pos:
-        raise ValueError(f"--long-context {args.long_context} is out of range: allowed "
-                         f"2-{max_pos} ({lm_name}'s max_position_embeddings)")
-    if args.eval_model:
-        inference.check_lm(args.eval_model, sae, config)
-    chat_name, chat_tok = None, None
-    if args.chat:
-        chat_name, chat_tok = data.chat_tokenizer([n for n in (args.eval_model, lm_name) if n],
-                                                  args.chat)
-    source = f"chats {args.chat} in {chat_name}'s chat template" if args.chat else \
-        f"held-out {dataset}"
-    lm, tok = model.load_model(lm_name, args.device, dtype)
-    config, rule = inference.token_rule(lm, tok, config, sae.d_model, args.max_norm_ratio,
-                                        args.dataset)
-    print(f"token rule: {rule}")
-    if feats:
-        return dump(args, features.show(lm, tok, inference.for_lm(sae, config, lm), config, feats,
-                                        args.tokens, args.top, dataset, args.html))
-    if args.long_context:
-        return report_long_context(args, lm, tok, sae, config, name, dataset, t0)
-    sae_lm = inference.for_lm(sae, config, lm)
-    out = metrics.lm_metrics(lm, chat_tok or tok, sae_lm, config, args.tokens, dataset,
-                             chat=args.chat)
-    out.update(data=source, token_rule=rule)
-    if args.saebench_json:  # its own pass, SAEBench's protocol (saebench.py)
-        run = saebench.evaluate(lm, tok, sae_lm, config, dataset, saebench.n_batches(args.tokens))
-        saebench.write(args.saebench_json, *run, sae, config, args.dtype, dataset,
-                       args.saebench_details)
-        print(f"wrote {args.saebench_json} (SAEBench core, its protocol: saebench.py)")
-    if not args.eval_model:
-        return report(args, name, sae, out, t0)
-    del lm
-    return two_models(args, sae, config, out, chat_tok, dataset, name, t0)
-
-
-def evaluate_scope(args):
-    """Every checkpoint of a folder from one pass over held-out documents (scope.py): a table
-    in layer order, Fig. 10 with --plot, one entry per SAE in --json."""
-    other = [flag for flag in ("activations", "features", "long_context", "eval_model", "chat",
-                               "saebench_json", "mode", "html") if getattr(args, flag)]
-    if other:
-        raise ValueError(f"--{other[0].replace('_', '-')} evaluates one checkpoint; "
-                         f"{args.checkpoint} is a folder (a scope)")
-    saes, (args.device, args.dtype, note) = scope.load(args.checkpoint, args.model, args.device,
-                                                      args.dtype)
-    print(f"running on {args.device} in {args.dtype} ({note})")
-    config = next(iter(saes.values()))[1]
-    for sae, c in saes.values():  # every check before the slow load
-        inference.check_lm(c["model_name"], sae, c)
-    t0, dataset = time.time(), args.dataset or config.get("dataset_path")
+        place = (config["layer"], config["site"])
+        rows = activations.activation_rows(args.activations, place, args.tokens)
+        norm_out = config["dataset_average_activation_norm"]["out"]
+        out = metrics.reconstruction_metrics(sae, rows, norm_out, freq=True)
+        return report(args, subject, out)
+    chat_name, chat_tok = check_lms(args, subject)
     lm, tok = model.load_model(config["model_name"], args.device, getattr(torch, args.dtype))
-    adapted, rules = scope.for_lm(saes, lm, tok, args.max_norm_ratio, args.dataset)
-    results = metrics.scope_metrics(lm, tok, adapted, args.tokens, dataset,
-                                    config["context_size"])
-    for name, m in results.items():  # the keys of a single evaluation
-        m.pop("freq")
-        m.update(data=f"held-out {dataset}", token_rule=rules[name], time_s=time.time() - t0,
-                 mode=saes[name][0].act, device=args.device, dtype=args.dtype,
-                 checkpoint=os.path.join(args.checkpoint, f"{name}.safetensors"))
-    print("\n".join([f"{len(saes)} SAEs of {args.checkpoint}, {args.tokens:,} held-out tokens "
-                     f"each ({time.time() - t0:.0f}s):"] + scope.table(results)))
-    if args.plot:
-        os.makedirs(args.plot, exist_ok=True)
-        path = os.path.join(args.plot, "scope.png")
-        plots.plot_scope(results, {n: c for n, (_, c) in saes.items()}, path,
-                         f"{config['model_name']}: {len(saes)} SAEs (Fig. 10)")
-        print(f"plotted {path}")
-    return dump(args, results)
+    subject.config, token_rule = inference.apply_token_rule(lm, tok, config,
+                                                            args.max_norm_ratio, args.dataset)
+    print(f"token rule: {token_rule}")
+    sae_lm = inference.for_lm(sae, subject.config, lm)
+    reading = dict(subject.config, dataset_path=subject.dataset)  # what the extras read
+    if feats:
+        return dump(args, features.show(lm, tok, sae_lm, reading, feats, args))
+    if args.long_context:
+        rows, n_docs = long_context.long_context(lm, tok, sae_lm, reading, args.long_context,
+                                                 args.tokens)
+        long_context.report(rows, n_docs, subject.name, subject.config, args.plot)
+        return dump(args, {"T": args.long_context, "documents": n_docs, "buckets": rows})
+    out = lm_metrics(args, lm, chat_tok or tok, subject)
+    out["data"] = f"held-out {subject.dataset}"
+    if args.chat:
+        out["data"] = f"chats {args.chat} in {chat_name}'s chat template"
+    out["token_rule"] = token_rule
+    if args.saebench_json:  # its own pass, SAEBench's protocol (extras/saebench.py)
+        n_batches = saebench.n_batches(args.tokens)
+        batches = saebench.batches(tok, subject.dataset, 2 * n_batches)
+        result = saebench.evaluate(lm, tok, sae_lm, subject.config, batches, n_batches)
+        about = {"llm_dtype": args.dtype, "dataset": subject.dataset}
+        saebench.write(args.saebench_json, result, sae, subject.config, about,
+                       args.saebench_details)
+        print(f"wrote {args.saebench_json} (SAEBench core, its protocol: extras/saebench.py)")
+    if not args.eval_model:
+        return report(args, subject, out)
+    del lm
+    return two_models(args, subject, out, chat_tok)
 
 
-def two_models(args, sae, config, out, chat_tok, dataset, name, t0):
+def lm_metrics(args, lm, tok, subject):
+    """metrics.lm_metrics of the subject through lm: on its held-out documents, or on --chat
+    conversations rendered by tok's chat template."""
+    context_size = subject.config["context_size"]
+    batches = data.heldout_batches(tok, subject.dataset, context_size, LM_BATCH)
+    if args.chat:
+        batches = chats.chat_batches(tok, args.chat, context_size, LM_BATCH)
+    sae = inference.for_lm(subject.sae, subject.config, lm)
+    return metrics.lm_metrics(lm, tok, sae, subject.config, args.tokens, batches)
+
+
+def two_models(args, subject, out, chat_tok):
     """--eval-model: the same metrics on another model's activations at the same site, printed
     beside the first model's (out)."""
     lm, tok = model.load_model(args.eval_model, args.device, getattr(torch, args.dtype))
-    other = metrics.lm_metrics(lm, chat_tok or tok, inference.for_lm(sae, config, lm), config,
-                               args.tokens, dataset, chat=args.chat)
+    other = lm_metrics(args, lm, chat_tok or tok, subject)
     other.update(data=out["data"], token_rule=out["token_rule"])
-    out.pop("freq"), other.pop("freq")
-    site = formats.site_name((config["layer"], config["site"]))
-    print(f"{name} on two models' activations at {site}, "
-          f"{out['data']} ({time.time() - t0:.0f}s):")
-    side_by_side({config["model_name"]: out, args.eval_model: other}, KEYS)
-    return dump(args, {config["model_name"]: out, args.eval_model: other})
-
-
-def report_long_context(args, lm, tok, sae, config, name, dataset, t0):
-    """--long-context T (§4.5.1): the table by position, and Fig. 5 with --plot."""
-    T, trained = args.long_context, config["context_size"]
-    rows, n_docs = metrics.long_context(lm, tok, inference.for_lm(sae, config, lm), config, T,
-                                        args.tokens, dataset)
-    print(f"{name}: MSE and L0 by position on {n_docs} held-out documents of at least {T} "
-          f"tokens, each truncated to {T} (trained on {trained}; {time.time() - t0:.0f}s)")
-    print(f"  {'positions':>11} {'tokens':>8} {'mse':>8} {'l0':>7} {'ev':>7}")
-    for r in rows:
-        print(f"  {r['positions']:>11} {r['n_tokens']:>8,} {r['mse']:>8.4f} {r['l0']:>7.1f} "
-              f"{r['explained_variance']:>7.3f}"
-              f"{'  beyond the training context' if r['first'] >= trained else ''}")
-    if args.plot:
-        os.makedirs(args.plot, exist_ok=True)
-        path = os.path.join(args.plot, f"{name}-long-context.png")
-        plots.plot_long_context(rows, path, name, trained)
-        print(f"plotted {path}")
-    return dump(args, {"T": T, "documents": n_docs, "buckets": rows})
+    out.pop("freq")
+    other.pop("freq")
+    site = formats.place_name((subject.config["layer"], subject.config["site"]))
+    print(f"{subject.name} on two models' activations at {site}, "
+          f"{out['data']} ({time.time() - subject.started:.0f}s):")
+    columns = {subject.config["model_name"]: out, args.eval_model: other}
+    side_by_side(columns, KEYS)
+    return dump(args, columns)
 
 
 def side_by_side(columns, keys):
     """Print metrics as columns: {column name: {key: value}}."""
     print(f"  {'':<28}" + "".join(f"{c[-30:]:>32}" for c in columns))
     for key in keys:
-        print(f"  {key:<28}" + "".join(f"{m[key]:>32.4f}" if isinstance(m[key], float) else
-                                       f"{m[key]:>32}" for m in columns.values()))
+        cells = [f"{m[key]:>32.4f}" if isinstance(m[key], float) else f"{m[key]:>32}"
+                 for m in columns.values()]
+        print(f"  {key:<28}" + "".join(cells))
 
 
-def report(args, name, sae, out, t0):
+def report(args, subject, out):
+    """Print one SAE's metrics (and its Fig. 4 with --plot); returns what --json writes."""
     freq = out.pop("freq")
-    out.update(time_s=time.time() - t0, mode=sae.act, checkpoint=args.checkpoint,
-               device=args.device, dtype=args.dtype)
+    out.update(time_s=time.time() - subject.started, mode=subject.sae.act,
+               checkpoint=args.checkpoint, device=args.device, dtype=args.dtype)
     source = f"tokens of {out['data']}" if "data" in out else "held-out tokens"
-    print(f"{name} ({sae.act}, {out['n_tokens']:,} {source}, {out['time_s']:.0f}s; ours, §4)")
+    print(f"{subject.name} ({subject.sae.act}, {out['n_tokens']:,} {source}, "
+          f"{out['time_s']:.0f}s; ours, §4)")
     notes = dict(NOTES)
     if out["n_tokens"] >= WINDOW:  # the paper's window, or the label would claim too much
         notes["dead_frac"] += " (§4.4: over 100K)"
     for key in KEYS:
-        if key in out:
-            print((f"  {key:<28} {out[key]:.4f}" if isinstance(out[key], float) else
-                   f"  {key:<28} {out[key]}") + notes.get(key, ""))
+        if key not in out:
+            continue
+        value = f"{out[key]:.4f}" if isinstance(out[key], float) else f"{out[key]}"
+        print(f"  {key:<28} {value}{notes.get(key, '')}")
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
-        path = os.path.join(args.plot, f"{name}-firing.png")
-        plots.plot_firing(freq, path, name)
+        path = os.path.join(args.plot, f"{subject.name}-firing.png")
+        plots.plot_firing(freq, path, subject.name)
         print(f"plotted {path}")
     return dump(args, out)
 

@@ -4,14 +4,14 @@
   (`decoder.weight` is (D, F)) plus a JSON `config` in the released hyperparams.json names
   (`d_sae`, `top_k`, `act_fn` "relu" for Vanilla, ...). Those names live only in this file; the
   code calls them n_features, k and "vanilla".
-- Names: `run_name` (L15R-8x-k50-TopK), `site_name` (L15R), `sae_name` (a path's SAE name), and
-  `renamed` (what an old-style name stands for now).
+- Names: `run_name` (L15R-8x-k50-TopK), `place_name` (L15R for the place (15, "R")), `sae_name`
+  (a path's SAE name), and `renamed` (what an old-style name stands for now).
 - The resumable state of a run (train.py --save-every): any nested state_dict() as one file per
   rank, refused when it is another run's.
-Released Llama Scope folders and SAELens's format are interop.py's, activation files
-activations.py's. Only safetensors and JSON are read: no file can execute code. Every write goes
-aside, is fsynced, then renamed, so a reader or a kill -9 never sees a half-written file. Bad
-files raise ValueError with a one-line message (the scripts print it and exit with code 2).
+Released Llama Scope folders and SAELens's format are extras/interop.py's, activation files
+extras/activations.py's. Only safetensors and JSON are read: no file can execute code. Every
+write goes aside, is fsynced, then renamed, so a reader or a kill -9 never sees a half-written
+file. Bad files raise ValueError with a one-line message (the scripts print it, exit code 2).
 """
 import glob
 import json
@@ -59,24 +59,24 @@ def save_checkpoint(sae, config, path):
     atomic_save_file(tensors, path, {"config": json.dumps(config)})
 
 
-def training_config(flags, source, key, sae, k_anneal_steps, outlier_norm_limit, served, step,
-                    heldout, device):
+def training_config(sae, place, source, train_args, trained):
     """What train.py's checkpoints say beyond the SAE itself, in the released hyperparams.json
-    names: where it reads (source: model, dataset, context_size), how it was trained (flags:
-    `train_args`, train.py's flags as a dict), the held-out check; `device` (type) and `dtype`:
-    where and in what precision it trained, which evaluate.py and postprocess.py default to."""
-    layer, site = key
-    passes = flags["passes"]
-    return dict(model_name=source["model"], layer=layer, site=site,
-                k_warmup_steps=k_anneal_steps, init_decoder_norm=sae.init_decoder_norm,
-                use_batch_norm_mse=flags["loss"] == "batch-norm-mse",
+    names: where it reads (place; source: model, dataset, context_size), how it was trained
+    (train_args: train.py's flags as a dict), and what the run did (trained: k_anneal_steps,
+    outlier_norm_limit, rows_served, step, heldout (the held-out check), device: where it
+    trained, which evaluate.py and postprocess.py default to, with train_args' dtype)."""
+    passes = train_args["passes"]
+    return dict(model_name=source["model"], layer=place[0], site=place[1],
+                k_warmup_steps=trained["k_anneal_steps"], init_decoder_norm=sae.init_decoder_norm,
+                use_batch_norm_mse=train_args["loss"] == "batch-norm-mse",
                 norm_activation="dataset-wise", apply_decoder_bias_to_pre_encoder=False,
-                use_decoder_bias=True, lr=flags["lr"], l1_coefficient=flags["l1_coef"],
+                use_decoder_bias=True, lr=train_args["lr"], l1_coefficient=train_args["l1_coef"],
                 context_size=source["context_size"], dataset_path=source["dataset"],
-                prepend_bos=True, outlier_norm_limit=outlier_norm_limit,
-                n_training_tokens=served // passes, passes=passes, n_rows_served=served,
-                step=step, folded=False, heldout=heldout, train_args=flags,
-                device=torch.device(device).type, dtype=flags["dtype"])
+                prepend_bos=True, outlier_norm_limit=trained["outlier_norm_limit"],
+                n_training_tokens=trained["rows_served"] // passes, passes=passes,
+                n_rows_served=trained["rows_served"], step=trained["step"], folded=False,
+                heldout=trained["heldout"], train_args=train_args,
+                device=torch.device(trained["device"]).type, dtype=train_args["dtype"])
 
 
 def read_checkpoint(path):
@@ -88,21 +88,24 @@ def read_checkpoint(path):
             if now else ""))
     try:
         with safe_open(path, "pt") as f:
-            meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # truncated, not safetensors at all, unreadable
         raise ValueError(f"checkpoint {path}: not a readable safetensors file "
                          f"({type(e).__name__}: {e})") from None
     try:
         config = json.loads(meta["config"])
-        D, F, norms = config["d_model"], config["d_sae"], config["dataset_average_activation_norm"]
+        D = config["d_model"]
+        F = config["d_sae"]
+        norms = config["dataset_average_activation_norm"]
         ok = (isinstance(D, int) and isinstance(F, int) and D > 0 and F > 0
               and config["act_fn"] in ACT_FN.values() and isinstance(config["top_k"], int)
               and config["site"] in model.SITES and isinstance(config["layer"], int)
               and all(isinstance(norms[k], (int, float)) and norms[k] > 0 for k in ("in", "out")))
     except (KeyError, TypeError, ValueError) as e:
+        reason = f"metadata `config` missing or incomplete: {type(e).__name__} {e}"
         raise ValueError(f"checkpoint {path}: not a Llama Scope checkpoint of this project "
-                         f"(metadata `config` missing or incomplete: {type(e).__name__} {e})") \
-            from None
+                         f"({reason})") from None
     shapes = {k: tuple(v.shape) for k, v in t.items()}
     if not ok or any(shapes.get(k) != v for k, v in released_shapes(D, F).items()):
         raise ValueError(f"checkpoint {path}: tensors {shapes} or config do not match d_model "
@@ -167,49 +170,54 @@ def load_state(path):
     """The state save_state wrote (dict keys come back as strings)."""
     try:
         with safe_open(path, "pt") as f:
-            tree, tensors = json.loads(f.metadata()["state"]), {k: f.get_tensor(k)
-                                                                 for k in f.keys()}
+            tree = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ValueError(f"--resume {path}: not a resumable checkpoint "
                          f"({type(e).__name__}: {e})") from None
 
     def join(x):
+        if isinstance(x, dict) and set(x) == {"tensor"}:
+            return tensors[x["tensor"]]
         if isinstance(x, dict):
-            return tensors[x["tensor"]] if set(x) == {"tensor"} else \
-                {k: join(v) for k, v in x.items()}
-        return [join(v) for v in x] if isinstance(x, list) else x
+            return {k: join(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [join(v) for v in x]
+        return x
     return join(tree)
 
 
-def train_args(flags):
-    """The train.py flags (a dict) that define a run: saved in its checkpoints."""
-    return {k: v for k, v in flags.items() if k not in RESUME_FREE}
+def run_flags(args):
+    """The train.py flags (a dict) that define a run: saved in its checkpoints as `train_args`."""
+    return {k: v for k, v in args.items() if k not in RESUME_FREE}
 
 
-def resumable(flags):
+def resumable(args):
     """The flags a resumed run must share with the run it continues (JSON-normalized)."""
-    return json.loads(json.dumps(train_args(flags)))
+    return json.loads(json.dumps(run_flags(args)))
 
 
 def resume_path(out, resume, comms):
     """This rank's file to continue from (`auto`: <out>/resume.safetensors), or None."""
     if not resume:
         return None
-    return comms.shard_path(os.path.join(out, "resume.safetensors") if resume == "auto"
-                            else resume)
+    path = os.path.join(out, "resume.safetensors") if resume == "auto" else resume
+    return comms.shard_path(path)
 
 
-def read_resume(path, flags, comms):
-    """The saved state of the run to continue (`save_resume`), or None when there is no file;
-    refused if it is another run's (a flag the file predates counts as its default) or the
-    ranks' files disagree."""
+def read_resume(out, resume, args, comms):
+    """The saved state of the run to continue (--resume: a file or `auto`, in the folder out),
+    or None when there is none; refused if it is another run's (a flag the file predates counts
+    as its default) or the ranks' files disagree."""
+    path = resume_path(out, resume, comms)
     state = load_state(path) if path and os.path.isfile(path) else None
-    if len(set(comms.all_values(torch.tensor([state["step"] if state else -1])).tolist())) > 1:
+    steps = comms.all_values(torch.tensor([state["step"] if state else -1])).tolist()
+    if len(set(steps)) > 1:
         raise ValueError(f"--resume: the ranks' files ({path}) are from different steps, or "
                          f"missing")
     if state is None:
         return None
-    now = resumable(flags)
+    now = resumable(args)
     diff = [k for k in now if k in state["args"] and now[k] != state["args"][k]]
     if diff:
         raise ValueError(f"--resume {path} is from a different configuration: "
@@ -221,25 +229,25 @@ def read_resume(path, flags, comms):
     return state
 
 
-def save_resume(out, flags, comms, state):
+def save_resume(out, args, comms, state):
     """Everything to continue bit-identically (each object's state_dict() in state), with the
     flags and the world size it must match: one file per rank in out."""
     save_state(comms.shard_path(os.path.join(out, "resume.safetensors")),
-               {"args": resumable(flags), "world": comms.world, **state})
+               {"args": resumable(args), "world": comms.world, **state})
 
 
 # ----------------------------------------------------------------------------- names
 
-def site_name(key):
+def place_name(place):
     """(15, "R") -> "L15R", as in checkpoint and cache file names."""
-    return f"L{key[0]}{key[1]}"
+    return f"L{place[0]}{place[1]}"
 
 
-def run_name(key, n_features, d_model, act, k, l1_coef):
+def run_name(place, n_features, d_model, act, k, l1_coef):
     """L15R-8x-k50-TopK (Vanilla: L15R-8x-l1_0.0002-Vanilla): K, or the L1 weight, is in the
     name, so a sweep over it in one --out keeps every checkpoint."""
     kind = f"k{k}-TopK" if act == "topk" else f"l1_{l1_coef:g}-Vanilla"
-    return f"{site_name(key)}-{n_features / d_model:g}x-{kind}"
+    return f"{place_name(place)}-{n_features / d_model:g}x-{kind}"
 
 
 def sae_name(path):

@@ -1,26 +1,27 @@
-"""The SAE in inference form (§3.3.4, App. C), and any SAE loaded in that form (`load_sae`).
+"""The SAE in inference form (§3.3.4, App. C): what postprocess.py writes and every reader runs.
 
 1. Fold the dataset-wise normalization into the weights, so the SAE maps raw x_in to raw x_out.
 2. Make every decoder column unit-norm, moving its norm into the encoder row and bias: the column
    is then the feature's direction and f_i its magnitude. Steps 1-2 are exact reparametrizations.
 3. JumpReLU: one global threshold theta such that, on training-distribution tokens, K features fire
    per token on average; at inference f_i = h_i if h_i > theta else 0, no TopK needed.
-`load_sae` hands every reader (evaluate.py, features, SAEBench, postprocess.py) an SAE after
-steps 1-2: ours as trained, or a released Llama Scope SAE (interop.py reads it) with the authors'
-theta. postprocess.py fits theta and writes the file.
+`load_sae` hands every reader (evaluate.py, postprocess.py, the extras) one of our checkpoints
+after steps 1-2, placed where and in the precision it trained (`placement`); released Llama Scope
+SAEs take the same path from extras/interop.py. `apply_token_rule` states which tokens every
+SAE is scored on. postprocess.py fits theta and writes the file.
 Shapes: N rows, D model width, F features, K active.
 """
 import copy
 import math
-import os
 
 import torch
 
 import data
 import formats
-import interop
 import model
-from sae import firing_counts
+from metrics import firing_counts
+
+TOKEN_RULE_ROWS = 16_384  # training rows an outlier norm limit is fit on when it is not stored
 
 
 @torch.no_grad()
@@ -68,27 +69,62 @@ def fit_jumprelu_(sae, x):
     sae.act = "jumprelu"
 
 
-def load_sae(path, model_name=None, device=None, dtype=None):
-    """(sae, config, (device, dtype, note)) from one of our checkpoint files or a released SAE (a
-    folder or a Hub reference; the authors' theta then applies): placed where and in the
-    precision it is to run (model.placement: the flags, else as trained), then steps 1-2 on that
-    device. config is the file's, and its `folded` says whether the file is post-processed (a
-    released one counts as such). model_name overrides the LM."""
-    if os.path.isfile(path) or not (os.path.isdir(path) or interop.hub_ref(path)):
-        sae, config = formats.load_checkpoint(path)
-        unfolded = not config.get("folded")
+# ----------------------------------------------------------------------------- loading, placing
+
+def placement_args(parser):
+    """--device and --dtype on a parser, for `placement` (postprocess.py, evaluate.py)."""
+    parser.add_argument("--device", default=None,
+                        help="default: where it trained if that kind of device is here, else as "
+                             "train.py chooses")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="the LM and the SAE's matmuls (default: as trained on that device, "
+                             "else as train.py chooses)")
+
+
+def placement(config, device=None, dtype=None):
+    """(device, dtype, note) to run a checkpoint in: the flags; else where and in what precision
+    it trained (`device`, `dtype` in its config) when that kind of device is here; else
+    train.py's defaults for this machine. The LM and the SAE's matmuls run in dtype (the SAE's
+    weights stay float32), so clean CE and theta are measured as in training."""
+    trained_device = config.get("device")
+    trained_dtype = config.get("dtype")
+    if device:
+        model.check_device(device)
+    elif model.device_here(trained_device):
+        device = trained_device
     else:
-        sae, config = interop.read_released(interop.released_folder(path), path)
-        sae.act = "jumprelu" if sae.threshold is not None else sae.act
-        config, unfolded = dict(config, folded=True), True
-    if model_name:
-        config["model_name"] = model_name
-    placed = model.placement(config, device, dtype)
-    sae.to(placed[0]).compute_dtype = getattr(torch, placed[1])  # float32 weights
-    if unfolded:
+        device = model.default_device()
+    same = torch.device(device).type == trained_device
+    dtype = dtype or (trained_dtype if same else model.default_dtype(device))
+    if same and dtype == trained_dtype:
+        note = "as trained"
+    elif trained_device:
+        note = f"trained on {trained_device} in {trained_dtype}"
+    else:
+        note = "the checkpoint does not say where it trained"
+    return device, dtype, note
+
+
+def place_and_fold(sae, config, fold, device=None, dtype=None):
+    """(sae, config, (device, dtype, note)): sae placed as `placement` says, its matmuls in that
+    dtype (weights float32), then, when fold, steps 1-2 on that device."""
+    placed = placement(config, device, dtype)
+    sae.to(placed[0])
+    sae.compute_dtype = getattr(torch, placed[1])
+    if fold:
         fold_norm_(sae)
         unit_decoder_(sae)
     return sae, config, placed
+
+
+def load_sae(path, model_name=None, device=None, dtype=None):
+    """(sae, config, (device, dtype, note)) of one of our checkpoint files in inference form
+    (steps 1-2, done here unless the file is post-processed already: its config's `folded`).
+    model_name overrides the LM the file names."""
+    sae, config = formats.load_checkpoint(path)
+    if model_name:
+        config["model_name"] = model_name
+    return place_and_fold(sae, config, not config.get("folded"), device, dtype)
 
 
 def check_lm(name, sae, config):
@@ -99,8 +135,9 @@ def check_lm(name, sae, config):
     try:
         cfg = model.load_config(name)
     except Exception as e:  # no such folder, an unknown Hub id, offline
+        reason = " ".join(str(e).split())[:200]
         raise ValueError(f"{name}: no readable model config ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]})") from None
+                         f"{reason})") from None
     if cfg["hidden_size"] != sae.d_model:
         raise ValueError(f"checkpoint d_model {sae.d_model} does not match {name} "
                          f"(hidden size {cfg['hidden_size']})")
@@ -122,42 +159,51 @@ def for_lm(sae, config, lm):
     return sae
 
 
-def training_rows(lm, tok, config, d_model, n_tokens, lm_batch_size=16, limit=True,
-                  desc="theta fit"):
-    """n_tokens rows (N, C) of the SAE's site from the documents it was trained on (train
-    split), with the same special-token and (limit) massive-activation rules as training."""
-    key = (config["layer"], config["site"])
-    batches = data.document_batches(tok, config["dataset_path"], "train",
-                                    config["context_size"], lm_batch_size, epochs=1)
-    rows = (r[key] for r in data.activation_producer(lm, tok, [key], batches))
-    rows = data.kept_rows(rows, config.get("outlier_norm_limit") if limit else None, d_model)
+# ----------------------------------------------------------------------------- training rows
+
+def training_rows(lm, tok, config, n_tokens, outlier_limit=True, desc="theta fit"):
+    """n_tokens rows (N, C) of the SAE's place from the documents it was trained on (train
+    split), with the same special-token and (outlier_limit) outlier norm rules as training."""
+    place = (config["layer"], config["site"])
+    d_model = lm.config.hidden_size
+    limit = config.get("outlier_norm_limit") if outlier_limit else None
+    docs = data.iter_documents(config["dataset_path"], "train", epochs=1)
+    batches = data.token_batches(tok, docs, config["context_size"], 16)
+    rows = (out[place] for out in data.activation_producer(lm, tok, [place], batches))
+    rows = (data.drop_outliers(r, limit, d_model) for r in rows)
     return data.take_rows(rows, n_tokens, desc)[:n_tokens]
 
 
-def token_rule(lm, tok, config, d_model, ratio=None, dataset=None, n_tokens=16_384):
-    """(config with its outlier_norm_limit, the rule as one line): the one rule every SAE is
-    scored by, ours or released. Padding and special tokens are never scored; tokens whose norm
-    exceeds ratio x the site's median norm on training rows (of dataset) are left out: the
-    massive-activation limit of training (data.py). ratio: evaluate.py's --max-norm-ratio; 0 =
-    no limit; None = as trained: the checkpoint's own limit, else the ratio it trained with,
-    else train.py's default (a released SAE records none). A ratio given is fit here, on the
-    same n_tokens training rows for every SAE of a site, ours or released."""
-    limit, how = config.get("outlier_norm_limit"), "the checkpoint's, from its training rows"
-    if ratio is None:
-        ratio = config.get("train_args", {}).get("max_norm_ratio", data.MAX_NORM_RATIO)
+def apply_token_rule(lm, tok, config, max_norm_ratio=None, dataset=None):
+    """(config with its outlier_norm_limit, the token rule as one line): the one rule every SAE
+    is scored by, ours or released. Padding and special tokens are never scored; tokens whose
+    norm exceeds max_norm_ratio x the site's median norm on training rows (of dataset) are left
+    out: the outlier norm limit of training (data.py). max_norm_ratio: evaluate.py's
+    --max-norm-ratio; 0 = no limit; None = as trained: the checkpoint's own limit, else the
+    ratio it trained with, else train.py's default (a released SAE records none). A ratio given
+    is fit here, on the same TOKEN_RULE_ROWS training rows for every SAE of a place."""
+    limit = config.get("outlier_norm_limit")
+    how = "the checkpoint's, from its training rows"
+    if max_norm_ratio is None:
+        trained_with = config.get("train_args", {})
+        max_norm_ratio = trained_with.get("max_norm_ratio", data.MAX_NORM_RATIO)
     else:
         limit = None
-    if ratio <= 0:
+    if max_norm_ratio <= 0:
         limit = None
     elif limit is None:
-        rows = training_rows(lm, tok, dict(config, dataset_path=dataset or config["dataset_path"]),
-                             d_model, n_tokens, limit=False, desc="token rule")
-        limit = data.outlier_norm_limit(rows, d_model, ratio)
+        source = dict(config, dataset_path=dataset or config["dataset_path"])
+        rows = training_rows(lm, tok, source, TOKEN_RULE_ROWS, outlier_limit=False,
+                             desc="token rule")
+        limit = data.fit_outlier_norm_limit(rows, lm.config.hidden_size, max_norm_ratio)
         how = f"fit on {len(rows):,} training rows"
-    rule = "scored: every token but padding and special tokens, " + (
-        f"and none above {ratio:g} x the site's median norm (in {limit[0]:.1f}, out "
-        f"{limit[1]:.1f}: {how})" if limit else "massive activations included (no limit)")
-    return dict(config, outlier_norm_limit=limit and list(limit)), rule
+    token_rule = "scored: every token but padding and special tokens, "
+    if limit:
+        token_rule += (f"and none above {max_norm_ratio:g} x the site's median norm (in "
+                       f"{limit[0]:.1f}, out {limit[1]:.1f}: {how})")
+    else:
+        token_rule += "massive activations included (no limit)"
+    return dict(config, outlier_norm_limit=limit and list(limit)), token_rule
 
 
 @torch.no_grad()

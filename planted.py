@@ -4,10 +4,9 @@
     python planted.py --shapes 64:8 --tp 1  # D=64, K=8 only, one process
 
 Real activations have no answer key, so EV alone cannot tell a good dictionary from one that
-smears features together. Here the answer is known: each row is a sum of K of F unit directions
-(F = 16 D, drawn at random, so they are in superposition) with exponential magnitudes, then
-scaled and offset as real activations are (their mean is far from 0, their norm far from 1). An
-SAE with the same F, trained by train.py with its defaults (flags: only the width, K and the
+smears features together. Here the answer is known (extras/synthetic.py): each row is a sum of K
+of F = 16 D random unit directions in superposition, scaled and offset as real activations are.
+An SAE with the same F, trained by train.py with its defaults (flags: only the width, K and the
 budget), should recover them: we print the share of planted directions whose best-matching
 decoder row has cosine > 0.9, with EV and the never-fired share on fresh rows. No tuning per shape.
 This is a benchmark that prints numbers (docs/quality.md), not a test; test_all.py runs a small
@@ -19,56 +18,16 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-from safetensors.torch import save_file
-
-import flags
 import metrics
+from extras import flags, synthetic
 from formats import load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXPANSION = 16  # planted directions (and SAE features) per model dimension
-SCALE = 7.0  # real activations are neither unit-norm ...
-OFFSET = 1.0  # ... nor centred: an offset of this x the mean signal norm
-
-
-def directions(d, seed=0):
-    """(F, D) unit directions, F = 16 D, and the offset (D,) every row carries."""
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.nn.functional.normalize(torch.randn(EXPANSION * d, d, generator=g), dim=1)
-    return dirs, torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
-
-
-def rows(dirs, offset, k, n, seed, chunk=65_536):
-    """(n, D): SCALE * (sum of k random directions times Exp(1) magnitudes + offset)."""
-    g = torch.Generator().manual_seed(seed)
-    signal = (2 * k) ** 0.5  # E||sum of k Exp(1)-weighted unit vectors|| for near-orthogonal ones
-    out = []
-    for i in range(0, n, chunk):
-        m = min(chunk, n - i)
-        idx = torch.randint(len(dirs), (m, k), generator=g)  # (m, K); a repeat just adds up
-        mag = -torch.rand(m, k, generator=g).log()  # (m, K) ~ Exp(1)
-        out.append(SCALE * (torch.einsum("mk,mkd->md", mag, dirs[idx]) + OFFSET * signal * offset))
-    return torch.cat(out)
-
-
-def recovered(sae, dirs, threshold=0.9):
-    """Share of planted directions whose nearest decoder row has cosine > threshold."""
-    cos = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1) @ dirs.T  # (F, F')
-    return (cos.max(dim=0).values > threshold).float().mean().item()
-
-
-def make_data(d, k, tokens, folder):
-    """(training file for --activations, 100K fresh held-out rows, directions) for one shape."""
-    dirs, offset = directions(d)
-    path = os.path.join(folder, f"train-{d}.safetensors")
-    save_file({"activations": rows(dirs, offset, k, tokens, seed=1)}, path)
-    return path, rows(dirs, offset, k, 100_000, seed=2), dirs
 
 
 def train_flags(path, k, tokens, folder):
     """train.py's defaults but for the data, the width, K and the budget."""
-    return ["--activations", path, "--expansion", str(EXPANSION), "--k", str(k),
+    return ["--activations", path, "--expansion", str(synthetic.EXPANSION), "--k", str(k),
             "--total-tokens", str(tokens), "--out", folder, "--seed", "0"]
 
 
@@ -76,13 +35,13 @@ def score(checkpoint, held, dirs):
     """(recovered, EV, never-fired share) of a trained checkpoint on held-out planted rows."""
     sae, _ = load_checkpoint(checkpoint)
     m = metrics.reconstruction_metrics(sae, held)
-    return recovered(sae, dirs), m["explained_variance"], m["dead_frac"]
+    return synthetic.recovered(sae, dirs), m["explained_variance"], m["dead_frac"]
 
 
 def train_and_score(d, k, tokens, tp, folder):
     """Train on planted rows with train.py's defaults (a process, or tp under torchrun);
     (recovered, EV, never-fired share, the budget rule it printed)."""
-    path, held, dirs = make_data(d, k, tokens, folder)
+    path, held, dirs = synthetic.make_data(d, k, tokens, folder)
     cmd = [sys.executable, os.path.join(HERE, "train.py")]
     if tp > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp)]
@@ -113,9 +72,9 @@ def main(argv=None):
             d, k = (int(v) for v in shape.split(":"))
             for tp in args.tp:
                 rec, ev, dead, rule = train_and_score(d, k, args.tokens, tp, folder)
-                print(f"{d:>4} {EXPANSION * d:>5} {k:>3} {tp:>3} {rec:>10.3f} {ev:>7.3f} "
-                      f"{100 * dead:>11.1f}%   {rule.partition(': ')[2].split(' (')[0]}",
-                      flush=True)
+                chosen = rule.partition(": ")[2].split(" (")[0]
+                print(f"{d:>4} {synthetic.EXPANSION * d:>5} {k:>3} {tp:>3} {rec:>10.3f} "
+                      f"{ev:>7.3f} {100 * dead:>11.1f}%   {chosen}", flush=True)
 
 
 if __name__ == "__main__":

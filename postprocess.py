@@ -9,12 +9,12 @@
 3. JumpReLU: one global theta such that, on training-distribution tokens, K features fire per
    token on average; at inference f_i = h_i if h_i > theta else 0, no TopK needed.
 Steps 1-2 happen as the SAE is loaded (inference.load_sae); this script runs the LM for theta's
-rows on the device and in the precision the SAE trained in (model.placement; --device, --dtype),
-fits theta on float32 pre-activations (bf16 ones tie: a tie at theta flips a whole bin) and
-writes the file.
+rows on the device and in the precision the SAE trained in (inference.placement; --device,
+--dtype), fits theta on float32 pre-activations (bf16 ones tie: a tie at theta flips a whole
+bin) and writes the file.
 The folded file keeps K, so it can still be run in TopK mode (evaluate.py --mode topk). A
 released SAE is saved in our format with the authors' theta. --export-saelens writes SAELens's
-format (interop.py).
+format (extras/interop.py).
 """
 import argparse
 import os
@@ -22,12 +22,10 @@ import sys
 
 import torch
 
-import activations
-import flags
 import formats
 import inference
-import interop
 import model
+from extras import activations, flags, interop
 
 
 def get_args(argv=None):
@@ -48,31 +46,32 @@ def get_args(argv=None):
                         "sae_weights.safetensors, sparsity.safetensors)")
     p.add_argument("--architecture", choices=["jumprelu", "topk"], default="jumprelu",
                    help="SAELens architecture for --export-saelens (Vanilla SAEs: standard)")
-    model.placement_args(p)
+    inference.placement_args(p)
     return flags.parse(p, argv, {"tokens": "[1, inf)"})
 
 
-def needs_lm(args, config, rows):
-    """Whether this run needs the LM (rows: theta or firing counts are wanted), checked before
-    any slow work: the training rows come from it unless --activations, a transcoder's export
-    needs its RMSNorm gain."""
-    from_text = rows and not args.activations
-    gain = args.export_saelens and model.is_transcoder(config["site"]) \
-        and not config.get("tc_input_before_gain")
-    if (from_text or gain) and not config.get("model_name"):
-        raise ValueError("trained on --activations: give --activations FILE to fit theta" if
-                         not gain else "--export-saelens of a transcoder needs its LM's "
-                         "RMSNorm gain: give --model (it was trained on --activations)")
+def needs_lm(args, config, needs_rows):
+    """Whether this run needs the LM (needs_rows: theta or firing counts are wanted), checked
+    before any slow work: the training rows come from it unless --activations, a transcoder's
+    export needs its RMSNorm gain."""
+    from_text = needs_rows and not args.activations
+    tc_export = args.export_saelens and model.is_transcoder(config["site"])
+    gain = tc_export and not config.get("tc_input_before_gain")
+    if gain and not config.get("model_name"):
+        raise ValueError("--export-saelens of a transcoder needs its LM's RMSNorm gain: give "
+                         "--model (it was trained on --activations)")
+    if from_text and not config.get("model_name"):
+        raise ValueError("trained on --activations: give --activations FILE to fit theta")
     return bool(from_text or gain)
 
 
 def inputs(args, sae, config, lm, tok):
     """Raw SAE inputs from the training distribution: to fit theta and count firing frequency."""
     if args.activations:
-        key = (config["layer"], config["site"])
-        rows = activations.activation_rows(args.activations, key, args.tokens)
+        place = (config["layer"], config["site"])
+        rows = activations.activation_rows(args.activations, place, args.tokens)
     else:
-        rows = inference.training_rows(lm, tok, config, sae.d_model, args.tokens)
+        rows = inference.training_rows(lm, tok, config, args.tokens)
     return model.in_out(rows, sae.d_model)[0]
 
 
@@ -86,26 +85,30 @@ def tc_gain(config, lm, d_model):
 
 def postprocess(args):
     """Fit theta (step 3) and write the file; export to SAELens when asked."""
-    sae, config, (args.device, args.dtype, note) = inference.load_sae(
+    sae, config, (args.device, args.dtype, note) = interop.load_sae(
         args.checkpoint, args.model, args.device, args.dtype)
     ours = os.path.isfile(args.checkpoint)
     folded = config.get("folded")  # the file is post-processed already (a released one is)
     if ours and folded and not args.export_saelens:
         raise ValueError(f"{args.checkpoint} is already post-processed")
-    stem = args.checkpoint.removesuffix(".safetensors") if ours else \
-        formats.sae_name(args.checkpoint)
+    stem = formats.sae_name(args.checkpoint)
+    if ours:
+        stem = args.checkpoint.removesuffix(".safetensors")
     out = args.out or stem + "-JumpReLU.safetensors"
     if os.path.abspath(out) == os.path.abspath(args.checkpoint):
         raise ValueError(f"--out {out} would overwrite the input")
-    rows = args.export_saelens or not folded  # theta and/or firing counts
+    needs_rows = args.export_saelens or not folded  # theta and/or firing counts
     print(f"running on {args.device} in {args.dtype} ({note})")
-    lm, tok = None, None
-    if needs_lm(args, config, rows):  # loaded once: the rows and a transcoder's gain
+    lm = None
+    tok = None
+    if needs_lm(args, config, needs_rows):  # loaded once: the rows and a transcoder's gain
         lm = model.load_lm(config["model_name"], args.device, getattr(torch, args.dtype))
-        tok = None if args.activations else model.load_tokenizer(config["model_name"])
-    tc = args.export_saelens and model.is_transcoder(config["site"])
-    gain = tc_gain(config, lm, sae.d_model).to(sae.W_enc) if tc else None
-    x = inputs(args, sae, config, lm, tok) if rows else None
+        if not args.activations:
+            tok = model.load_tokenizer(config["model_name"])
+    gain = None
+    if args.export_saelens and model.is_transcoder(config["site"]):
+        gain = tc_gain(config, lm, sae.d_model).to(sae.W_enc)
+    x = inputs(args, sae, config, lm, tok) if needs_rows else None
     del lm
     if not folded:
         config = dict(config, folded=True)

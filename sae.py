@@ -2,9 +2,8 @@
 
     h = ReLU(W_enc x + b_enc);  keep the K largest h_i * ||W_dec[i]||;  x_hat = W_dec^T f + b_dec
 
-The math only: the schedules are recipe.py's, folding and JumpReLU inference.py's, sharding
-parallel.py's, files formats.py's. Shapes: N rows, D model width, F features, K active.
-"""
+The math only: schedules are recipe.py's, folding and JumpReLU inference.py's, sharding
+parallel.py's, files formats.py's. Shapes: N rows, D model width, F features, K active."""
 import math
 
 import torch
@@ -12,17 +11,19 @@ import torch.nn.functional as F
 
 
 class TopKEncode(torch.autograd.Function):
-    """(values, indices), each (N, K): the K features with the largest h_i * s_i,
-    h = ReLU(W_enc x + b_enc) and s_i the rank scale (the decoder norm). Same result as
-    `SAE.forward_dense`, but the backward touches only the N*K selected entries: no (N, F) gradient
-    is ever made (2*N*K*D flops, not 2*N*F*D). Scaling the encoder rows by s > 0 before the matmul
-    ranks h_i * s_i without an (N, F) multiply."""
+    """(values, indices), each (N, K): the K features with the largest h_i * s_i, h = ReLU(W_enc
+    x + b_enc), s_i the decoder norm. As `SAE.forward_dense`, but the backward touches only the
+    N*K selected entries: no (N, F) gradient is made (2*N*K*D flops, not 2*N*F*D)."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, scale, k, select):
-        score = torch.addmm(b_enc * scale, x, (W_enc * scale[:, None]).T)  # (N, F) = h_i * s_i
-        top, idx = select(score, k)  # (N, K); ReLU is monotone: select first
-        vals = (top / scale[idx]).clamp_(min=0)  # (N, K): h_i, kept unscaled (eq. 5)
+        # 1. score every feature: scaling the encoder rows by s > 0 before the matmul ranks
+        #    h_i * s_i without an (N, F) multiply
+        score = torch.addmm(b_enc * scale, x, (W_enc * scale[:, None]).T)  # (N, F)
+        # 2. keep the K best (ReLU is monotone, so selecting before it gives the same set)
+        top, idx = select(score, k)  # (N, K)
+        # 3. undo the scale: the kept value is h_i itself (eq. 5), ReLU applied
+        vals = (top / scale[idx]).clamp_(min=0)  # (N, K)
         ctx.save_for_backward(x, idx, vals)
         ctx.n_features = W_enc.shape[0]
         return vals, idx
@@ -30,61 +31,63 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals, grad_idx):
         x, idx, vals = ctx.saved_tensors
-        g = grad_vals * (vals > 0)  # (N, K): ReLU'
-        # grad W_enc[i] = sum of g_nk x_n over the (n, k) where feature i is active: the same form
-        # as the gradient embedding_bag gives its weight, so its fused CPU/GPU kernel computes it
-        # (about 2x faster than a sparse COO matmul here); x takes the place of the output
-        # gradient.
+        # 1. the gradient reaching each kept h_i, through ReLU'
+        g = grad_vals * (vals > 0)  # (N, K)
+        # 2. grad W_enc[i] = sum of g_nk x_n over the (n, k) where feature i is active: the
+        #    gradient embedding_bag gives its weight has that form, so its fused kernel computes
+        #    it (about 2x faster than a sparse COO matmul here), with x as the output gradient
         with torch.enable_grad():
             W = torch.zeros(ctx.n_features, x.shape[1], device=x.device, dtype=g.dtype,
                             requires_grad=True)  # g: the values' dtype (bf16 x, fp32 weights)
             out = F.embedding_bag(idx, W, per_sample_weights=g, mode="sum")
             grad_W, = torch.autograd.grad(out, W, grad_outputs=x.to(g.dtype))  # (F, D)
+        # 3. grad b_enc[i] = sum of g over the rows where feature i is active
         grad_b = torch.zeros(ctx.n_features, device=x.device, dtype=g.dtype)
         grad_b.index_add_(0, idx.flatten(), g.flatten())  # (F,)
         return None, grad_W, grad_b, None, None, None
 
 
-def local_topk(score, k):
-    """The selection of eq. 5 on one device. parallel.py swaps in an exact sharded one, which
-    returns 0 in place of the entries that lost to another shard's features."""
-    return score.topk(k, dim=-1, sorted=False)
-
-
 class SAE(torch.nn.Module):
-    """TopK:    h = ReLU(W_enc x + b_enc); keep the K largest h_i * ||W_dec[i]||, f = h there,
-                0 elsewhere
+    """TopK:    h = ReLU(W_enc x + b_enc); keep the K largest h_i ||W_dec[i]||, f = h there, else 0
        Vanilla: f = ReLU(W_enc x + b_enc), loss adds l1_coef * sum_i f_i * ||W_dec[i]||
        x_hat = W_dec^T f + b_dec, trained on normalized data: x * S_in in, target * S_out out.
 
-    W_enc (F, D), b_enc (F), W_dec (F, D), b_dec (D). W_dec is stored with one ROW per feature (the
-    paper's column W_dec[:, i]) so the sparse decoder gathers contiguous rows; checkpoints use the
-    released (D, F) layout. Decoder norms are never renormalized during training: they enter the
-    ranking instead (§2.4). A transcoder is the same map with a target other than its input.
-    S_in = sqrt(D) / E||x_in||, S_out = sqrt(D) / E||x_out|| (§3.3.3): one scalar each, kept as
-    the dataset average norms `norm_in`, `norm_out` (0 until `set_norms_` sees data).
-    `compute_dtype` (e.g. bfloat16, the paper's GPU precision): the matmuls run in it (autocast)
-    while the parameters, their gradients and Adam's state keep their own dtype (float32). Pure
-    bf16 parameters would round away any update below ~2^-9 of a weight (docs/precision.md)."""
+    W_enc (F, D), b_enc (F), W_dec (F, D): one ROW per feature (the paper's column W_dec[:, i]),
+    so the sparse decoder gathers contiguous rows; b_dec (D). Decoder norms are never
+    renormalized in training: they enter the ranking (§2.4). A transcoder is the same map with
+    another target. S_in = sqrt(D) / E||x_in||, S_out = sqrt(D) / E||x_out|| (§3.3.3), from the
+    dataset norms `norm_in`, `norm_out`. The matmuls run in `compute_dtype` (e.g. bfloat16) while
+    the weights and Adam's state stay float32 (bf16 weights lose small updates: docs/precision.md).
+    parallel.py replaces `select` and `reduce` to shard F over devices."""
 
     def __init__(self, d_model, n_features, act="topk", k=50, transcoder=False,
                  init_decoder_norm=None, rank_by_decoder_norm=True, threshold=None):
         super().__init__()
         assert act in ("topk", "vanilla", "jumprelu")
-        self.d_model, self.n_features, self.act, self.k = d_model, n_features, act, k
+        self.d_model = d_model
+        self.n_features = n_features
+        self.act = act
+        self.k = k
         self.threshold = threshold  # JumpReLU (inference.py): f_i = h_i if h_i > theta
-        self.transcoder, self.rank_by_decoder_norm = transcoder, rank_by_decoder_norm
+        self.transcoder = transcoder
+        self.rank_by_decoder_norm = rank_by_decoder_norm
         self.W_enc = torch.nn.Parameter(torch.empty(n_features, d_model))
         self.b_enc = torch.nn.Parameter(torch.zeros(n_features))
         self.W_dec = torch.nn.Parameter(torch.empty(n_features, d_model))
         self.b_dec = torch.nn.Parameter(torch.zeros(d_model))
         self.register_buffer("norm_in", torch.zeros(()))
         self.register_buffer("norm_out", torch.zeros(()))
-        # how a shard of F joins the others (parallel.py); one device: plain TopK, no reduction
-        self.select, self.reduce = local_topk, lambda partial: partial
         self.compute_dtype = None  # None: the parameters' dtype
         self.init_decoder_norm = init_decoder_norm or math.sqrt(2 * d_model / n_features)
         self.init_(self.init_decoder_norm)
+
+    def select(self, score, k):
+        """The selection of eq. 5: (values, indices) of the K best scores (N, K) per row."""
+        return score.topk(k, dim=-1, sorted=False)
+
+    def reduce(self, partial):
+        """The decoded sum (N, D) over all features: on one device, what it computed."""
+        return partial
 
     @torch.no_grad()
     def init_(self, norm):
@@ -100,17 +103,17 @@ class SAE(torch.nn.Module):
 
     @torch.no_grad()
     def set_norms_(self, x_in, x_out, mean=lambda x: x.mean(0), center=False):
-        """Dataset-wise normalization from a sample of rows (the first buffer fill); `mean` over
-        every rank's rows in parallel.py. center: also start b_dec at the mean target and b_enc
-        at -W_enc S_in E[x_in], so every feature starts reading x - E[x] (the authors' library's
-        `bias_init_method`; the paper starts both biases at 0)."""
+        """Dataset-wise normalization from a sample of rows (the first fill; `mean` over every
+        rank's). center: b_dec starts at the mean target and b_enc at -W_enc S_in E[x_in], so each
+        feature reads x - E[x] (the authors' library's option; the paper starts both at 0)."""
         self.norm_in.fill_(mean(x_in.float().norm(dim=-1)))
         self.norm_out.fill_(mean(x_out.float().norm(dim=-1)))
         if center:
             s_in, s_out = self.scales()
-            mu_in, mu_out = (mean(x.float()).to(self.b_dec) for x in (x_in, x_out))  # (D,)
-            self.b_dec.copy_(mu_out * s_out)
-            self.b_enc.copy_(-self.W_enc @ (mu_in * s_in))
+            mean_in = mean(x_in.float()).to(self.b_dec)  # (D,)
+            mean_out = mean(x_out.float()).to(self.b_dec)  # (D,)
+            self.b_dec.copy_(mean_out * s_out)
+            self.b_enc.copy_(-self.W_enc @ (mean_in * s_in))
 
     def scales(self):
         """(S_in, S_out): multiply raw activations by these to get the SAE's training space."""
@@ -118,8 +121,8 @@ class SAE(torch.nn.Module):
 
     def rank_scale(self):
         """(F,) what multiplies h_i in the TopK ranking: ||W_dec[i]||, detached (eq. 5)."""
-        if not self.rank_by_decoder_norm:
-            return torch.ones(self.n_features, device=self.W_dec.device, dtype=self.W_dec.dtype)
+        if not self.rank_by_decoder_norm:  # a released SAE may rank by h alone
+            return torch.ones_like(self.b_enc.detach())
         return self.W_dec.detach().norm(dim=1)
 
     def autocast(self):
@@ -128,8 +131,8 @@ class SAE(torch.nn.Module):
         return torch.autocast(self.W_enc.device.type, dtype, enabled=dtype != self.W_enc.dtype)
 
     def pre_acts(self, x, full=False):
-        """(N, F) W_enc x + b_enc, in the compute dtype; full: in the weights' (float32), as
-        JumpReLU's theta is fit and applied: bf16 values tie, and a tie at theta flips whole."""
+        """(N, F) W_enc x + b_enc, in the compute dtype; full: in float32, as JumpReLU's theta is
+        fit and applied (bf16 values tie, and a tie at theta flips whole)."""
         if full:
             return F.linear(x.to(self.W_enc), self.W_enc, self.b_enc)
         with self.autocast():
@@ -171,28 +174,22 @@ class SAE(torch.nn.Module):
 
     def loss(self, x_in, x_out, k=None, l1_coef=0.0, batch_norm_mse=False):
         """Loss and metrics for one minibatch of RAW activations (N, D) each."""
+        # 1. into the training space (§3.3.3)
         s_in, s_out = self.scales()
-        x, y = x_in.to(self.W_enc.dtype) * s_in, x_out.to(self.W_enc.dtype) * s_out
+        x = x_in.to(self.W_enc.dtype) * s_in
+        y = x_out.to(self.W_enc.dtype) * s_out
+        # 2. encode and decode
         x_hat, f = self(x, k)
+        # 3. the squared error, elementwise mean over N and D
         err = (x_hat - y).pow(2)  # (N, D)
         if batch_norm_mse:  # released code: each row's error over the norm of its centred target
             err = err / (y - y.mean(0)).norm(dim=-1, keepdim=True)
-        mse = err.mean()  # elementwise mean over N and D
-        out = {"mse": mse.detach(),
-               "ev": 1 - (x_hat - y).pow(2).sum().detach() / y.pow(2).sum(),  # eq. 6, batch total
-               "fired": firing_counts(f, self.n_features) > 0}
+        mse = err.mean()
+        # 4. Vanilla's sparsity penalty on f_i ||W_dec[i]|| (§4.2); TopK needs none
+        l1 = mse.new_zeros(())
+        if self.act == "vanilla":
+            l1 = l1_coef * (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         active = (f[0] if isinstance(f, tuple) else f) > 0
-        out["l0"] = active.float().sum(-1).mean()
-        out["l1"] = mse.new_zeros(()) if self.act != "vanilla" else \
-            l1_coef * (f * self.W_dec.norm(dim=1)).sum(-1).mean()  # L1 on f_i ||W_dec[i]|| (§4.2)
-        out["loss"] = mse + out["l1"]
-        return out
-
-
-def firing_counts(f, n_features):
-    """(F,) how many rows of this batch each feature fired on, from (values, indices) or
-    dense f."""
-    if isinstance(f, tuple):
-        vals, idx = f
-        return torch.bincount(idx[vals > 0], minlength=n_features)
-    return (f > 0).sum(0)
+        return {"loss": mse + l1, "mse": mse.detach(), "l1": l1,
+                "ev": 1 - (x_hat - y).pow(2).sum().detach() / y.pow(2).sum(),  # eq. 6, batch
+                "l0": active.float().sum(-1).mean(), "f": f}

@@ -6,7 +6,7 @@ protocol (sae_bench 0.6.0, evals/core/main.py, with CoreEvalConfig's defaults) o
 - held-out documents packed as SAELens's ActivationsStore packs them: contexts of 128 tokens,
   each led by BOS, documents joined by BOS, a long one running on into the next context;
 - batches of 16 contexts; BOS, EOS and PAD ignored (SAEBench's ignore_tokens), no other rule
-  (our evaluation's massive-activation limit does not apply here);
+  (our evaluation's outlier norm limit does not apply here);
 - per batch the LM runs clean, with the SAE's reconstruction in place of the site at every
   non-ignored position, and with the site zeroed at EVERY position (its ablation baseline);
   KL over every position, CE over every prediction, both at non-ignored inputs;
@@ -18,6 +18,7 @@ differs from running sae_bench itself is listed in DIFFERENCES and written into 
 eval_config. Our own evaluation (metrics.py: padded documents, §4 of the paper) is separate.
 Shapes: N rows, D model width, F features, V vocabulary, B contexts, T tokens.
 """
+import dataclasses
 import itertools
 import json
 import math
@@ -29,15 +30,15 @@ import torch.nn.functional as F
 
 import data
 import model
-from metrics import forward_raw, kl_sum
-from sae import firing_counts
+from metrics import firing_counts, raw_forward
 
 PRODUCER = "llama-scope evaluate.py --saebench-json (SAEBench core protocol; not sae_bench code)"
-CONTEXT, PROMPTS = 128, 16  # CoreEvalConfig's context_size and batch_size_prompts
+CONTEXT = 128  # CoreEvalConfig's context_size ...
+PROMPTS = 16  # ... and batch_size_prompts
 DIFFERENCES = (
     "documents: the held-out split of `dataset` in data.py's seeded order, not "
     "dataset.shuffle(seed=42); the LM: transformers' Llama, not TransformerLens's "
-    "HookedTransformer (on SmolLM2 every metric agreed within 2e-7 with sae_bench run on one); "
+    "HookedTransformer (docs/saebench.md compares the two); "
     "a transcoder (TC) reads the MLP input and replaces the MLP output")
 
 
@@ -73,50 +74,57 @@ def n_batches(n_tokens):
 def batches(tok, dataset, n_batches):
     """n_batches (PROMPTS, CONTEXT) token batches of the held-out split, packed; at its end the
     split is read again from the start, as SAELens's get_batch_tokens does."""
-    out, epoch_yielded = [], True
+    contexts = []
     while n_batches > 0:
-        if not epoch_yielded:  # a whole pass gave not one context
-            raise data.no_tokens()
         docs = (tok(d, add_special_tokens=False)["input_ids"]
                 for d in data.iter_documents(dataset, "eval", epochs=1))
-        epoch_yielded = False
+        made = 0  # contexts of this pass over the split
         for ctx in packed_contexts(docs, tok.bos_token_id):
-            out.append(ctx)
-            epoch_yielded = True
-            if len(out) == PROMPTS:
-                yield torch.tensor(out)
-                out, n_batches = [], n_batches - 1
+            contexts.append(ctx)
+            made += 1
+            if len(contexts) == PROMPTS:
+                yield torch.tensor(contexts)
+                contexts = []
+                n_batches -= 1
                 if n_batches == 0:
                     return
+        if made == 0:  # a whole pass gave not one context
+            raise data.no_tokens()
+
+
+def kl_sum(lp_clean, logits):
+    """Summed KL(clean || patched) of next-token distributions over the rows of lp_clean (N, V)
+    (clean log-probabilities) and the patched logits (N, V)."""
+    return (lp_clean.exp() * (lp_clean - F.log_softmax(logits.float(), -1))).sum().item()
+
+
+@dataclasses.dataclass
+class Result:
+    """What one `evaluate` pass measured."""
+    core: "Core"  # the sparsity and variance metrics
+    ce: dict  # mean CE: {"clean", "sae", "ablated"}
+    kl: dict  # mean KL(clean || patched): {"sae", "ablated"}
 
 
 @torch.no_grad()
-def evaluate(lm, tok, sae, config, dataset, n_batches, stream=None):
-    """SAEBench's core eval (run_evals): CE and KL over n_batches batches, then the sparsity
-    and variance metrics over the NEXT n_batches (sae_bench calls reset_input_dataset between
-    them, but SAELens's packed-context generator reads on, so it sees new batches). stream: an
-    iterable of (B, T) token batches instead of the held-out split's. Returns (Core, mean CE
-    {"clean", "sae", "ablated"}, mean KL {"sae", "ablated"}); sae in inference form, for this
-    LM (inference.for_lm)."""
-    key = (config["layer"], config["site"])
+def evaluate(lm, tok, sae, config, batches, n_batches):
+    """SAEBench's core eval (run_evals) over an iterable of (B, T) token batches (`batches` of
+    the held-out split): CE and KL over n_batches of them, then the sparsity and variance
+    metrics over the NEXT n_batches (sae_bench calls reset_input_dataset between them, but
+    SAELens's packed-context generator reads on, so it sees new batches). sae in inference form,
+    for this LM (inference.for_lm). Returns a Result."""
+    place = (config["layer"], config["site"])
     ignore = torch.tensor(sorted({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} -
                                  {None}), device=lm.device)
-    stream = iter(stream if stream is not None else batches(tok, dataset, 2 * n_batches))
-    core, sums, n_ce, n_kl = Core(sae.n_features), dict.fromkeys(
-        ["clean", "sae", "ablated", "kl_sae", "kl_ablated"], 0.0), 0, 0
+    stream = iter(batches)
+    core = Core(sae.n_features)
+    sums = dict.fromkeys(["clean", "sae", "ablated", "kl_sae", "kl_ablated"], 0.0)
+    n_ce = 0
+    n_kl = 0
     for ids in itertools.islice(stream, n_batches):  # reconstruction: CE and KL
         ids = ids.to(lm.device)
         keep = ~torch.isin(ids, ignore)  # (B, T)
-
-        def spliced(x_in, x_out):  # exclude_special_tokens_from_reconstruction
-            x_hat = forward_raw(sae, x_in.flatten(0, 1))[0].view_as(x_out)
-            return torch.where(keep[..., None], x_hat.to(x_out.dtype), x_out)
-        logits = {}
-        for name, fn in (("clean", lambda x_in, x_out: x_out), ("sae", spliced),
-                         ("ablated", lambda x_in, x_out: torch.zeros_like(x_out))):
-            with model.splice(lm, *key, fn):
-                logits[name] = lm(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  use_cache=False).logits.float()
+        logits = three_logits(lm, sae, place, ids, keep)
         scored = keep[:, :-1]  # CE of position t predicting t+1, t not ignored
         lp_clean = F.log_softmax(logits["clean"][keep], -1)  # KL at every kept position
         for name, lg in logits.items():
@@ -124,21 +132,45 @@ def evaluate(lm, tok, sae, config, dataset, n_batches, stream=None):
                                           reduction="sum").item()
             if name != "clean":
                 sums["kl_" + name] += kl_sum(lp_clean, lg[keep])
-        n_ce, n_kl = n_ce + scored.sum().item(), n_kl + keep.sum().item()
+        n_ce += scored.sum().item()
+        n_kl += keep.sum().item()
         core.recon_batches += 1
         core.recon_tokens += ids.numel()
     for ids in itertools.islice(stream, n_batches):  # sparsity and variance
         ids = ids.to(lm.device)
         keep = ~torch.isin(ids, ignore)
-        x_in, x_out = (x[keep] for x in model.capture(lm, ids, torch.ones_like(ids), [key])[key])
-        x_hat, f = forward_raw(sae, x_in)
+        x_in, x_out = model.capture(lm, ids, torch.ones_like(ids), [place])[place]
+        x_hat, f = raw_forward(sae, x_in[keep])
         seq = torch.arange(core.contexts, core.contexts + len(ids), device=ids.device)
-        core.add(x_out, x_hat, f, seq[:, None].expand_as(keep)[keep])
-        core.contexts, core.tokens = core.contexts + len(ids), core.tokens + ids.numel()
+        core.add(x_out[keep], x_hat, f, seq[:, None].expand_as(keep)[keep])
+        core.contexts += len(ids)
+        core.tokens += ids.numel()
     if core.batches == 0 or n_ce == 0:
         raise data.no_tokens()
-    return core, {k: sums[k] / n_ce for k in ("clean", "sae", "ablated")}, \
-        {k: sums["kl_" + k] / n_kl for k in ("sae", "ablated")}
+    ce = {key: sums[key] / n_ce for key in ("clean", "sae", "ablated")}
+    kl = {key: sums["kl_" + key] / n_kl for key in ("sae", "ablated")}
+    return Result(core, ce, kl)
+
+
+def three_logits(lm, sae, place, ids, keep):
+    """{clean, sae, ablated}: the logits (B, T, V) with the site as it is, the SAE's
+    reconstruction in its place at the kept positions (exclude_special_tokens_from_
+    reconstruction), and the site zeroed at every position (SAEBench's ablation)."""
+    def clean(x_in, x_out):
+        return x_out
+
+    def spliced(x_in, x_out):
+        x_hat, _ = raw_forward(sae, x_in.flatten(0, 1))
+        return torch.where(keep[..., None], x_hat.view_as(x_out).to(x_out.dtype), x_out)
+
+    def ablated(x_in, x_out):
+        return torch.zeros_like(x_out)
+    logits = {}
+    for name, patch in (("clean", clean), ("sae", spliced), ("ablated", ablated)):
+        with model.splice(lm, *place, patch):
+            logits[name] = lm(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              use_cache=False).logits.float()
+    return logits
 
 
 class Core:
@@ -146,10 +178,14 @@ class Core:
     target activation (N, D), x_hat the reconstruction, f the feature activations."""
 
     def __init__(self, n_features):
-        self.n, self.batches, self.contexts, self.tokens, self.sums = 0, 0, 0, 0, dict.fromkeys(
-            ["mse", "cossim", "l2_in", "l2_out", "l2_ratio", "ev_legacy", "l0", "l1", "rrb",
-             "sq", "sse"], 0.0)
-        self.recon_batches = self.recon_tokens = 0  # CE and KL's batches (others: sparsity's)
+        self.n = 0  # rows
+        self.batches = 0  # of the sparsity and variance metrics
+        self.contexts = 0
+        self.tokens = 0
+        self.sums = dict.fromkeys(["mse", "cossim", "l2_in", "l2_out", "l2_ratio", "ev_legacy",
+                                   "l0", "l1", "rrb", "sq", "sse"], 0.0)
+        self.recon_batches = 0  # CE and KL's batches ...
+        self.recon_tokens = 0  # ... and their tokens
         self.sq_per_dim = 0.0  # sum over batches of mean_t x^2, averaged over D (for EV)
         self.fired = torch.zeros(n_features, dtype=torch.float64)  # activations > 0, per feature
         self.pairs = set()  # (sequence, feature) pairs with a firing: "prompts" per feature
@@ -157,9 +193,11 @@ class Core:
     @torch.no_grad()
     def add(self, x, x_hat, f, seq):
         """One batch: x, x_hat (N, D); f (values, indices) or dense (N, F); seq (N,) ids."""
-        x, x_hat = x.double(), x_hat.double()
+        x = x.double()
+        x_hat = x_hat.double()
         sse = (x - x_hat).pow(2).sum(-1)  # (N,)
-        nx, nh = x.norm(dim=-1), x_hat.norm(dim=-1)
+        nx = x.norm(dim=-1)
+        nh = x_hat.norm(dim=-1)
         s = self.sums
         s["mse"] += (sse / len(x)).sum().item()  # SAEBench: / tokens in the batch, not / D
         s["cossim"] += ((x * x_hat).sum(-1) / (nx * nh)).sum().item()
@@ -171,7 +209,7 @@ class Core:
         s["sq"] += nx.pow(2).mean().item()  # SAEBench's EV: batch means of ||x||^2 ...
         self.sq_per_dim += x.pow(2).mean().item()  # ... and of x^2 per element (as written)
         s["sse"] += sse.mean().item()
-        vals, idx = f if isinstance(f, tuple) else (f, None)
+        vals, idx = f if isinstance(f, tuple) else (f, None)  # TopK's (N, K) or dense (N, F)
         s["l0"] += (vals != 0).sum().item()
         s["l1"] += vals.sum().item()  # SAEBench: no abs
         self.fired += firing_counts(f, len(self.fired)).double().cpu()
@@ -182,7 +220,9 @@ class Core:
         self.batches += 1
 
     def metrics(self):
-        s, n, b = self.sums, self.n, self.batches
+        s = self.sums
+        n = self.n
+        b = self.batches
         # SAEBench's batched EV: mean ||x||^2 minus the square of the mean x^2 per element
         total_variance = s["sq"] / b - (self.sq_per_dim / b) ** 2
         density = self.fired / n
@@ -207,33 +247,38 @@ def max_cosine(W, chunk=4096):
     return torch.cat(out)
 
 
-def write(path, core, ce, kl, sae, config, dtype, dataset, details=False):
-    """SAEBench's core results file for one `evaluate` pass (core, ce, kl), sae in inference form
+def write(path, result, sae, config, about, details=False):
+    """SAEBench's core results file for one `evaluate` pass (a Result), sae in inference form
     (inference.load_sae), so l1 and the per-feature values are those of the folded features, as
-    in its SAELens export."""
+    in its SAELens export; about: the LM's dtype (`llm_dtype`) and the `dataset` read."""
     eval_config = dict(
-        model_name=config["model_name"], llm_dtype=dtype, batch_size_prompts=PROMPTS,
-        n_eval_reconstruction_batches=core.recon_batches,
-        n_eval_sparsity_variance_batches=core.batches, dataset=dataset, context_size=CONTEXT,
+        model_name=config["model_name"], llm_dtype=about["llm_dtype"],
+        batch_size_prompts=PROMPTS, n_eval_reconstruction_batches=result.core.recon_batches,
+        n_eval_sparsity_variance_batches=result.core.batches, dataset=about["dataset"],
+        context_size=CONTEXT,
         compute_kl=True, compute_ce_loss=True, compute_l2_norms=True,
         compute_sparsity_metrics=True, compute_variance_metrics=True,
         compute_featurewise_density_statistics=True,
         compute_featurewise_weight_based_metrics=True,
         exclude_special_tokens_from_reconstruction=True, verbose=False,
         differences_from_sae_bench=DIFFERENCES)
-    result = output(core, ce, kl, sae, dict(config, folded=True), eval_config, details)
+    out = output(result, sae, dict(config, folded=True), eval_config, details)
     with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(out, f, indent=2)
 
 
-def output(core, ce, kl, sae, config, eval_config, details=False):
-    """The CoreEvalOutput JSON (a dict). ce: {"clean", "sae", "ablated"} mean CE; kl: {"sae",
-    "ablated"} mean KL; sae in raw space (weight metrics use its own weights)."""
-    metrics, density = core.metrics()
-    enc_max, dec_max = max_cosine(sae.W_enc.detach()), max_cosine(sae.W_dec.detach())
+def output(result, sae, config, eval_config, details=False):
+    """The CoreEvalOutput JSON (a dict) of a Result; sae in raw space (the weight metrics use
+    its own weights)."""
+    core = result.core
+    ce = result.ce
+    kl = result.kl
+    result_metrics, density = core.metrics()
+    enc_max = max_cosine(sae.W_enc.detach())
+    dec_max = max_cosine(sae.W_dec.detach())
     over = {p: density > p / 100 for p in (1, 10)}
     total = density.sum().item()
-    metrics.update(
+    result_metrics.update(
         model_behavior_preservation={"kl_div_score": (kl["ablated"] - kl["sae"]) / kl["ablated"],
                                      "kl_div_with_ablation": kl["ablated"],
                                      "kl_div_with_sae": kl["sae"]},
@@ -251,10 +296,13 @@ def output(core, ce, kl, sae, config, eval_config, details=False):
                       "average_max_encoder_cosine_sim": enc_max.mean().item(),
                       "average_max_decoder_cosine_sim": dec_max.mean().item(),
                       "frac_alive": (density > 0).double().mean().item()})
+    per_feature = []
+    if details:
+        per_feature = feature_details(core, sae, density, enc_max, dec_max)
     out = {"eval_type_id": "core", "eval_config": eval_config, "eval_id": str(uuid.uuid4()),
-           "datetime_epoch_millis": int(time.time() * 1000), "eval_result_metrics": metrics,
-           "eval_result_details": feature_details(core, sae, density, enc_max, dec_max)
-           if details else [], "eval_result_unstructured": None,
+           "datetime_epoch_millis": int(time.time() * 1000),
+           "eval_result_metrics": result_metrics,
+           "eval_result_details": per_feature, "eval_result_unstructured": None,
            "sae_bench_commit_hash": PRODUCER, "sae_lens_id": None, "sae_lens_release_id": None,
            "sae_lens_version": None, "sae_cfg_dict": config}
     return no_nan(out)
@@ -264,7 +312,8 @@ def feature_details(core, sae, density, enc_max, dec_max):
     """Per feature, as SAEBench's eval_result_details."""
     prompts = torch.bincount(torch.tensor([f for _, f in core.pairs], dtype=torch.long),
                              minlength=sae.n_features).double()
-    W_enc, W_dec = sae.W_enc.detach().double(), sae.W_dec.detach().double()  # (F, D) each
+    W_enc = sae.W_enc.detach().double()  # (F, D)
+    W_dec = sae.W_dec.detach().double()  # (F, D)
     cos = F.cosine_similarity(W_enc, W_dec, dim=1)
     return [{"index": i, "feature_density": density[i].item(),
              "consistent_activation_heuristic": (core.fired[i] / prompts[i]).item(),

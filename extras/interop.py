@@ -3,6 +3,7 @@
 - A released Llama Scope SAE: a folder in the released layout (hyperparams.json, lm_config.json,
   checkpoints/final.safetensors), or a Hub reference to one (`[hf://]owner/repo:subfolder`), read
   as trained: weights in the normalized space with the dataset norms and the authors' theta.
+- `load_sae`: any SAE in inference form, ours (inference.load_sae) or released.
 - SAELens: a folded SAE in its on-disk format (cfg.json, sae_weights.safetensors,
   sparsity.safetensors) with a Hugging Face model card (README.md) and our own checkpoint beside.
 Our own checkpoint format is formats.py's. Bad files raise ValueError with a one-line message.
@@ -16,8 +17,9 @@ import torch
 from safetensors import safe_open
 
 import data
+import inference
 import model
-from formats import atomic_save_file, load_tensors_, released_shapes, save_checkpoint, site_name
+from formats import atomic_save_file, load_tensors_, place_name, released_shapes, save_checkpoint
 from sae import SAE
 
 RELEASED_FILES = ("hyperparams.json", "lm_config.json", "checkpoints/final.safetensors")
@@ -27,9 +29,25 @@ OURS = "llama_scope.safetensors"  # our single-file checkpoint inside an export 
 def hub_ref(ref):
     """(repo, subfolder) of `[hf://]owner/repo:subfolder` or `hf://owner/repo/subfolder`, else
     None."""
-    m = re.fullmatch(r"(?:hf://)?([^/:]+/[^/:]+):(.+)", ref) \
-        or re.fullmatch(r"hf://([^/:]+/[^/:]+)/(.+)", ref)
+    m = re.fullmatch(r"(?:hf://)?([^/:]+/[^/:]+):(.+)", ref)
+    m = m or re.fullmatch(r"hf://([^/:]+/[^/:]+)/(.+)", ref)
     return (m[1], m[2].strip("/")) if m else None
+
+
+def load_sae(path, model_name=None, device=None, dtype=None):
+    """(sae, config, (device, dtype, note)) of any SAE in inference form: one of our files
+    (inference.load_sae), or a released one (a folder or a Hub reference), its authors' theta
+    applying. A released SAE counts as post-processed (config `folded`); its weights are folded
+    here. model_name overrides the LM."""
+    if os.path.isfile(path) or not (os.path.isdir(path) or hub_ref(path)):
+        return inference.load_sae(path, model_name, device, dtype)
+    sae, config = read_released(released_folder(path), path)
+    if sae.threshold is not None:
+        sae.act = "jumprelu"
+    config = dict(config, folded=True)
+    if model_name:
+        config["model_name"] = model_name
+    return inference.place_and_fold(sae, config, True, device, dtype)
 
 
 def released_folder(ref):
@@ -41,8 +59,9 @@ def released_folder(ref):
         root = huggingface_hub.snapshot_download(
             repo, allow_patterns=[f"{sub}/{name}" for name in RELEASED_FILES])
     except Exception as e:  # offline, no such repo, gated without a token
+        reason = " ".join(str(e).split())[:300]
         raise ValueError(f"{ref}: download from the Hugging Face Hub failed "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+                         f"({type(e).__name__}: {reason})") from None
     if not os.path.isfile(os.path.join(root, sub, "hyperparams.json")):
         raise ValueError(f"{ref}: the Hub repo {repo} has no {sub}/hyperparams.json")
     return os.path.join(root, sub)
@@ -64,12 +83,16 @@ def read_released(folder, ref=None):
     the LM from lm_config.json."""
     ref = ref or folder
     hp = _read_json(folder, "hyperparams.json", ref)
-    lm = _read_json(folder, "lm_config.json", ref) \
-        if os.path.isfile(os.path.join(folder, "lm_config.json")) else {}
+    lm = {}
+    if os.path.isfile(os.path.join(folder, "lm_config.json")):
+        lm = _read_json(folder, "lm_config.json", ref)
     try:
-        D, F, norms, act = hp["d_model"], hp["d_sae"], hp["dataset_average_activation_norm"], \
-            hp["act_fn"]
-        hooks = hp["hook_point_in"], hp.get("hook_point_out") or hp["hook_point_in"]
+        D = hp["d_model"]
+        F = hp["d_sae"]
+        norms = hp["dataset_average_activation_norm"]
+        act = hp["act_fn"]
+        hook_in = hp["hook_point_in"]
+        hook_out = hp.get("hook_point_out") or hook_in
         theta = float(hp["jump_relu_threshold"]) if act == "jumprelu" else None
         scale_ok = norms["in"] > 0 and norms["out"] > 0
     except (KeyError, TypeError, ValueError) as e:
@@ -83,7 +106,7 @@ def read_released(folder, ref=None):
     if bad:
         raise ValueError(f"{ref}: hyperparams.json {bad[0]} = {hp.get(bad[0])!r} is not "
                          f"supported")
-    layer, site = model.site_of(*hooks)
+    layer, site = model.place_of(hook_in, hook_out)
     path = os.path.join(folder, "checkpoints", "final.safetensors")
     try:
         with safe_open(path, "pt") as f:
@@ -103,7 +126,7 @@ def read_released(folder, ref=None):
                   context_size=hp.get("context_size", 1024),
                   dataset_path=hp.get("dataset_path", data.EMBEDDED_DATASET),
                   outlier_norm_limit=None, released_from=ref,
-                  tc_input_before_gain=model.is_transcoder(site))  # see model.site_of
+                  tc_input_before_gain=model.is_transcoder(site))  # see model.place_of
     return sae, config
 
 
@@ -118,7 +141,7 @@ def export_saelens(sae, config, folder, architecture, freq=None, gain=None):
     Transcoders: `jumprelu_transcoder`, `transcoder` (Vanilla: ReLU), and TopK as `topk` with
     `hook_name_out` (SAELens has no TopK transcoder; d_in = d_out here). They read TransformerLens
     `ln2.hook_normalized` = x / rms(x), as the released ones do, so the RMSNorm gain (D,) our TC
-    input includes is folded into the encoder: W_enc[:, j] * gain_j (model.site_of)."""
+    input includes is folded into the encoder: W_enc[:, j] * gain_j (model.place_of)."""
     assert config.get("folded")
     tc = model.is_transcoder(config["site"])
     architecture = "standard" if sae.act == "vanilla" else architecture
@@ -162,15 +185,17 @@ def export_saelens(sae, config, folder, architecture, freq=None, gain=None):
 def model_card(sae, config, cfg):
     """README.md of an export folder, as the Hugging Face Hub shows it: front matter with
     library_name and tags, what was trained, the held-out numbers, how to load it."""
-    layer, site, tokens = config["layer"], config["site"], config.get("n_training_tokens")
+    layer = config["layer"]
+    site = config["site"]
+    tokens = config.get("n_training_tokens")
     hook_in, hook_out = model.hook_names(layer, site)
     held = config.get("heldout") or {}
     rows = [("explained variance (eq. 6)", "{:.3f}", held.get("explained_variance")),
             ("explained variance, centred", "{:.3f}", held.get("explained_variance_centered")),
             ("L0", "{:.1f}", held.get("l0")), ("never fired", "{:.1%}", held.get("dead_frac")),
             ("held-out tokens", "{:,}", held.get("n_tokens"))]
-    table = "\n".join(f"| {k} | {f.format(v)} |" for k, f, v in rows if v is not None) or \
-        "| (not evaluated at training time: run evaluate.py) | |"
+    table = "\n".join(f"| {k} | {f.format(v)} |" for k, f, v in rows if v is not None)
+    table = table or "| (not evaluated at training time: run evaluate.py) | |"
     hub_id = "/" in (config.get("model_name") or "")  # the Hub wants a real repo id there
     base = f"\nbase_model: {config['model_name']}" if hub_id else ""
     return f"""---
@@ -180,7 +205,7 @@ tags:
 - llama-scope
 - {cfg["architecture"]}{base}
 ---
-# {site_name((layer, site))}-{sae.n_features / sae.d_model:g}x-k{sae.k}: a {cfg["architecture"]} \
+# {place_name((layer, site))}-{sae.n_features / sae.d_model:g}x-k{sae.k}: a {cfg["architecture"]} \
 sparse autoencoder
 
 Trained with a Llama Scope implementation (He et al. 2024, arXiv 2410.20526).

@@ -5,8 +5,8 @@ the N documents where it peaks highest (a window of tokens with the activating t
 per-token activations laid out as in App. D, ready to paste into the monosemanticity rubric
 prompt), and its nearest features by decoder cosine similarity against the Johnson-Lindenstrauss
 baseline eps = sqrt(12 ln F / D): neighbours above it are non-trivially similar (§4.6).
-The metrics are metrics.py's; the scored tokens are data.scored's, as in training and
-evaluation.
+The metrics are metrics.py's; the scored tokens are data.scored_positions', as in training and
+evaluation. The attribution graph's page (extras/graph_page.py) shows the same contexts.
 Shapes: B sequences, T tokens, N rows, D model width, F features.
 """
 import html
@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 import data
 import model
-from formats import site_name
-from tracking import progress
+from formats import place_name
 
-BEFORE, AFTER = 24, 8  # tokens of context shown before and after the activating token
+BEFORE = 24  # tokens of context shown before the activating token ...
+AFTER = 8  # ... and after it
 NEIGHBOURS = 8  # nearest features by decoder cosine shown per feature
 HIST_BINS = 30  # bins of a feature's activation histogram, 0 .. its largest activation
 
@@ -36,19 +36,25 @@ def feature_acts(sae, x_in, feats):
 
 
 @torch.no_grad()
-def feature_pass(lm, tok, sae, config, feats, n_tokens, dataset, lm_batch_size=8):
-    """One pass over held-out documents for every requested feature: [(ids (T,), acts (T, n))]
-    per document (0 at unscored tokens) and the number of scored tokens."""
-    key, docs, n, bar = (config["layer"], config["site"]), [], 0, progress(n_tokens, "features")
-    for input_ids, mask in data.document_batches(tok, dataset, "eval", config["context_size"],
-                                                  lm_batch_size, epochs=1):
-        input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
-        x_in, x_out = model.capture(lm, input_ids, mask, [key])[key]
-        keep = data.scored(input_ids, mask, tok, x_in, x_out, config.get("outlier_norm_limit"))
+def feature_pass(lm, tok, sae, config, feats, n_tokens):
+    """One pass over held-out documents (of config's dataset_path) for every requested feature:
+    [(ids (T,), acts (T, n))] per document (0 at unscored tokens) and the number of scored
+    tokens."""
+    place = (config["layer"], config["site"])
+    batches = data.heldout_batches(tok, config["dataset_path"], config["context_size"], 8)
+    docs = []
+    n = 0
+    bar = data.progress(n_tokens, "features")
+    for input_ids, mask in batches:
+        input_ids = input_ids.to(lm.device)
+        mask = mask.to(lm.device)
+        x_in, x_out = model.capture(lm, input_ids, mask, [place])[place]
+        keep = data.scored_positions(input_ids, mask, tok, x_in, x_out,
+                                     config.get("outlier_norm_limit"))
         acts = torch.zeros(*keep.shape, len(feats), device=lm.device)  # (B, T, n)
         acts[keep] = feature_acts(sae, x_in[keep], feats).to(acts.dtype)
-        docs += [(ids[m].cpu(), a[m].float().cpu()) for ids, m, a in
-                 zip(input_ids, mask.bool(), acts)]
+        for ids, real, a in zip(input_ids, mask.bool(), acts):
+            docs.append((ids[real].cpu(), a[real].float().cpu()))
         n += keep.sum().item()
         bar.update(keep.sum().item())
         if n >= n_tokens:
@@ -58,39 +64,52 @@ def feature_pass(lm, tok, sae, config, feats, n_tokens, dataset, lm_batch_size=8
 
 
 def inspect_features(docs, n, sae, feats, top, tok):
-    """Per feature: firing frequency, the `top` documents where it peaks highest (window of
-    tokens, the activating one marked, per-token activations; `document` is its index in this
-    pass), and its nearest features by decoder cosine with the JL baseline eps = sqrt(12 ln F / D)
-    (§4.6)."""
+    """Per feature (`inspect_feature`, `neighbours`), with the number of tokens read and the JL
+    baseline eps = sqrt(12 ln F / D) (§4.6)."""
     eps = math.sqrt(12 * math.log(sae.n_features) / sae.d_model)
     W = F.normalize(sae.W_dec.detach().float(), dim=1)  # (F, D) unit directions
-    out = {"n_tokens": n, "jl_eps": eps, "features": []}
+    features = []
     for j, i in enumerate(feats):
-        peaks = sorted(((a[:, j].max().item(), d) for d, (_, a) in enumerate(docs)),
-                       reverse=True)
-        contexts = []
-        for act, d in [p for p in peaks[:top] if p[0] > 0]:
-            ids, a = docs[d]
-            pos = a[:, j].argmax().item()
-            lo, hi = max(0, pos - BEFORE), min(len(ids), pos + AFTER + 1)
-            contexts.append({"activation": act, "document": d, "position": pos,
-                             "marked": pos - lo,
-                             "tokens": [tok.decode([t]) for t in ids[lo:hi].tolist()],
-                             "activations": [round(v, 3) for v in a[lo:hi, j].tolist()]})
-        cos = W @ W[i]  # (F,)
-        cos[i] = -2
-        near = cos.topk(min(NEIGHBOURS, sae.n_features - 1))
-        fired = sum((a[:, j] > 0).sum().item() for _, a in docs)
-        acts = torch.cat([a[:, j][a[:, j] > 0] for _, a in docs])  # every nonzero activation
-        counts = torch.histc(acts, bins=HIST_BINS, min=0, max=acts.max().item()) if len(acts) \
-            else torch.zeros(HIST_BINS)
-        out["features"].append({
-            "feature": i, "fired": fired, "frequency": fired / max(n, 1), "contexts": contexts,
-            "histogram": {"max": acts.max().item() if len(acts) else 0.0,
-                          "counts": counts.long().tolist()},
-            "neighbours": [{"feature": k, "cosine": c, "above_jl": c > eps}
-                           for c, k in zip(near.values.tolist(), near.indices.tolist())]})
-    return out
+        features.append({"feature": i, **inspect_feature(docs, n, j, top, tok),
+                         "neighbours": neighbours(W, i, eps)})
+    return {"n_tokens": n, "jl_eps": eps, "features": features}
+
+
+def inspect_feature(docs, n, j, top, tok):
+    """Column j of the documents' activations (n scored tokens): firing count and frequency,
+    the `top` documents where it peaks highest (a window of tokens, the activating one marked,
+    per-token activations; `document` is its index in this pass), its activation histogram."""
+    peaks = sorted(((a[:, j].max().item(), d) for d, (_, a) in enumerate(docs)), reverse=True)
+    contexts = [context(docs[d], j, act, d, tok) for act, d in peaks[:top] if act > 0]
+    fired = sum((a[:, j] > 0).sum().item() for _, a in docs)
+    acts = torch.cat([a[:, j][a[:, j] > 0] for _, a in docs])  # every nonzero activation
+    largest = acts.max().item() if len(acts) else 0.0
+    counts = torch.zeros(HIST_BINS)
+    if len(acts):
+        counts = torch.histc(acts, bins=HIST_BINS, min=0, max=largest)
+    return {"fired": fired, "frequency": fired / max(n, 1), "contexts": contexts,
+            "histogram": {"max": largest, "counts": counts.long().tolist()}}
+
+
+def neighbours(W, i, eps):
+    """Feature i's nearest features by decoder cosine (W: unit decoder rows (F, D)), each
+    marked when above the JL baseline eps (§4.6)."""
+    cos = W @ W[i]  # (F,)
+    cos[i] = -2
+    near = cos.topk(min(NEIGHBOURS, len(W) - 1))
+    return [{"feature": k, "cosine": c, "above_jl": c > eps}
+            for c, k in zip(near.values.tolist(), near.indices.tolist())]
+
+
+def context(doc, j, activation, d, tok):
+    """The window of document d = (ids, acts) around its peak activation of feature column j."""
+    ids, a = doc
+    pos = a[:, j].argmax().item()
+    lo = max(0, pos - BEFORE)
+    hi = min(len(ids), pos + AFTER + 1)
+    return {"activation": activation, "document": d, "position": pos, "marked": pos - lo,
+            "tokens": [tok.decode([t]) for t in ids[lo:hi].tolist()],
+            "activations": [round(v, 3) for v in a[lo:hi, j].tolist()]}
 
 
 def _show(token):
@@ -108,20 +127,24 @@ def app_d(contexts):
     return "\n".join(lines)
 
 
+def marked_text(c):
+    """A context as one line of text, the activating token in [[ ]]."""
+    text = "".join(f"[[{t}]]" if k == c["marked"] else t for k, t in enumerate(c["tokens"]))
+    return " ".join(text.split())
+
+
 def print_features(out):
     for f in out["features"]:
         print(f"feature {f['feature']} | fires on {f['fired']:,} of {out['n_tokens']:,} held-out "
               f"tokens ({100 * f['frequency']:.2f}%) | top {len(f['contexts'])} contexts, "
               f"activating token in [[ ]]:")
         for c in f["contexts"]:
-            text = "".join(f"[[{t}]]" if k == c["marked"] else t
-                           for k, t in enumerate(c["tokens"]))
-            print(f"  {c['activation']:8.3f}  {' '.join(text.split())}")
+            print(f"  {c['activation']:8.3f}  {marked_text(c)}")
         print("App. D layout (paste into the rubric prompt):\n" + app_d(f["contexts"]))
+        near = "  ".join(f"{n['feature']} {n['cosine']:.3f}{'*' if n['above_jl'] else ''}"
+                         for n in f["neighbours"])
         print(f"nearest features by decoder cosine (JL baseline eps = sqrt(12 ln F / D) = "
-              f"{out['jl_eps']:.3f}; * = above eps, non-trivially similar):\n  " +
-              "  ".join(f"{n['feature']} {n['cosine']:.3f}{'*' if n['above_jl'] else ''}"
-                        for n in f["neighbours"]) + "\n")
+              f"{out['jl_eps']:.3f}; * = above eps, non-trivially similar):\n  {near}\n")
 
 
 STYLE = ("<style>body{font:14px sans-serif;max-width:60em;margin:auto}section{border-top:1px "
@@ -131,7 +154,8 @@ STYLE = ("<style>body{font:14px sans-serif;max-width:60em;margin:auto}section{bo
 
 def histogram_svg(hist, width=300, height=60):
     """The activation histogram as inline SVG bars (0 .. the largest activation)."""
-    counts, most = hist["counts"], max(hist["counts"] + [1])
+    counts = hist["counts"]
+    most = max(counts + [1])
     w = width / len(counts)
     bars = "".join(f"<rect class=bar x='{i * w:.1f}' y='{height - height * c / most:.1f}' "
                    f"width='{w - 1:.1f}' height='{height * c / most:.1f}'/>"
@@ -145,7 +169,8 @@ def html_page(out, title):
     """One self-contained page (no network, no script): an index, then per feature its firing
     frequency, activation histogram, top contexts with each token shaded by its activation
     (`data-act` holds the value), and nearest decoder neighbours against the JL baseline."""
-    e, shown = html.escape, {f["feature"] for f in out["features"]}
+    e = html.escape
+    shown = {f["feature"] for f in out["features"]}
     page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>{STYLE}"
             f"</head><body><h1>{e(title)}</h1><p>{out['n_tokens']:,} held-out tokens; "
             f"JL baseline eps = sqrt(12 ln F / D) = {out['jl_eps']:.3f}</p><ul>"]
@@ -170,15 +195,16 @@ def html_page(out, title):
     return "".join(page + ["</body></html>"])
 
 
-def show(lm, tok, sae, config, feats, n_tokens, top, dataset, html_path=None):
-    """Inspect and print features, and write the page to html_path; returns what --json writes.
-    sae in inference form (inference.load_sae): activations are raw magnitudes along unit
-    decoder directions."""
-    docs, n = feature_pass(lm, tok, sae, config, feats, n_tokens, dataset)
-    out = inspect_features(docs, n, sae, feats, top, tok)
+def show(lm, tok, sae, config, feats, args):
+    """Inspect and print features, and write the page to args.html; returns what --json writes.
+    args: evaluate.py's flags (--tokens, --top, --html). sae in inference form
+    (inference.load_sae): activations are raw magnitudes along unit decoder directions."""
+    docs, n = feature_pass(lm, tok, sae, config, feats, args.tokens)
+    out = inspect_features(docs, n, sae, feats, args.top, tok)
     print_features(out)
-    if html_path:
-        with open(html_path, "w") as f:
-            f.write(html_page(out, f"{site_name((config['layer'], config['site']))} features"))
-        print(f"wrote {html_path}")
+    if args.html:
+        title = f"{place_name((config['layer'], config['site']))} features"
+        with open(args.html, "w") as f:
+            f.write(html_page(out, title))
+        print(f"wrote {args.html}")
     return out

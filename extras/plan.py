@@ -1,0 +1,209 @@
+"""What a training run will cost and how a scope splits, worked out before any slow work: what a
+row costs, how much memory a group of SAEs needs, the groups that fit --max-memory, and the
+derived arithmetic train.py prints once.
+
+- `feature_counts`: F of every SAE at each place (--n-features, else --expansion x D).
+- `costs`: ms per token of the LM forward and per row of the SAEs it feeds (the budget rule).
+- `groups`: the scope split into groups that fit --max-memory, each trained from its own LM pass,
+  with the rows each place's buffer gets and the estimated peak memory and time.
+- `buffer_rows`: rows per place's buffer: at most --buffer-size, less for a short run.
+- `describe_groups`, `describe`: the plan as train.py prints it.
+The flag checks are extras/checks.py's; the recipe itself (budget rule, schedule) recipe.py's.
+Shapes: D model width, F features, L layer, C row width (D, or 2D for a transcoder).
+"""
+import ctypes
+import dataclasses
+
+import formats
+import model
+from buffer import first_fill_rows
+from recipe import PAPER_WARMUP
+
+GIB = 2 ** 30
+# Costs measured here (2 CPU cores, float32, bench.py), per million weights a row goes through:
+LM_MS_PER_MWEIGHT = 0.4 / (16 * 3.540096)  # the LM per token: 0.4 ms to SmolLM2's L15
+SAE_MS_PER_MWEIGHT = 0.1 / (4608 * 576 / 1e6)  # one SAE step per row: 0.1 ms at D 576, F 4608
+# Memory beyond what the estimate counts (Python, torch, tokenizer, allocator slack): measured
+# as the default run's peak minus its estimate.
+RUNTIME_BYTES = int(1.0 * GIB)
+MIN_BUFFER_ROWS = 16_384  # fewer rows per buffer mix too few documents: split into groups
+def feature_counts(d_model, expansion, n_features=None):
+    """F of every SAE to train at each place: n_features (--n-features), else expansion x D."""
+    return n_features or [round(e * d_model) for e in expansion]
+
+
+# ----------------------------------------------------------------------------- cost and memory
+
+def lm_weights(cfg):
+    """(weights of one block, weights in all) of a Llama-like model, from its config alone."""
+    D = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or D // heads
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    attention = 2 * D * heads * head_dim + 2 * D * kv_heads * head_dim  # q, o; k, v
+    block = attention + 3 * D * cfg["intermediate_size"] + 2 * D  # gate, up, down; two norms
+    embed = cfg["vocab_size"] * D * (1 if cfg.get("tie_word_embeddings") else 2)
+    return block, embed + cfg["num_hidden_layers"] * block + D
+
+
+def costs(cfg, places, widths):
+    """(LM ms per token to the deepest of places, ms per row of every SAE it feeds (each place
+    x each width), their ratio): what making a row costs against training on it, on 2 CPU cores
+    in float32 (a GPU is faster at both; the budget rule reads the ratio)."""
+    block, _ = lm_weights(cfg)
+    deepest = max(layer for layer, _ in places)
+    lm = (deepest + 1) * block / 1e6 * LM_MS_PER_MWEIGHT
+    sae = len(places) * sum(widths) * cfg["hidden_size"] / 1e6 * SAE_MS_PER_MWEIGHT
+    return lm, sae, lm / sae
+
+
+@dataclasses.dataclass
+class Memory:
+    """The estimated peak bytes of training a group of places x widths from one LM pass."""
+    cfg: dict  # the model's config
+    widths: list  # F of each SAE at a place
+    batch: int  # rows per step
+    lm_batch: int  # documents per LM forward
+    context: int  # tokens per document
+    dtype_bytes: int  # the LM's and the buffers' precision
+
+    def bytes(self, places, rows):
+        """With `rows` per buffer: the LM's weights and one forward with what it captures at
+        every place (B x T rows each), every SAE's weights, gradients and two Adam moments
+        (float32), the widest step's (N, F) scores, and the buffers: each place's rows, as many
+        again queued for it while the others fill (FanOut), and a refill's copies."""
+        D = self.cfg["hidden_size"]
+        row = {place: (2 if model.is_transcoder(place[1]) else 1) * D for place in places}  # C
+        forward = 6 * D + 3 * self.cfg["intermediate_size"] + sum(row.values())
+        fixed = RUNTIME_BYTES + lm_weights(self.cfg)[1] * self.dtype_bytes
+        fixed += self.lm_batch * self.context * forward * self.dtype_bytes
+        saes = len(places) * sum(4 * 4 * (2 * F * D + F + D) for F in self.widths)
+        step = 3 * self.batch * max(self.widths) * 4
+        buffers = rows * self.dtype_bytes * (2 * sum(row.values()) + 2 * max(row.values()))
+        return fixed + saes + step + buffers
+
+    def rows_that_fit(self, places, max_bytes):
+        """The most buffer rows per place a group can have within max_bytes."""
+        fixed = self.bytes(places, 0)
+        return int((max_bytes - fixed) // (self.bytes(places, 1) - fixed))
+
+
+@dataclasses.dataclass
+class GroupPlan:
+    """A group of places trained together from one LM pass."""
+    places: list  # (layer, site) pairs, in the order given (the SAEs' init order)
+    rows: int  # per buffer
+    bytes: int = None  # estimated peak memory (None: no LM config to estimate from)
+    minutes: float = None  # estimated time on 2 CPU cores
+
+
+def groups(cfg, places, args, steps, batch, dtype_bytes):
+    """The run split into groups trained one after another, each from its own LM pass, so that
+    each fits --max-memory: [GroupPlan]. A group's buffers keep at least MIN_BUFFER_ROWS rows
+    (or all a short run uses). From --activations (no LM config): one group with the rows
+    --buffer-size allows."""
+    wanted = buffer_rows(args.buffer_size, batch, steps, args.passes)
+    if not cfg.get("vocab_size"):
+        return [GroupPlan(places, wanted)]
+    widths = feature_counts(cfg["hidden_size"], args.expansion, args.n_features)
+    memory = Memory(cfg, widths, batch, args.lm_batch_size, args.context_size, dtype_bytes)
+    max_bytes = args.max_memory * GIB
+    least = min(wanted, MIN_BUFFER_ROWS)
+    # 1. in layer order (a group's forward then stops early), every place must fit alone
+    in_layer_order = sorted(places, key=lambda place: (place[0], model.SITES.index(place[1])))
+    for place in in_layer_order:
+        need = memory.bytes([place], least)
+        if need > max_bytes:
+            raise ValueError(f"--max-memory {args.max_memory:g} is too small for even one "
+                             f"SAE: {formats.place_name(place)} needs {need / GIB:.1f} GiB with "
+                             f"{least:,} buffer rows")
+    # 2. each group as large as fits, in layer order
+    split = [[]]
+    for place in in_layer_order:
+        if split[-1] and memory.bytes(split[-1] + [place], least) > max_bytes:
+            split.append([])
+        split[-1].append(place)
+    # 3. as many groups, even in size, where every one of them still fits
+    n = len(split)
+    even = [in_layer_order[len(places) * i // n:len(places) * (i + 1) // n] for i in range(n)]
+    if all(memory.bytes(group, least) <= max_bytes for group in even):
+        split = even
+    # 4. each group in the order given, its buffers as large as memory allows
+    return [plan_group([p for p in places if p in group], memory, wanted, args, steps)
+            for group in split]
+
+
+def plan_group(places, memory, wanted, args, steps):
+    """The GroupPlan of places: buffer rows (at most wanted), peak memory, time."""
+    rows = min(wanted, memory.rows_that_fit(places, args.max_memory * GIB))
+    lm_ms, sae_ms, _ = costs(memory.cfg, places, memory.widths)
+    lm_tokens = args.total_tokens + args.eval_tokens  # the LM also runs the held-out check
+    minutes = (lm_tokens * lm_ms + steps * args.batch_size * sae_ms) / 6e4
+    return GroupPlan(places, rows, memory.bytes(places, rows), minutes)
+
+
+def buffer_rows(buffer_size, batch, steps, passes):
+    """Rows per place's buffer: a run shorter than --buffer-size fills only what it will use
+    (never less than two per-rank batches); its first fill's use counts are staggered over
+    1..passes (buffer.py)."""
+    return min(buffer_size, max(2 * batch, first_fill_rows(steps * batch, passes)))
+
+
+# ----------------------------------------------------------------------------- what is printed
+
+def describe_groups(plans, max_memory):
+    """The plan of a scope as printed before the first fill: per group its places, buffer rows,
+    estimated peak memory and time (2 CPU cores, float32), and the totals."""
+    n_places = sum(len(plan.places) for plan in plans)
+    lines = [f"plan: {n_places} site(s) in {len(plans)} group(s) under --max-memory "
+             f"{max_memory:g} GiB, each group one LM pass:"]
+    for i, plan in enumerate(plans):
+        names = [formats.place_name(place) for place in plan.places]
+        shown = ", ".join(names) if len(names) <= 6 else f"{names[0]} ... {names[-1]}"
+        estimate = ""
+        if plan.bytes is not None:
+            estimate = f"; ~{plan.bytes / GIB:.1f} GiB, ~{plan.minutes:.0f} min on 2 CPU cores"
+        lines.append(f"  group {i}: {len(names)} site(s) {shown}; {plan.rows:,} buffer rows "
+                     f"per site{estimate}")
+    if plans[0].bytes is not None:
+        hours = sum(plan.minutes for plan in plans) / 60
+        peak = max(plan.bytes for plan in plans) / GIB
+        lines.append(f"  in all ~{hours:.1f} h, peak ~{peak:.1f} GiB")
+    return "\n".join(lines)
+
+
+def describe(args, schedule, trainers, comms):
+    """The derived arithmetic of one group, as printed once: SAEs, steps, the budget rule, the
+    schedule and the parallel layout. args: train.py's flags; trainers: the group's."""
+    steps = schedule.steps
+    tokens = steps * args.batch_size
+    names = ", ".join(trainer.name for trainer in trainers)
+    warmup = "as given"
+    if args.warmup_steps is None:
+        warmup = f"the paper's {PAPER_WARMUP}, at most 5% of a short run"
+    text = (f"{len(trainers)} SAE(s): {names} | D {trainers[0].sae.d_model} | "
+            f"{steps:,} steps x {args.batch_size} tokens = {tokens:,} tokens "
+            f"each ({args.passes} pass(es) over {tokens // args.passes:,} tokens)\n{args.rule}"
+            f"\nschedule: warm-up {schedule.warmup} steps ({warmup}) | K {schedule.k_init} -> "
+            f"{args.k} over {schedule.k_anneal_steps} steps | lr {args.lr:g}, decay to "
+            f"{args.lr_end:g} over the last {schedule.decay} steps")
+    if args.act == "vanilla":
+        text += f" | L1 {args.l1_coef:g} warmed up over {schedule.l1_warmup} steps"
+    if comms.world > 1:
+        widest = max(trainer.sae.n_features for trainer in trainers)
+        per_rank = trainers[0].sae.d_model * widest
+        text += (f"\nparallel: {comms.world} ranks = dp {comms.dp} x tp {comms.tp}; "
+                 f"{args.batch_size // comms.world} rows per rank per step, {per_rank:,} of "
+                 f"each SAE's weights per matrix per rank")
+    return text
+
+
+def return_freed_memory():
+    """Serve blocks over 1 MiB by mmap (glibc's M_MMAP_THRESHOLD), so freeing them returns them
+    to the system. By default glibc raises that threshold to the largest block freed, after
+    which a scope's many same-sized row tensors (buffers, queued LM batches) fragment the heap:
+    40 sites kept ~1.2 GB more after their first refill. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
