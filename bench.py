@@ -13,6 +13,8 @@
 - `tp_step_ms`: the same SAE step sharded over --tp processes (parallel.py; gloo on CPU, NCCL on
   GPU) against one process. On one CPU the ranks share the cores: a correctness check of the
   plumbing, not a speed claim.
+- `--attribution DIR` (instead of the above): attribute.py's work on a folder of transcoders, a
+  16-token prompt, up to --attribution-nodes features: seconds per phase and peak memory.
 """
 import argparse
 import dataclasses
@@ -31,7 +33,7 @@ import torch.multiprocessing as mp
 import data
 import model
 import parallel
-from extras import flags, plan
+from extras import attribution, flags, influence, plan, replacement
 from sae import SAE
 
 SMALL = (576, 4608, 50)  # D, F, K of SmolLM2's 8x SAE
@@ -180,7 +182,42 @@ def multi_sae(counts, tokens, device):
 
 
 RANGES = {"rows": "[1, inf)", "big_rows": "[0, inf)", "repeat": "[1, inf)",
-          "lm_tokens": "[0, inf)", "multi_tokens": "[0, inf)", "tp": "0 or [2, inf)"}
+          "lm_tokens": "[0, inf)", "multi_tokens": "[0, inf)", "tp": "0 or [2, inf)",
+          "attribution_nodes": "[1, inf)"}
+PROMPT = "When Mary and John went to the store yesterday, John gave a drink to"  # 16 with BOS
+
+
+def attribution_bench(folder, max_nodes):
+    """Seconds of each phase of an attribution graph (attribute.py's work) on a 16-token prompt
+    and the process's peak memory."""
+    transcoders, config, placed = replacement.load_transcoders(folder, "cpu", "float32")
+    t = {"start": time.perf_counter()}
+    lm, tok = model.load_model(config["model_name"], "cpu", torch.float32)
+    tokens = torch.tensor(data.encode_documents(tok, [PROMPT])[0])
+    saes = {layer: sae for layer, (sae, _) in transcoders.items()}
+    t["load"] = time.perf_counter()
+    s = attribution.setup(lm, saes, tokens)
+    t["setup (clean forward, features, errors)"] = time.perf_counter()
+    graph = attribution.attribute(lm, s, max_nodes)
+    t["attribution (backward passes, edges)"] = time.perf_counter()
+    influence.scores(graph)
+    influence.prune(graph)
+    t["scores and pruning"] = time.perf_counter()
+    names = list(t)
+    phases = {b: t[b] - t[a] for a, b in zip(names, names[1:])}
+    n_rows = graph.n_features() + len(graph.targets)
+    batches = -(-n_rows // attribution.BATCH)
+    out = {"tokens": len(tokens), "active_features": len(s.features),
+           "feature_nodes": graph.n_features(), "backward_batches": batches,
+           "seconds": phases, "total_s": t[names[-1]] - t["start"],
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    print(f"attribution of a {len(tokens)}-token prompt through {len(saes)} transcoders: "
+          f"{len(s.features):,} active features, {graph.n_features():,} as nodes, "
+          f"{out['backward_batches']} backward batches of {attribution.BATCH}")
+    for phase, seconds in phases.items():
+        print(f"  {phase:<40} {seconds:7.1f} s")
+    print(f"  {'in all':<40} {out['total_s']:7.1f} s; peak memory {out['peak_rss_gib']:.2f} GiB")
+    return out
 
 
 def get_args(argv=None):
@@ -199,6 +236,10 @@ def get_args(argv=None):
     p.add_argument("--dtype", default=None, help="the matmuls' and the rows' precision "
                    "(default: bfloat16 on GPU, float32 on CPU, as train.py); weights float32")
     p.add_argument("--json", default=None)
+    p.add_argument("--attribution", default=None, metavar="DIR",
+                   help="instead: time an attribution graph through DIR's transcoders")
+    p.add_argument("--attribution-nodes", type=int, default=2000,
+                   help="--attribution: feature nodes at most")
     return flags.parse(p, argv, RANGES)
 
 
@@ -236,6 +277,12 @@ def main(argv=None):
     except ValueError as e:  # one line, exit code 2
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    if args.attribution:
+        res = attribution_bench(args.attribution, args.attribution_nodes)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return
     dtype = getattr(torch, args.dtype or model.default_dtype(args.device))
     res = {"device": args.device, "dtype": str(dtype), "threads": torch.get_num_threads()}
     if args.multi_tokens:  # first: Linux counts a child's peak as at least this process's size

@@ -36,7 +36,7 @@ import inference
 import metrics
 import model
 from extras import activations, chats, features, flags, interop, long_context, plots, saebench
-from extras import scope
+from extras import replacement, scope
 
 KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
         "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "kl_div_with_sae",
@@ -92,6 +92,9 @@ def get_args(argv=None):
     p.add_argument("--saebench-details", action="store_true", help="with per-feature values")
     p.add_argument("--html", default=None, metavar="FILE",
                    help="--features: also write one self-contained HTML page of them here")
+    p.add_argument("--replacement", action="store_true",
+                   help="a folder with a transcoder for every layer: the replacement model "
+                        "(all of them at once, no error term) against the LM: CE, KL, top-1")
     return flags.parse(p, argv, RANGES)
 
 
@@ -150,8 +153,12 @@ def evaluate(args):
     long context, or two models side by side), or of a folder of checkpoints; prints it, returns
     what --json writes."""
     released = os.path.isfile(os.path.join(args.checkpoint, "hyperparams.json"))
+    if os.path.isdir(args.checkpoint) and not released and args.replacement:
+        return dump(args, replacement.evaluate_folder(args))
     if os.path.isdir(args.checkpoint) and not released:  # a scope, in one pass
         return dump(args, scope.evaluate_folder(args))
+    if args.replacement:
+        raise ValueError("--replacement evaluates a folder with a transcoder for every layer")
     sae, config, (args.device, args.dtype, note) = interop.load_sae(
         args.checkpoint, args.model, args.device, args.dtype)
     print(f"running on {args.device} in {args.dtype} ({note})")

@@ -47,12 +47,14 @@ def save_checkpoint(sae, config, path):
     is taken from it; config adds where it reads and how it was trained."""
     tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc,
                "decoder.weight": sae.W_dec.T, "decoder.bias": sae.b_dec}
+    if sae.W_skip is not None:  # a skip transcoder: W_skip (D_out, D_in)
+        tensors["skip.weight"] = sae.W_skip
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     hook_in, hook_out = model.hook_names(config["layer"], config["site"])
     config = dict(config, hook_point_in=hook_in, hook_point_out=hook_out, d_model=sae.d_model,
                   d_sae=sae.n_features, expansion_factor=sae.n_features / sae.d_model,
                   top_k=sae.k, act_fn=ACT_FN[sae.act], jump_relu_threshold=sae.threshold,
-                  sparsity_include_decoder_norm=sae.rank_by_decoder_norm)
+                  sparsity_include_decoder_norm=True, skip=sae.skip)
     if not config.get("folded"):  # a folded SAE keeps the norms it was trained with, for reference
         config["dataset_average_activation_norm"] = {"in": sae.norm_in.item(),
                                                      "out": sae.norm_out.item()}
@@ -107,7 +109,10 @@ def read_checkpoint(path):
         raise ValueError(f"checkpoint {path}: not a Llama Scope checkpoint of this project "
                          f"({reason})") from None
     shapes = {k: tuple(v.shape) for k, v in t.items()}
-    if not ok or any(shapes.get(k) != v for k, v in released_shapes(D, F).items()):
+    expected = released_shapes(D, F)
+    if config.get("skip"):
+        expected["skip.weight"] = (D, D)
+    if not ok or shapes != expected:
         raise ValueError(f"checkpoint {path}: tensors {shapes} or config do not match d_model "
                          f"{D}, d_sae {F}")
     return config, t
@@ -120,8 +125,7 @@ def load_checkpoint(path, device="cpu"):
     act = {v: k for k, v in ACT_FN.items()}[config["act_fn"]]
     sae = SAE(config["d_model"], config["d_sae"], act=act, k=config["top_k"],
               transcoder=model.is_transcoder(config["site"]),
-              threshold=config.get("jump_relu_threshold"),
-              rank_by_decoder_norm=config["sparsity_include_decoder_norm"])
+              threshold=config.get("jump_relu_threshold"), skip=config.get("skip", False))
     norms = config["dataset_average_activation_norm"]
     if config.get("folded"):
         norms = {"in": math.sqrt(sae.d_model), "out": math.sqrt(sae.d_model)}
@@ -142,6 +146,8 @@ def load_tensors_(sae, t, norms):
     sae.b_enc.copy_(t["encoder.bias"])
     sae.W_dec.copy_(t["decoder.weight"].T)
     sae.b_dec.copy_(t["decoder.bias"])
+    if sae.W_skip is not None:
+        sae.W_skip.copy_(t["skip.weight"])
     sae.norm_in.fill_(norms["in"])
     sae.norm_out.fill_(norms["out"])
 
@@ -243,11 +249,14 @@ def place_name(place):
     return f"L{place[0]}{place[1]}"
 
 
-def run_name(place, n_features, d_model, act, k, l1_coef):
-    """L15R-8x-k50-TopK (Vanilla: L15R-8x-l1_0.0002-Vanilla): K, or the L1 weight, is in the
-    name, so a sweep over it in one --out keeps every checkpoint."""
-    kind = f"k{k}-TopK" if act == "topk" else f"l1_{l1_coef:g}-Vanilla"
-    return f"{place_name(place)}-{n_features / d_model:g}x-{kind}"
+def run_name(place, sae, l1_coef):
+    """L15R-8x-k50-TopK (Vanilla: L15R-8x-l1_0.0002-Vanilla; a skip transcoder: L7TC-8x-k50-
+    SkipTopK): K, or the L1 weight, is in the name, so a sweep over it in one --out keeps every
+    checkpoint."""
+    kind = f"k{sae.k}-TopK" if sae.act == "topk" else f"l1_{l1_coef:g}-Vanilla"
+    if sae.skip:
+        kind = kind.replace("-", "-Skip", 1)
+    return f"{place_name(place)}-{sae.n_features / sae.d_model:g}x-{kind}"
 
 
 def sae_name(path):

@@ -32,6 +32,8 @@ def fold_norm_(sae):
     sae.b_enc.div_(s_in)
     sae.W_dec.mul_(s_in / s_out)
     sae.b_dec.div_(s_out)
+    if sae.W_skip is not None:  # a skip transcoder's W_skip x S_in / S_out
+        sae.W_skip.mul_(s_in / s_out)
     sae.norm_in.fill_(math.sqrt(sae.d_model))  # scales are 1 from now on
     sae.norm_out.fill_(math.sqrt(sae.d_model))
 

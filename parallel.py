@@ -4,18 +4,18 @@
 
 World = dp x tp ranks; a tensor-parallel group is tp neighbouring ranks (one node, fast links).
 Every rank runs its own LM copy on its own documents into its own buffer. The SAE is split along
-F within a tensor-parallel group: encoder rows, encoder bias and decoder rows are sharded, the
-decoder bias is replicated. Each step, the group all-gathers its ranks' minibatches, and then:
+F in a tensor-parallel group (encoder rows and bias, decoder rows; the decoder bias and a skip
+transcoder's W_skip replicated). Each step the group all-gathers its ranks' minibatches, then:
 
 1. every shard scores its F/tp features and keeps its local top K; the global top K of eq. 5 is
    contained in the union of the local ones, so the ranks all-gather only those (N, tp*K) scores,
    pick the same global K, and each keeps its winners: exact, with no (N, F) matrix gathered;
 2. each shard decodes its winners (sae.py's sparse path) into a partial (N, D), all-reduced;
 3. the loss is now the same on every rank of the group; gradients of sharded weights are averaged
-   over the data-parallel replicas, those of the replicated decoder bias over the world.
+   over the data-parallel replicas, those of the replicated ones over the world.
 
-One process (no torchrun) gets the same object with every collective a no-op. This file adds
-distribution only: the SAE math is sae.py's, through its `select` and `reduce` hooks.
+One process (no torchrun) gets the same object with every collective a no-op. The SAE math is
+sae.py's, through its `select` and `reduce` hooks.
 """
 import os
 
@@ -25,13 +25,13 @@ import torch.distributed as dist
 from sae import SAE
 
 MAX = dist.ReduceOp.MAX
+REPLICATED = ("b_dec", "W_skip")  # the same on every shard of a tensor-parallel group
 
 
 def _like(sae, n_features):
     """A new SAE with sae's settings and n_features features (weights still to be filled)."""
     like = SAE(sae.d_model, n_features, sae.act, sae.k, sae.transcoder,
-               init_decoder_norm=sae.init_decoder_norm,
-               rank_by_decoder_norm=sae.rank_by_decoder_norm, threshold=sae.threshold)
+               init_decoder_norm=sae.init_decoder_norm, threshold=sae.threshold, skip=sae.skip)
     like.compute_dtype = sae.compute_dtype
     return like
 
@@ -125,14 +125,13 @@ class Comms:
         """This rank's slice of a full SAE (F/tp features), wired to the others."""
         if self.tp == 1:
             return sae
-        assert sae.n_features % self.tp == 0, "extras/checks.check_layout refuses this"
         F = sae.n_features // self.tp
         part = slice(self.tp_rank * F, (self.tp_rank + 1) * F)
         shard = _like(sae, F)
         with torch.no_grad():
             for name, p in shard.named_parameters():
                 full = getattr(sae, name)
-                p.copy_(full if name == "b_dec" else full[part])
+                p.copy_(full if name in REPLICATED else full[part])
             shard.norm_in.copy_(sae.norm_in)
             shard.norm_out.copy_(sae.norm_out)
         shard.select = self.sharded_topk
@@ -141,9 +140,8 @@ class Comms:
 
     def sharded_topk(self, score, k):
         """Exact global top K of eq. 5 from local scores (N, F/tp): local (values, indices), each
-        (N, K'), K' = min(K, F/tp), with 0 for the entries that lost to other shards. A shard
-        offers at most its own width (K-annealing starts at K = D, which may exceed F/tp); the
-        global top K is still within the union of what the shards offer."""
+        (N, K'), K' = min(K, F/tp) (K-annealing starts at D, maybe over F/tp), 0 for the entries
+        that lost to other shards: the global top K is within the union of the shards' offers."""
         mine = min(k, score.shape[-1])
         top, idx = score.topk(mine, dim=-1, sorted=False)  # (N, K')
         every = self.gather_rows(top.T).T  # (N, tp*K'): all shards' candidates, rank order
@@ -156,19 +154,21 @@ class Comms:
         return AllReduceSum.apply(partial, self.tp_group)
 
     def reduce_grads_(self, sae):
-        """Average gradients over data-parallel replicas; the replicated decoder bias over the
-        world (its gradient is already the same within a tensor-parallel group)."""
+        """Average gradients over data-parallel replicas; the replicated weights (decoder bias,
+        W_skip) over the world (their gradient is the same within a tensor-parallel group)."""
         if self.world == 1:
             return
         for name, p in sae.named_parameters():
-            replicated = name == "b_dec"
+            replicated = name in REPLICATED
             self.sum_(p.grad, None if replicated else self.dp_group)
             p.grad /= self.world if replicated else self.dp
 
     def clip_grad_norm_(self, sae, max_norm):
         """Global grad norm over the whole (unsharded) SAE, then scale."""
-        sq = sum(p.grad.double().pow(2).sum() for n, p in sae.named_parameters() if n != "b_dec")
-        sq = self.sum_(sq, self.tp_group) + sae.b_dec.grad.double().pow(2).sum()
+        params = dict(sae.named_parameters())
+        sq = sum(p.grad.double().pow(2).sum() for n, p in params.items() if n not in REPLICATED)
+        sq = self.sum_(sq, self.tp_group)
+        sq = sq + sum(params[n].grad.double().pow(2).sum() for n in REPLICATED if n in params)
         scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         for p in sae.parameters():
             p.grad.mul_(scale.to(p.grad.dtype))
@@ -182,11 +182,11 @@ class Comms:
         if self.rank == 0:
             full = _like(shard, shard.n_features * self.tp).to(shard.W_enc.device,
                                                                shard.W_enc.dtype)
-            full.load_state_dict({"norm_in": shard.norm_in, "norm_out": shard.norm_out,
-                                  "b_dec": shard.b_dec}, strict=False)
+            whole = {n: getattr(shard, n) for n in ("norm_in", "norm_out", *REPLICATED)}
+            full.load_state_dict({n: t for n, t in whole.items() if t is not None}, strict=False)
         if self.dp_rank == 0:
             for name, p in shard.named_parameters():
-                if name == "b_dec":
+                if name in REPLICATED:
                     continue
                 parts = [torch.empty_like(p) for _ in range(self.tp)] if full is not None else None
                 dist.gather(p.detach().contiguous(), parts, dst=0, group=self.tp_group)

@@ -25,7 +25,7 @@ import torch
 import formats
 import inference
 import model
-from extras import activations, flags, interop
+from extras import activations, flags, interop, replacement
 
 
 def get_args(argv=None):
@@ -46,6 +46,9 @@ def get_args(argv=None):
                         "sae_weights.safetensors, sparsity.safetensors)")
     p.add_argument("--architecture", choices=["jumprelu", "topk"], default="jumprelu",
                    help="SAELens architecture for --export-saelens (Vanilla SAEs: standard)")
+    p.add_argument("--export-circuit-tracer", default=None, metavar="DIR",
+                   help="checkpoint a folder with a transcoder for every layer: write them to "
+                        "DIR as circuit-tracer's transcoder set (TopK ones get theta first)")
     inference.placement_args(p)
     return flags.parse(p, argv, {"tokens": "[1, inf)"})
 
@@ -83,12 +86,43 @@ def tc_gain(config, lm, d_model):
     return model.ln2_gain(lm, config["layer"])
 
 
+def export_circuit_tracer(args):
+    """A folder of transcoders, one per layer, as circuit-tracer's: a TopK one gets its theta
+    first, from --tokens training rows of its layer (the files are left as they are)."""
+    transcoders, config, (args.device, args.dtype, note) = replacement.load_transcoders(
+        args.checkpoint, args.device, args.dtype)
+    print(f"running on {args.device} in {args.dtype} ({note})")
+    unfitted = [layer for layer, (sae, _) in transcoders.items() if sae.threshold is None]
+    if unfitted:
+        lm, tok = model.load_model(config["model_name"], args.device, getattr(torch, args.dtype))
+        for layer in unfitted:
+            sae, layer_config = transcoders[layer]
+            x = inputs(args, sae, layer_config, lm, tok)
+            inference.fit_jumprelu_(sae, x)
+            print(f"L{layer}TC: theta {sae.threshold:.6g} from {len(x):,} tokens")
+    interop.export_circuit_tracer(transcoders, args.export_circuit_tracer)
+    print(f"exported {args.export_circuit_tracer} (circuit-tracer transcoder set, "
+          f"{len(transcoders)} layers)")
+
+
 def postprocess(args):
     """Fit theta (step 3) and write the file; export to SAELens when asked."""
+    scope_folder = not os.path.isfile(os.path.join(args.checkpoint, "hyperparams.json"))
+    if os.path.isdir(args.checkpoint) and scope_folder:
+        if not args.export_circuit_tracer:
+            raise ValueError(f"{args.checkpoint} is a folder: post-process its checkpoints one "
+                             f"by one, or give --export-circuit-tracer DIR")
+        return export_circuit_tracer(args)
+    if args.export_circuit_tracer:
+        raise ValueError("--export-circuit-tracer takes a folder with a transcoder for every "
+                         "layer, not one checkpoint")
     sae, config, (args.device, args.dtype, note) = interop.load_sae(
         args.checkpoint, args.model, args.device, args.dtype)
     ours = os.path.isfile(args.checkpoint)
     folded = config.get("folded")  # the file is post-processed already (a released one is)
+    if args.export_saelens and sae.skip and args.architecture == "topk":
+        raise ValueError("--architecture topk: SAELens has no TopK skip transcoder; use "
+                         "--architecture jumprelu")
     if ours and folded and not args.export_saelens:
         raise ValueError(f"{args.checkpoint} is already post-processed")
     stem = formats.sae_name(args.checkpoint)

@@ -50,18 +50,17 @@ class TopKEncode(torch.autograd.Function):
 class SAE(torch.nn.Module):
     """TopK:    h = ReLU(W_enc x + b_enc); keep the K largest h_i ||W_dec[i]||, f = h there, else 0
        Vanilla: f = ReLU(W_enc x + b_enc), loss adds l1_coef * sum_i f_i * ||W_dec[i]||
-       x_hat = W_dec^T f + b_dec, trained on normalized data: x * S_in in, target * S_out out.
+       x_hat = W_dec^T f + b_dec, + W_skip x for a skip transcoder (W_skip (D, D), 0 at start)
 
     W_enc (F, D), b_enc (F), W_dec (F, D): one ROW per feature (the paper's column W_dec[:, i]),
-    so the sparse decoder gathers contiguous rows; b_dec (D). Decoder norms are never
-    renormalized in training: they enter the ranking (§2.4). A transcoder is the same map with
-    another target. S_in = sqrt(D) / E||x_in||, S_out = sqrt(D) / E||x_out|| (§3.3.3), from the
-    dataset norms `norm_in`, `norm_out`. The matmuls run in `compute_dtype` (e.g. bfloat16) while
-    the weights and Adam's state stay float32 (bf16 weights lose small updates: docs/precision.md).
-    parallel.py replaces `select` and `reduce` to shard F over devices."""
+    so the sparse decoder gathers contiguous rows. Decoder norms are never renormalized in
+    training: they enter the ranking (§2.4). A transcoder maps the MLP's input to its output.
+    It trains on x * S_in to reconstruct target * S_out, S = sqrt(D) / E||x|| from the dataset
+    norms `norm_in`, `norm_out` (§3.3.3). The matmuls run in `compute_dtype`; weights and Adam's
+    state stay float32 (docs/precision.md). parallel.py replaces `select`, `reduce` to shard F."""
 
     def __init__(self, d_model, n_features, act="topk", k=50, transcoder=False,
-                 init_decoder_norm=None, rank_by_decoder_norm=True, threshold=None):
+                 init_decoder_norm=None, threshold=None, skip=False):
         super().__init__()
         assert act in ("topk", "vanilla", "jumprelu")
         self.d_model = d_model
@@ -70,11 +69,13 @@ class SAE(torch.nn.Module):
         self.k = k
         self.threshold = threshold  # JumpReLU (inference.py): f_i = h_i if h_i > theta
         self.transcoder = transcoder
-        self.rank_by_decoder_norm = rank_by_decoder_norm
         self.W_enc = torch.nn.Parameter(torch.empty(n_features, d_model))
         self.b_enc = torch.nn.Parameter(torch.zeros(n_features))
         self.W_dec = torch.nn.Parameter(torch.empty(n_features, d_model))
         self.b_dec = torch.nn.Parameter(torch.zeros(d_model))
+        self.skip = skip
+        skip_weight = torch.nn.Parameter(torch.zeros(d_model, d_model)) if skip else None
+        self.register_parameter("W_skip", skip_weight)  # (D_out, D_in), as nn.Linear
         self.register_buffer("norm_in", torch.zeros(()))
         self.register_buffer("norm_out", torch.zeros(()))
         self.compute_dtype = None  # None: the parameters' dtype
@@ -119,12 +120,6 @@ class SAE(torch.nn.Module):
         """(S_in, S_out): multiply raw activations by these to get the SAE's training space."""
         return math.sqrt(self.d_model) / self.norm_in, math.sqrt(self.d_model) / self.norm_out
 
-    def rank_scale(self):
-        """(F,) what multiplies h_i in the TopK ranking: ||W_dec[i]||, detached (eq. 5)."""
-        if not self.rank_by_decoder_norm:  # a released SAE may rank by h alone
-            return torch.ones_like(self.b_enc.detach())
-        return self.W_dec.detach().norm(dim=1)
-
     def autocast(self):
         """The context the SAE's matmuls run in: compute_dtype, or as they are."""
         dtype = self.compute_dtype or self.W_enc.dtype
@@ -145,9 +140,9 @@ class SAE(torch.nn.Module):
         if self.act == "jumprelu":
             h = self.pre_acts(x, full=True)
             return h * (h > self.threshold)
+        rank = self.W_dec.detach().norm(dim=1)  # (F,) eq. 5 ranks h_i ||W_dec[i]||
         with self.autocast():  # the (N, F) scores in compute_dtype, the K values back in fp32
-            return TopKEncode.apply(x, self.W_enc, self.b_enc, self.rank_scale(), k or self.k,
-                                    self.select)
+            return TopKEncode.apply(x, self.W_enc, self.b_enc, rank, k or self.k, self.select)
 
     def decode(self, f):
         """x_hat (N, D) from (values, indices) or from dense f (N, F)."""
@@ -162,15 +157,20 @@ class SAE(torch.nn.Module):
     def forward(self, x, k=None):
         """x (N, D) in training space -> (x_hat (N, D), f)."""
         f = self.encode(x, k)
-        return self.decode(f), f
+        x_hat = self.decode(f)
+        if self.skip:  # a skip transcoder: plus its linear path W_skip x
+            with self.autocast():
+                x_hat = x_hat + F.linear(x, self.W_skip)
+        return x_hat, f
 
     def forward_dense(self, x, k=None):
         """Reference TopK, eq. 5 spelled out densely: the tests check `forward` against it."""
         with self.autocast():
             h = F.relu(self.pre_acts(x))  # (N, F)
-            idx = (h * self.rank_scale()).topk(k or self.k, dim=-1).indices  # (N, K)
+            idx = (h * self.W_dec.norm(dim=1)).topk(k or self.k, dim=-1).indices  # (N, K)
             f = torch.zeros_like(h).scatter(1, idx, h.gather(1, idx))  # (N, F), K nonzeros
-            return f @ self.W_dec + self.b_dec, f
+            skip = F.linear(x, self.W_skip) if self.skip else 0
+            return f @ self.W_dec + self.b_dec + skip, f
 
     def loss(self, x_in, x_out, k=None, l1_coef=0.0, batch_norm_mse=False):
         """Loss and metrics for one minibatch of RAW activations (N, D) each."""

@@ -46,6 +46,7 @@ def get_args(argv=None):
     g.add_argument("--act", choices=["topk", "vanilla"], default="topk",
                    help="TopK (eq. 5) or the ReLU + L1 baseline (§4.2)")
     g.add_argument("--k", type=int, default=50, help="active features per token after annealing")
+    g.add_argument("--skip", action="store_true", help="TC: skip transcoders (+ W_skip x)")
     g.add_argument("--l1-coef", type=float, default=2e-4, help="Vanilla only: L1 weight")
     g.add_argument("--l1-warmup-frac", type=float, default=0.05,
                    help="Vanilla only: share of steps warming the L1 weight up from 0 (as SAELens "
@@ -270,9 +271,9 @@ def new_trainer(run, place, n_features, d_model):
     """One SAE of F = n_features at a place, initialized (§3.3.1), with its optimizer."""
     args = run.args
     sae = SAE(d_model, n_features, args.act, args.k, model.is_transcoder(place[1]),
-              init_decoder_norm=args.init_decoder_norm)
+              init_decoder_norm=args.init_decoder_norm, skip=args.skip)
     sae.compute_dtype = run.dtype  # the matmuls; its weights and Adam's state stay float32
-    name = formats.run_name(place, n_features, d_model, args.act, args.k, args.l1_coef)
+    name = formats.run_name(place, sae, args.l1_coef)
     return recipe.Trainer(name, place, sae, run.comms, args.adam_betas,
                           batch_norm_mse=args.loss == "batch-norm-mse", grad_clip=args.grad_clip)
 
@@ -303,8 +304,7 @@ def open_buffer(run, group, place, size, saved=None):
 
 
 def loop(run, group):
-    """Every step, every SAE takes one minibatch from its place's buffer. Each step serves
-    --batch-size rows, so rows served = tokens of data x passes."""
+    """Every step, every SAE takes one minibatch from its place's buffer (--batch-size rows)."""
     args = run.args
     comms = run.comms
     log_every = args.log_every or max(1, group.schedule.steps // 40)

@@ -133,6 +133,8 @@ def check_flags(args):
          f"--total-tokens {args.total_tokens} x --passes {args.passes} is less than one batch "
          f"({args.batch_size})"),
         (args.k >= n_min, f"--k {args.k} must be less than the number of features ({n_min})"),
+        (args.skip and args.site != ["TC"],
+         f"--skip trains skip transcoders: give --site TC, not --site {','.join(args.site)}"),
         (args.k_init is not None and not args.k <= args.k_init <= n_min,
          f"--k-init {args.k_init} must be in {args.k}..{n_min}"),
         (args.resume not in (None, "auto") and not os.path.isfile(args.resume),

@@ -63,6 +63,36 @@ def feature_pass(lm, tok, sae, config, feats, n_tokens):
     return docs, n
 
 
+@torch.no_grad()
+def contexts_by_layer(lm, tok, saes, wanted, config, args):
+    """{layer: {feature: `inspect_feature`'s view}} of the features wanted {layer: features} of
+    transcoders saes {layer: sae in inference form}, from ONE pass over args.contexts held-out
+    tokens (of config's dataset and context) capturing every layer: the attribution graph's
+    page (extras/graph_page.py)."""
+    layers = sorted(wanted)
+    places = [(layer, "TC") for layer in layers]
+    columns = {layer: sorted(wanted[layer]) for layer in layers}
+    docs = {layer: [] for layer in layers}
+    n = 0
+    batches = data.heldout_batches(tok, config["dataset_path"], config["context_size"], 8)
+    for input_ids, mask in batches:
+        input_ids = input_ids.to(lm.device)
+        mask = mask.to(lm.device)
+        acts = model.capture(lm, input_ids, mask, places)
+        keep = data.scored_positions(input_ids, mask, tok)
+        for layer in layers:
+            x_in = acts[(layer, "TC")][0]
+            a = torch.zeros(*keep.shape, len(columns[layer]), device=lm.device)  # (B, T, n)
+            a[keep] = feature_acts(saes[layer], x_in[keep], columns[layer]).to(a.dtype)
+            for ids, real, row in zip(input_ids, mask.bool(), a):
+                docs[layer].append((ids[real].cpu(), row[real].float().cpu()))
+        n += keep.sum().item()
+        if n >= args.contexts:
+            break
+    return {layer: {feature: inspect_feature(docs[layer], n, j, args.top, tok)
+                    for j, feature in enumerate(columns[layer])} for layer in layers}
+
+
 def inspect_features(docs, n, sae, feats, top, tok):
     """Per feature (`inspect_feature`, `neighbours`), with the number of tokens read and the JL
     baseline eps = sqrt(12 ln F / D) (§4.6)."""

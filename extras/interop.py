@@ -101,7 +101,9 @@ def read_released(folder, ref=None):
                    "dataset_average_activation_norm": not scale_ok,
                    "norm_activation": hp.get("norm_activation", "dataset-wise") != "dataset-wise",
                    "apply_decoder_bias_to_pre_encoder":
-                       hp.get("apply_decoder_bias_to_pre_encoder")}
+                       hp.get("apply_decoder_bias_to_pre_encoder"),
+                   "sparsity_include_decoder_norm":  # TopK ranking by h alone: not ours
+                       act == "topk" and not hp.get("sparsity_include_decoder_norm", True)}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"{ref}: hyperparams.json {bad[0]} = {hp.get(bad[0])!r} is not "
@@ -118,8 +120,7 @@ def read_released(folder, ref=None):
     shapes = {k: tuple(v.shape) for k, v in t.items()}
     if any(shapes.get(k) != v for k, v in released_shapes(D, F).items()):
         raise ValueError(f"{ref}: tensors {shapes} do not match d_model {D}, d_sae {F}")
-    sae = SAE(D, F, k=hp.get("top_k", 50), transcoder=model.is_transcoder(site), threshold=theta,
-              rank_by_decoder_norm=hp.get("sparsity_include_decoder_norm", True))
+    sae = SAE(D, F, k=hp.get("top_k", 50), transcoder=model.is_transcoder(site), threshold=theta)
     load_tensors_(sae, t, norms)
     config = dict(model_name=lm.get("model_name"), layer=layer, site=site,
                   dataset_average_activation_norm=norms,
@@ -141,19 +142,26 @@ def export_saelens(sae, config, folder, architecture, freq=None, gain=None):
     Transcoders: `jumprelu_transcoder`, `transcoder` (Vanilla: ReLU), and TopK as `topk` with
     `hook_name_out` (SAELens has no TopK transcoder; d_in = d_out here). They read TransformerLens
     `ln2.hook_normalized` = x / rms(x), as the released ones do, so the RMSNorm gain (D,) our TC
-    input includes is folded into the encoder: W_enc[:, j] * gain_j (model.place_of)."""
+    input includes is folded into the encoder: W_enc[:, j] * gain_j (model.place_of), and into a
+    skip transcoder's W_skip (`skip_transcoder`, `jumprelu_skip_transcoder`)."""
     assert config.get("folded")
     tc = model.is_transcoder(config["site"])
     architecture = "standard" if sae.act == "vanilla" else architecture
     if architecture == "jumprelu" and sae.threshold is None:
         raise ValueError("--architecture jumprelu needs a JumpReLU threshold; use "
                          "--architecture topk")
+    if sae.skip and architecture == "topk":
+        raise ValueError("--architecture topk: SAELens has no TopK skip transcoder; use "
+                         "--architecture jumprelu")
     w_enc = sae.W_enc * gain if tc else sae.W_enc  # (F, D)
     tensors = {"W_enc": w_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if architecture == "jumprelu":
         tensors["threshold"] = torch.full((sae.n_features,), float(sae.threshold))
+    if sae.skip:  # (D_out, D_in), applied as x @ W_skip.T to x / rms(x)
+        tensors["W_skip"] = sae.W_skip * gain[None, :]
     if tc and architecture != "topk":
-        architecture = {"jumprelu": "jumprelu_transcoder", "standard": "transcoder"}[architecture]
+        kind = "skip_transcoder" if sae.skip else "transcoder"
+        architecture = {"jumprelu": f"jumprelu_{kind}", "standard": kind}[architecture]
     hook_in, hook_out = model.hook_names(config["layer"], config["site"])
     cfg = {"architecture": architecture, "d_in": sae.d_model, "d_sae": sae.n_features,
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
@@ -241,3 +249,39 @@ With this project (`{OURS}` is the same SAE in its own format):
 python evaluate.py {OURS}
 ```
 """
+
+
+# ----------------------------------------------------------------------------- circuit-tracer
+
+def export_circuit_tracer(transcoders, folder):
+    """circuit-tracer's per-layer transcoder folder (model_kind transcoder_set): config.yaml and
+    one layer_{i}.safetensors per layer with W_enc (F, D), W_dec (F, D), b_enc (F), b_dec (D),
+    W_skip (D, D) for a skip transcoder, and activation_function.threshold (F,): JumpReLU,
+    x * (x > theta) as ours. transcoders: {layer: (sae in JumpReLU inference form, config)};
+    ours read the MLP's input with the norm's gain, circuit-tracer's `mlp.hook_in`."""
+    layers = sorted(transcoders)
+    for layer in layers:
+        sae, config = transcoders[layer]
+        if sae.threshold is None:
+            raise ValueError(f"layer {layer}: circuit-tracer runs JumpReLU transcoders; this one "
+                             f"has no threshold (post-process it)")
+        if config.get("tc_input_before_gain"):
+            raise ValueError(f"layer {layer}: a released transcoder reads x / rms(x); "
+                             f"circuit-tracer's mlp.hook_in includes the norm's gain")
+    os.makedirs(folder, exist_ok=True)
+    for layer in layers:
+        sae, _ = transcoders[layer]
+        tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec,
+                   "activation_function.threshold": torch.full((sae.n_features,),
+                                                               float(sae.threshold))}
+        if sae.skip:
+            tensors["W_skip"] = sae.W_skip
+        atomic_save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+                         os.path.join(folder, f"layer_{layer}.safetensors"), {})
+    config = transcoders[layers[0]][1]
+    lines = ["model_kind: transcoder_set", f"model_name: {json.dumps(config['model_name'])}",
+             "feature_input_hook: mlp.hook_in", "feature_output_hook: mlp.hook_out",
+             f"scan: {json.dumps(os.path.basename(os.path.normpath(folder)))}"]
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return lines

@@ -124,3 +124,42 @@ def plot_sweep(results, configs, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_graph(graph, path, title, max_edges=300):
+    """An attribution graph (circuit-tracer's JSON, extras/graph_page.py) as a PNG: nodes by
+    position (x) and layer (y; tokens at the bottom, logits at the top), the strongest
+    max_edges edges blue (positive) or red (negative), width by weight."""
+    plt = _pyplot()
+    n_layers = max(int(n["layer"]) for n in graph["nodes"] if n["layer"] != "E") - 1  # logits L+1
+    tokens = graph["metadata"]["prompt_tokens"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(tokens)), 7))
+    where = {}
+    for n in graph["nodes"]:
+        level = -1 if n["layer"] == "E" else int(n["layer"])
+        same = [m for m in graph["nodes"] if m["layer"] == n["layer"]
+                and m["ctx_idx"] == n["ctx_idx"]]
+        k = same.index(n)
+        where[n["node_id"]] = (n["ctx_idx"] + 0.7 * (k - (len(same) - 1) / 2) / max(len(same), 2),
+                               level)
+    links = sorted(graph["links"], key=lambda link: -abs(link["weight"]))[:max_edges]
+    top = max([abs(link["weight"]) for link in links] + [1e-9])
+    for link in links:
+        x1, y1 = where[link["source"]]
+        x2, y2 = where[link["target"]]
+        ax.plot([x1, x2], [y1, y2], color="#2b6cb0" if link["weight"] > 0 else "#c53030",
+                lw=0.3 + 3 * abs(link["weight"]) / top, alpha=0.4, zorder=1)
+    colours = {"cross layer transcoder": "#4a90d9", "mlp reconstruction error": "#999999",
+               "embedding": "#66cc66", "logit": "#e67e22"}
+    for n in graph["nodes"]:
+        x, y = where[n["node_id"]]
+        ax.scatter([x], [y], s=18, color=colours[n["feature_type"]], zorder=2)
+    ax.set_xticks(range(len(tokens)))
+    ax.set_xticklabels([t.replace("\n", "\\n") for t in tokens], rotation=60, fontsize=8)
+    ax.set_yticks([-1, 0, n_layers - 1, n_layers + 1])
+    ax.set_yticklabels(["tokens", "L0", f"L{n_layers - 1}", "logits"], fontsize=8)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
