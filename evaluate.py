@@ -35,18 +35,20 @@ import formats
 import inference
 import metrics
 import model
-from extras import activations, chats, features, flags, interop, long_context, plots, saebench
-from extras import replacement, scope
+from extras import activations, chats, features, flags, interop, long_context, noise, plots
+from extras import replacement, saebench, scope
 
-KEYS = ["n_tokens", "l0", "explained_variance", "explained_variance_centered", "mse", "ce_loss",
-        "ce_loss_with_sae", "delta_lm_loss", "ce_loss_ablated", "kl_div_with_sae",
-        "kl_div_ablated", "dead_frac", "ultra_active_frac"]
-NOTES = {"dead_frac": "   never fired on any of these tokens",
+KEYS = ["n_tokens", "n_predictions", "n_documents", "l0", "explained_variance",
+        "explained_variance_centered", "mse", "ce_loss", "ce_loss_with_sae", "delta_lm_loss",
+        "ce_loss_ablated", "kl_div_with_sae", "kl_div_ablated", "dead_frac", "ultra_active_frac"]
+NOTES = {"n_tokens": "   rows scored: EV, L0, firing", "n_predictions": "   CE and KL",
+         "dead_frac": "   never fired on any of the n_tokens rows",
          "ultra_active_frac": "   fired on more than 10% of them (§4.4)"}
 WINDOW = 100_000  # §4.4 counts never-firing features over 100K tokens
 LM_BATCH = 8  # documents per LM forward
-RANGES = {"tokens": "[1, inf)", "long_context": "0 or [2, inf)", "top": "[1, inf)",
-          "max_norm_ratio": "0 or (1, inf)"}  # every numeric flag's range (extras/flags.py)
+# every numeric flag's range (extras/flags.py)
+RANGES = {"tokens": "[1, inf)", "lm_tokens": "[1, inf)", "long_context": "0 or [2, inf)",
+          "top": "[1, inf)", "max_norm_ratio": "0 or (1, inf)"}
 
 
 def get_args(argv=None):
@@ -57,6 +59,10 @@ def get_args(argv=None):
     p.add_argument("--tokens", type=int, default=100_000,
                    help="held-out tokens to evaluate (§4.4 counts never-firing features over "
                         "100K; the whole held-out split when smaller)")
+    p.add_argument("--lm-tokens", type=int, default=None,
+                   help="of them, the tokens whose documents also run the LM spliced and "
+                        "ablated for CE, KL and Delta LM loss (default: all --tokens; a scope's "
+                        "cost is these passes)")
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
     p.add_argument("--chat", default=None, metavar="DATA",
                    help="§4.5.2: evaluate on conversations rendered by the instruct model's chat "
@@ -213,7 +219,9 @@ def lm_metrics(args, lm, tok, subject):
     if args.chat:
         batches = chats.chat_batches(tok, args.chat, context_size, LM_BATCH)
     sae = inference.for_lm(subject.sae, subject.config, lm)
-    return metrics.lm_metrics(lm, tok, sae, subject.config, args.tokens, batches)
+    budget = metrics.Budget(args.tokens, args.lm_tokens)
+    out = metrics.lm_metrics(lm, tok, sae, subject.config, budget, batches)
+    return noise.with_standard_errors(out)
 
 
 def two_models(args, subject, out, chat_tok):
@@ -255,8 +263,12 @@ def report(args, subject, out):
     for key in KEYS:
         if key not in out:
             continue
-        value = f"{out[key]:.4f}" if isinstance(out[key], float) else f"{out[key]}"
+        value = f"{out[key]:.4f}" if isinstance(out[key], float) else f"{out[key]:,}"
+        if f"{key}_se" in out:  # over documents (extras/noise.py)
+            value += f" +- {out[f'{key}_se']:.4f}"
         print(f"  {key:<28} {value}{notes.get(key, '')}")
+    if "n_documents" in out:
+        print("  (+- a standard error over the documents: extras/noise.py)")
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
         path = os.path.join(args.plot, f"{subject.name}-firing.png")

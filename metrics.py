@@ -10,9 +10,13 @@
   the site (TC: in place of the MLP output) and with the site zero-ablated: CE of each, their
   difference `delta_lm_loss` (§4.1), and KL(clean || patched). Special tokens and tokens over
   the outlier norm limit keep their original activation and their predictions are not scored.
+  Delta LM loss may read fewer documents than EV and L0 (`Budget`).
+- Every sum over documents is also kept per document (`Documents`), the unit that is
+  independent (a document's tokens are not): extras/noise.py turns them into standard errors.
 Shapes: B sequences, T tokens, N rows, D model width, F features, V vocabulary.
 A folder of SAEs evaluated in one pass, long context (§4.5.1) and chats (§4.5.2) are in extras/.
 """
+import dataclasses
 import math
 
 import torch
@@ -36,7 +40,8 @@ def firing_counts(f, n_features):
 
 class Metrics:
     """Running sums over evaluated rows, in the SAE's normalized space (EV is scale-free
-    anyway)."""
+    anyway), and per document where the rows' documents are known (`Documents`); with
+    `add_losses`, the LM's CE and KL of §4.1 too."""
 
     def __init__(self, sae):
         self.sae = sae
@@ -45,10 +50,12 @@ class Metrics:
         self.sq = 0.0  # sum ||x||^2
         self.sum_y = torch.zeros(sae.d_model, dtype=torch.float64)  # sum x, for the centred EV
         self.counts = torch.zeros(sae.n_features, dtype=torch.float64)  # firings per feature
+        self.documents = Documents()
 
     @torch.no_grad()
-    def add(self, x_in, x_out, s_out):
-        """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space."""
+    def add(self, x_in, x_out, s_out, docs=None):
+        """x_in, x_out (N, D) raw; s_out maps raw targets to the normalized space. docs: (the
+        document of each row (N,), documents in the batch) when known."""
         x_hat, f = raw_forward(self.sae, x_in)
         self.counts += firing_counts(f, self.sae.n_features).double().cpu()
         err = (x_hat - x_out.to(x_hat.dtype)).double() * s_out
@@ -57,16 +64,62 @@ class Metrics:
         self.sq += y.pow(2).sum().item()
         self.sum_y += y.sum(0).cpu()
         self.n += len(y)
+        if docs is not None:
+            active = f[0] > 0 if isinstance(f, tuple) else f > 0  # (N, K) or (N, F)
+            per_row = {"rows": torch.ones(len(y)), "sq_err": err.pow(2).sum(-1),
+                       "sq": y.pow(2).sum(-1), "active": active.sum(-1)}
+            self.documents.add(per_row, *docs)
+
+    def add_losses(self, per_position, ok):
+        """per_position {CE_PASSES and KL_KEYS: (B, T-1)} of one batch of documents; ok (B, T-1)
+        the predictions scored."""
+        sums = {key: torch.where(ok, value, 0.0).double().sum(-1)
+                for key, value in per_position.items()}
+        sums["predictions"] = ok.sum(-1)
+        self.documents.add_sums(sums)
 
     def result(self):
         freq = self.counts / max(self.n, 1)
         centred = self.sq - self.sum_y.pow(2).sum().item() / self.n
-        return {"n_tokens": self.n, "l0": freq.sum().item(),
-                "mse": self.sq_err / (self.n * self.sae.d_model),
-                "explained_variance": 1 - self.sq_err / self.sq,
-                "explained_variance_centered": 1 - self.sq_err / centred,
-                "dead_frac": (freq == 0).double().mean().item(),
-                "ultra_active_frac": (freq > 0.1).double().mean().item(), "freq": freq}
+        out = {"n_tokens": self.n, "l0": freq.sum().item(),
+               "mse": self.sq_err / (self.n * self.sae.d_model),
+               "explained_variance": 1 - self.sq_err / self.sq,
+               "explained_variance_centered": 1 - self.sq_err / centred,
+               "dead_frac": (freq == 0).double().mean().item(),
+               "ultra_active_frac": (freq > 0.1).double().mean().item(), "freq": freq}
+        per_document = self.documents.result()
+        if "predictions" in per_document:  # CE over all predictions, not a mean of documents'
+            n = sum(per_document["predictions"])
+            out.update({key: sum(per_document[key]) / max(n, 1) for key in CE_PASSES + KL_KEYS})
+            out["delta_lm_loss"] = out["ce_loss_with_sae"] - out["ce_loss"]
+            out["n_predictions"] = int(n)
+        if per_document:
+            out["n_documents"] = len(per_document.get("rows", per_document["predictions"]))
+            out["per_document"] = per_document
+        return out
+
+
+class Documents:
+    """Sums per document over a pass in reading order ({key: [(documents of a batch,)]}): the
+    unit that is independent (a document's tokens are not), for the standard errors of
+    extras/noise.py."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, per_row, doc, n_docs):
+        """per_row {key: (N,)} summed into the n_docs documents of a batch; doc (N,) the
+        document of each row."""
+        self.add_sums({key: torch.zeros(n_docs, dtype=torch.float64).index_add_(
+            0, doc.cpu(), values.double().cpu()) for key, values in per_row.items()})
+
+    def add_sums(self, per_document):
+        """{key: (documents of a batch,)} already summed per document."""
+        for key, values in per_document.items():
+            self.sums.setdefault(key, []).append(values.double().cpu())
+
+    def result(self):
+        return {key: torch.cat(sums).tolist() for key, sums in self.sums.items()}
 
 
 def raw_forward(sae, x_in):
@@ -203,39 +256,63 @@ def patches(sae, keep):
     return spliced, zeroed
 
 
+@dataclasses.dataclass
+class Budget:
+    """How much text an evaluation scores (evaluate.py --tokens and --lm-tokens)."""
+    rows: int  # rows scored for EV, L0 and firing
+    lm_rows: int = None  # of them, the rows whose batches also run the spliced and ablated
+    #                      passes for CE, KL and Delta LM loss (default: all)
+
+    def __post_init__(self):
+        self.lm_rows = self.rows if self.lm_rows is None else min(self.lm_rows, self.rows)
+
+
+def documents_of(keep):
+    """(the document of each kept position (N,), documents in the batch) from keep (B, T)."""
+    return keep.nonzero()[:, 0], keep.shape[0]
+
+
 @torch.no_grad()
-def lm_metrics(lm, tok, sae, config, n_tokens, batches):
-    """One pass over token batches (held-out documents, or chats, §4.5.2): each batch runs the
-    LM clean (capturing the site), with the SAE spliced in, and with the site zero-ablated
-    (`three_passes`), until n_tokens rows are scored. Returns the metrics dict (firing
-    frequencies (F,) under "freq"). tok: the tokenizer that made the batches."""
+def lm_metrics(lm, tok, sae, config, budget, batches):
+    """One pass over token batches (held-out documents, or chats, §4.5.2) until budget.rows rows
+    are scored: the first budget.lm_rows run the LM clean (capturing the site), with the SAE
+    spliced in and with the site zero-ablated (`three_passes`), the rest only as far as the site
+    (`clean_rows`). Returns the metrics dict (firing frequencies (F,) under "freq").
+    tok: the tokenizer that made the batches."""
     running = Metrics(sae)
     s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
-    sums = dict.fromkeys(CE_PASSES + KL_KEYS, 0.0)
-    n_predictions = 0
-    bar = data.progress(n_tokens, "evaluate")
+    bar = data.progress(budget.rows, "evaluate")
     for input_ids, mask in batches:
         input_ids = input_ids.to(lm.device)
         mask = mask.to(lm.device)
-        _, rows, batch_sums, n = three_passes(lm, tok, sae, config, input_ids, mask)
-        for key, value in batch_sums.items():
-            sums[key] += value
-        n_predictions += n
-        running.add(*rows, s_out)
+        if running.n < budget.lm_rows:
+            keep, rows, per_position, ok = three_passes(lm, tok, sae, config, input_ids, mask)
+            running.add_losses(per_position, ok)
+        else:
+            keep, rows = clean_rows(lm, tok, config, input_ids, mask)
+        running.add(*rows, s_out, docs=documents_of(keep))
         bar.update(len(rows[0]))
-        if running.n >= n_tokens:
+        if running.n >= budget.rows:
             break
     bar.close()
-    out = running.result()
-    out.update({key: total / max(n_predictions, 1) for key, total in sums.items()})
-    out["delta_lm_loss"] = out["ce_loss_with_sae"] - out["ce_loss"]
-    return out
+    return running.result()
+
+
+def clean_rows(lm, tok, config, input_ids, mask):
+    """(keep (B, T) the scored positions, (x_in, x_out) their rows) of one batch, the LM run
+    only as far as the site (model.capture)."""
+    place = (config["layer"], config["site"])
+    x_in, x_out = model.capture(lm, input_ids, mask, [place])[place]
+    keep = data.scored_positions(input_ids, mask, tok, x_in, x_out,
+                                 config.get("outlier_norm_limit"))
+    return keep, (x_in[keep], x_out[keep])
 
 
 def three_passes(lm, tok, sae, config, input_ids, mask):
     """One batch run clean, spliced and ablated: (keep (B, T) the replaced positions, (x_in,
-    x_out) their clean rows, summed CE per pass and KL(clean || patched), predictions scored).
-    Position t is scored (predicting t+1) when it is kept and t+1 is a real token."""
+    x_out) their clean rows, {CE per pass, KL(clean || patched)} each (B, T-1), ok (B, T-1) the
+    predictions scored). Position t is scored (predicting t+1) when it is kept and t+1 is a
+    real token."""
     layer = config["layer"]
     site = config["site"]
     seen = {}
@@ -251,11 +328,9 @@ def three_passes(lm, tok, sae, config, input_ids, mask):
     ok = seen["keep"][:, :-1] & mask[:, 1:].bool()
     target = input_ids[:, 1:]
     ce, p, h = clean_reference(logits[:, :-1], target)
-    sums = {"ce_loss": ce[ok].sum().item()}
+    per_position = {"ce_loss": ce}
     for name, fn, kl_key in zip(CE_PASSES[1:], patches(sae, seen["keep"]), KL_KEYS):
         with model.splice(lm, layer, site, fn):
             logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        ce, kl = ce_and_kl(logits[:, :-1], target, p, h)
-        sums[name] = ce[ok].sum().item()
-        sums[kl_key] = kl[ok].sum().item()
-    return seen["keep"], seen["rows"], sums, int(ok.sum())
+        per_position[name], per_position[kl_key] = ce_and_kl(logits[:, :-1], target, p, h)
+    return seen["keep"], seen["rows"], per_position, ok

@@ -10,6 +10,7 @@ processes. Training runs in this process, except where a process boundary is the
 contract (exit code, stderr), kill -9, torchrun.
 """
 import ast
+import contextlib
 import copy
 import html.parser
 import importlib
@@ -27,6 +28,7 @@ import time
 import tokenize
 import types
 
+import datasets
 import huggingface_hub
 import pytest
 import torch
@@ -51,7 +53,8 @@ import postprocess
 import recipe
 import train
 from extras import activations, attribution, chats, checks, flags, influence, interop
-from extras import long_context, plan, plots, replacement, saebench, synthetic, tracking
+from extras import long_context, noise, plan, plots, replacement, saebench, scope, synthetic
+from extras import tracking
 from sae import SAE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -200,14 +203,15 @@ def tiny_lm_folder(folder, n_layers=3):
     return str(folder)
 
 
-SCOPE = ["--layer", "all", "--site", "R,TC", "--expansion", "2", "--k", "8", "--total-tokens",
+SCOPE = ["--layer", "all", "--site", "all", "--expansion", "2", "--k", "8", "--total-tokens",
          "8192", "--buffer-size", "4096", "--batch-size", "256", "--context-size", "128",
          "--eval-tokens", "0"]
 
 
 @pytest.fixture(scope="module")
 def tiny_scope(tmp_path_factory):
-    """(the tiny LM's folder, a folder of its 6 SAEs: every layer x R, TC, from one LM pass)."""
+    """(the tiny LM's folder, a folder of its 12 SAEs: every layer x R, A, M, TC, from one LM
+    pass)."""
     tmp = tmp_path_factory.mktemp("scope")
     lm = tiny_lm_folder(tmp / "lm")
     train.main(["--model", lm, *SCOPE, "--out", str(tmp / "out")])
@@ -755,14 +759,17 @@ def test_budget_rule_adapts_short_runs_and_keeps_the_paper_recipe_at_scale():
 def test_budget_rule_reuses_rows_only_while_they_are_costly():
     """Passes follow what a row costs: the LM forward to the deepest site against every SAE it
     feeds. One 8x SAE at layer 15 (LM ~4x the SAE): 8 passes; at layer 3 the forward is 4x
-    cheaper: 2; a whole scope of 120 SAEs on one forward: fresh rows, 1 pass; pre-saved rows:
-    the token budget alone."""
-    _, _, ratio = plan.costs(model.load_config(), [(15, "R")], [4608])
+    cheaper: 2; a whole scope of 120 SAEs: fresh rows, 1 pass, its LM cost summed over the
+    groups the plan makes (3 under the default 12 GiB: twice one forward's); pre-saved rows: the
+    token budget alone."""
+    _, _, ratio = plan.costs(model.load_config(), [[(15, "R")]], [4608])
     assert ratio == pytest.approx(4.0, rel=1e-3) and planned().passes == 8
     assert planned("--layer", "3").passes == 2
     whole = planned("--layer", "all", "--site", "all", "--expansion", "4")
     assert (whole.layer, whole.site, whole.passes) == (list(range(30)), list(model.SITES), 1)
-    assert "(here 0.12x)" in whole.rule
+    groups = plan.groups(model.load_config(), list(itertools.product(whole.layer, whole.site)),
+                         whole, 340_000 // 256, 256, 4)
+    assert len(groups) == 3 and "(here 0.25x)" in whole.rule  # one forward's: 0.12x
     assert recipe.budget_rule(340_000)[0] == recipe.MAX_PASSES  # no cost known: --activations
 
 
@@ -998,7 +1005,8 @@ def test_a_scope_split_into_groups_resumes_bit_identical_after_kill_9(tmp_path, 
     places = [(0, "R"), (0, "TC"), (1, "R"), (1, "TC")]
     memory = plan.Memory(model.load_config(lm), [128], 256, 32, 128, 4)
     two = memory.bytes(places[:2], plan.MIN_BUFFER_ROWS)
-    args = [*SCOPE, "--model", lm, "--max-memory", f"{(two + 2 ** 20) / plan.GIB:.6f}",
+    args = [*SCOPE, "--site", "R,TC", "--model", lm, "--max-memory",
+            f"{(two + 2 ** 20) / plan.GIB:.6f}",
             "--total-tokens", "20480", "--buffer-size", "16384", "--save-every", "2048"]
     a = tmp_path / "a"
     b = tmp_path / "b"
@@ -1313,7 +1321,7 @@ def test_identity_splice_has_zero_delta_lm_loss(smollm, monkeypatch):
     config = {"layer": 5, "site": "R", "context_size": 1024, "outlier_norm_limit": None,
               "dataset_average_activation_norm": {"in": 1.0, "out": 1.0}}
     batches = data.heldout_batches(tok, data.EMBEDDED_DATASET, 1024, 8)
-    m = metrics.lm_metrics(lm, tok, sae, config, 200, batches)
+    m = metrics.lm_metrics(lm, tok, sae, config, metrics.Budget(200), batches)
     assert m["ce_loss_with_sae"] == pytest.approx(m["ce_loss"], abs=1e-6)
     assert m["ce_loss_ablated"] > m["ce_loss"] + 1
 
@@ -1342,7 +1350,7 @@ def test_the_splice_leaves_a_chats_special_tokens_unreplaced_and_unscored(smollm
     hook = lm.model.layers[4].register_forward_pre_hook(note_block_input, with_kwargs=True)
     try:
         batches = chats.chat_batches(tok, str(path), 1024, 8)
-        m = metrics.lm_metrics(lm, tok, sae, config, 10**6, batches)
+        m = metrics.lm_metrics(lm, tok, sae, config, metrics.Budget(10**6), batches)
     finally:
         hook.remove()
     clean, spliced, ablated = seen  # (T, D) each
@@ -1905,11 +1913,14 @@ def test_training_from_the_cache_equals_training_from_the_lm(tmp_path, capsys, m
 def test_a_scope_is_evaluated_in_one_pass_as_each_sae_alone(tiny_scope, tmp_path, capsys,
                                                             monkeypatch):
     """evaluate.py DIR: one full forward per batch for every place (each SAE then spliced from
-    its own block on), and every SAE's numbers equal evaluating its checkpoint alone; the table
-    lists them in layer order and --plot draws Fig. 10."""
+    its own block on, every site of R, A, M and TC), and every SAE's numbers, standard errors
+    included, equal evaluating its checkpoint alone, with Delta LM loss on all of --tokens or on
+    fewer (--lm-tokens); the table lists them in layer order and --plot draws Fig. 10."""
     lm_dir, folder = tiny_scope
     load = model.load_model
     forwards = []
+    zeroed = []
+    from_block_on = scope.from_block_on
 
     def count_embedding(*args):
         forwards.append(1)
@@ -1918,21 +1929,60 @@ def test_a_scope_is_evaluated_in_one_pass_as_each_sae_alone(tiny_scope, tmp_path
         lm, tok = load(*args, **kwargs)
         lm.model.embed_tokens.register_forward_hook(count_embedding)
         return lm, tok
+
+    def counting_ablations(lm, batch, place, patch):
+        zeroed.append(patch.__name__ == "zeroed")
+        return from_block_on(lm, batch, place, patch)
     monkeypatch.setattr(model, "load_model", counting)
+    monkeypatch.setattr(scope, "from_block_on", counting_ablations)
     together = evaluate.main([folder, "--tokens", "300", "--json", str(tmp_path / "s.json"),
                               "--plot", str(tmp_path)])
     printed = capsys.readouterr().out
-    names = [f"L{layer}{site}-2x-k8-TopK" for layer in range(3) for site in ("R", "TC")]
+    names = [f"L{layer}{site}-2x-k8-TopK" for layer in range(3) for site in ("R", "A", "M", "TC")]
     assert list(together) == names and json.load(open(tmp_path / "s.json")).keys() == set(names)
     assert [line.split()[0] for line in printed.splitlines() if line.startswith("  L")] == names
     batches = len(forwards)
+    assert sum(zeroed) < len(names) * batches  # M and TC of a layer share their ablation
     assert os.path.getsize(tmp_path / "scope.png") > 0
+    keys = evaluate.KEYS + [f"{key}_se" for key in noise.SE_KEYS]
     for name in names:
         forwards.clear()
         alone = evaluate.main([os.path.join(folder, f"{name}.safetensors"), "--tokens", "300"])
         assert len(forwards) == 3 * batches  # clean, spliced, ablated: every pass full
-        for key in evaluate.KEYS:
+        for key in keys:
             assert together[name][key] == pytest.approx(alone[key], rel=1e-3, abs=1e-6), key
+    few = evaluate.main([folder, "--tokens", "3000", "--lm-tokens", "150"])  # ~1,000 a batch
+    for name in names[:4]:
+        alone = evaluate.main([os.path.join(folder, f"{name}.safetensors"), "--tokens", "3000",
+                               "--lm-tokens", "150"])
+        for key in keys:
+            assert few[name][key] == pytest.approx(alone[key], rel=1e-3, abs=1e-6), key
+        assert few[name]["n_tokens"] >= 3000 and few[name]["n_predictions"] < 1500
+        assert len(alone["per_document"]["rows"]) > len(alone["per_document"]["predictions"])
+
+
+def test_a_scope_refuses_a_model_that_from_layer_cannot_run(tiny_scope, capsys, monkeypatch):
+    """The first batch checks that running from a place's block on reproduces the full
+    forward's predictions: a model whose forward rescales its embeddings or indexes per-layer
+    settings would make every Delta LM loss of the scope wrong without it."""
+    _, folder = tiny_scope
+
+    @contextlib.contextmanager
+    def off_by_one(lm, layer):  # as if block `layer` were not run
+        blocks = lm.model.layers
+        lm.model.layers = blocks[layer + 1:]
+        try:
+            yield
+        finally:
+            lm.model.layers = blocks
+    monkeypatch.setattr(model, "from_layer", off_by_one)
+    err = one_line_error(capsys, evaluate.main, [folder, "--tokens", "100"])
+    assert "running it from block 0 on does not give the full forward's predictions" in err
+
+
+def test_an_empty_or_mixed_folder_is_one_line(tiny_scope, tmp_path, capsys, monkeypatch):
+    _, folder = tiny_scope
+    names = [f"L{layer}{site}-2x-k8-TopK" for layer in range(3) for site in ("R", "A", "M", "TC")]
     empty = tmp_path / "empty"
     empty.mkdir()
     err = one_line_error(capsys, evaluate.main, [str(empty)])
@@ -2474,6 +2524,29 @@ def test_packed_contexts_are_saelens_packing():
         (torch.tensor(d, dtype=torch.long) for d in docs), 128, begin_batch_token_id=1,
         sequence_separator_token_id=1)
     assert [c.tolist() for c in theirs] == ours
+
+
+def test_sae_bench_reads_on_after_its_reset_as_we_do():
+    """sae_bench's core eval calls reset_input_dataset between its CE loop and its sparsity
+    loop, but SAELens's ActivationsStore packs from a generator of its own, so the second loop
+    reads the NEXT contexts, not the first ones again. saebench.evaluate does the same: its
+    sparsity and variance metrics count the tokens of batches n..2n-1."""
+    stores = interop_package("sae_lens.training.activations_store")
+    rows = [[1] + list(range(10 * i + 3, 10 * i + 10)) for i in range(8)]  # 8 contexts of 8
+    store = stores.ActivationsStore(
+        model=torch.nn.Linear(1, 1), dataset=datasets.Dataset.from_dict({"input_ids": rows}),
+        streaming=False, hook_name="blocks.0.hook_resid_post", hook_head_index=None,
+        context_size=8, d_in=4, n_batches_in_buffer=2, total_training_tokens=8,
+        store_batch_size_prompts=2, train_batch_size_tokens=8, prepend_bos=True,
+        normalize_activations="none", device=torch.device("cpu"), dtype="float32")
+    first = store.get_batch_tokens(2).tolist()
+    store.reset_input_dataset()
+    assert first == rows[:2] and store.get_batch_tokens(2).tolist() == rows[2:4]
+    lm, batches, sae, config, _, _ = saebench_run()
+    tok = types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    uneven = batches[:3] + [b[:2] for b in batches[3:6]]  # 4 contexts each, then 2 each
+    result = saebench.evaluate(lm, tok, sae, config, uneven, 3)
+    assert result.core.tokens == sum(b.numel() for b in uneven[3:])
 
 
 class NumberTokenizer:

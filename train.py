@@ -205,7 +205,7 @@ def train(args):
         return activations.cache_from_lm(args, stream.producer, places, d_model)
     # the groups that fit --max-memory, each trained from its own LM pass
     plans = plan.groups(cfg, places, args, run.schedule.steps, run.batch, run.dtype.itemsize)
-    run.comms.print0(plan.describe_groups(plans, args.max_memory))
+    run.comms.print0(plan.describe_groups(plans, args, cfg, run.dtype))
     if args.plan_only:
         return []
     # a resumed run skips the groups it saved and continues the one it stopped in

@@ -124,8 +124,9 @@ def main(tc_folder, ct_folder, model_folder, prompt):
           f"(position 0 left out)")
     print(f"edges compared: {diff.numel():,}; nonzero in ours {int((ours_sub != 0).sum()):,}, "
           f"in theirs {int((theirs_sub != 0).sum()):,}")
-    print(f"max |difference| {diff.max().item():.3g}; largest |edge| "
-          f"{ours_sub.abs().max().item():.3g}; relative {diff.max().item() / ours_sub.abs().max().item():.3g}")
+    largest = ours_sub.abs().max().item()
+    print(f"max |difference| {diff.max().item():.3g}; largest |edge| {largest:.3g}; relative "
+          f"{diff.max().item() / largest:.3g}")
 
 
 if __name__ == "__main__":

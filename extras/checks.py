@@ -4,16 +4,19 @@ model at all, the budget rule applied (recipe.budget_rule, reading what a row co
 extras/plan.py), and what torchrun's dp x tp layout asks of the flags. Every failure is one line
 (a ValueError: the script prints it and exits 2).
 """
+import copy
 import dataclasses
 import itertools
 import math
 import os
 import re
 
+import torch
+
 import data
 import model
-from extras import activations
-from extras.plan import costs, feature_counts
+from extras import activations, plan
+from extras.plan import feature_counts
 from recipe import budget_rule, schedule
 
 RANGES = {  # the range of every numeric flag of train.py (extras/flags.py), checked at parse
@@ -93,10 +96,28 @@ def resolve(args):
     lm_cfg = model.load_config(cache["model"]) if cache.get("model") else cfg
     cost_ratio = None
     if lm_cfg.get("vocab_size") and widths and min(widths) > 0:  # else the --k check refuses
-        cost_ratio = costs(lm_cfg, places, widths)[2]
+        cost_ratio = row_cost_ratio(args, lm_cfg, places, widths)
     args.passes, args.batch_size, args.init_bias, args.rule = budget_rule(
         args.total_tokens, args.passes, args.batch_size, args.init_bias, cost_ratio)
     return d_model, cfg
+
+
+def row_cost_ratio(args, lm_cfg, places, widths):
+    """What a row costs against the SAE steps it feeds (plan.costs) when each group of the plan
+    makes its own rows: the groups planned under the rule's choice for one LM pass (a choice
+    that rarely moves a scope's split). Flags no plan can be made from (checked next, each in
+    its own line) leave one pass's ratio."""
+    one_pass = plan.costs(lm_cfg, [places], widths)[2]
+    trial = copy.copy(args)
+    trial.passes, trial.batch_size, _, _ = budget_rule(
+        args.total_tokens, args.passes, args.batch_size, args.init_bias, one_pass)
+    steps = schedule(args.total_tokens, trial.passes, trial.batch_size).steps
+    dtype_bytes = getattr(torch, args.dtype).itemsize
+    try:
+        planned = plan.groups(lm_cfg, places, trial, steps, trial.batch_size, dtype_bytes)
+    except ValueError:
+        return one_pass
+    return plan.costs(lm_cfg, [group.places for group in planned], widths)[2]
 
 
 def check_flags(args):

@@ -3,9 +3,11 @@ row costs, how much memory a group of SAEs needs, the groups that fit --max-memo
 derived arithmetic train.py prints once.
 
 - `feature_counts`: F of every SAE at each place (--n-features, else --expansion x D).
-- `costs`: ms per token of the LM forward and per row of the SAEs it feeds (the budget rule).
+- `costs`: what making a row costs (every group's LM pass) against the SAE steps it feeds, in
+  the reference machine's units (the budget rule); `measure_costs`: those units on the machine
+  at hand, timed in a fraction of a second (the time estimate).
 - `groups`: the scope split into groups that fit --max-memory, each trained from its own LM pass,
-  with the rows each place's buffer gets and the estimated peak memory and time.
+  with the rows each place's buffer gets, the estimated peak memory and the work it does.
 - `buffer_rows`: rows per place's buffer: at most --buffer-size, less for a short run.
 - `describe_groups`, `describe`: the plan as train.py prints it.
 The flag checks are extras/checks.py's; the recipe itself (budget rule, schedule) recipe.py's.
@@ -13,16 +15,25 @@ Shapes: D model width, F features, L layer, C row width (D, or 2D for a transcod
 """
 import ctypes
 import dataclasses
+import time
+
+import torch
 
 import formats
 import model
 from buffer import first_fill_rows
 from recipe import PAPER_WARMUP
+from sae import SAE
 
 GIB = 2 ** 30
-# Costs measured here (2 CPU cores, float32, bench.py), per million weights a row goes through:
+# The reference costs (bench.py on 2 CPU cores of the machine this was first written on,
+# float32), per million weights a row goes through. The budget rule reads their ratio, so the
+# same flags choose the same passes on any machine and a resumed run re-derives them; the time
+# estimate measures the machine at hand instead (`measure_costs`).
 LM_MS_PER_MWEIGHT = 0.4 / (16 * 3.540096)  # the LM per token: 0.4 ms to SmolLM2's L15
 SAE_MS_PER_MWEIGHT = 0.1 / (4608 * 576 / 1e6)  # one SAE step per row: 0.1 ms at D 576, F 4608
+LM_OVERHEAD = 1.6  # a forward's time over its block matmuls' (norms, attention, rotary, ...):
+#                    bench.py's LM against measure_costs' matmuls on this 2-core machine
 # Memory beyond what the estimate counts (Python, torch, tokenizer, allocator slack): measured
 # as the default run's peak minus its estimate.
 RUNTIME_BYTES = int(1.0 * GIB)
@@ -46,15 +57,82 @@ def lm_weights(cfg):
     return block, embed + cfg["num_hidden_layers"] * block + D
 
 
-def costs(cfg, places, widths):
-    """(LM ms per token to the deepest of places, ms per row of every SAE it feeds (each place
-    x each width), their ratio): what making a row costs against training on it, on 2 CPU cores
-    in float32 (a GPU is faster at both; the budget rule reads the ratio)."""
+@dataclasses.dataclass
+class Costs:
+    """ms per million weights a row goes through."""
+    lm: float  # the LM forward, per token
+    sae: float  # one SAE training step (forward, backward, Adam), per row
+    where: str  # what they were measured on
+
+
+REFERENCE = Costs(LM_MS_PER_MWEIGHT, SAE_MS_PER_MWEIGHT, "the reference machine's")
+
+
+def lm_mweights(cfg, places):
+    """Millions of weights a token goes through in a forward stopped after the deepest place."""
     block, _ = lm_weights(cfg)
-    deepest = max(layer for layer, _ in places)
-    lm = (deepest + 1) * block / 1e6 * LM_MS_PER_MWEIGHT
-    sae = len(places) * sum(widths) * cfg["hidden_size"] / 1e6 * SAE_MS_PER_MWEIGHT
+    return (max(layer for layer, _ in places) + 1) * block / 1e6
+
+
+def sae_mweights(cfg, places, widths):
+    """Millions of weights a row goes through in one training step of every SAE it feeds."""
+    return len(places) * sum(widths) * cfg["hidden_size"] / 1e6
+
+
+def costs(cfg, groups_of_places, widths, unit=REFERENCE):
+    """(LM ms per token, each group's pass to its deepest place summed; ms per row of every SAE
+    the rows feed; their ratio): what making a row costs against training on it (the budget
+    rule reads the ratio)."""
+    lm = sum(lm_mweights(cfg, places) for places in groups_of_places) * unit.lm
+    sae = sum(sae_mweights(cfg, places, widths) for places in groups_of_places) * unit.sae
     return lm, sae, lm / sae
+
+
+def timed_ms(fn, repeat=3):
+    """The fastest of `repeat` calls after a warm-up, in ms."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        best = min(best, (time.perf_counter() - started) * 1e3)
+    return best
+
+
+def measure_costs(cfg, device, dtype):
+    """Costs on the machine at hand, in a fraction of a second: one block's matmuls at cfg's
+    shapes on 256 tokens (x LM_OVERHEAD for the rest of the block), and one step of an 8x SAE
+    (sae.py, K 50, Adam) on 256 rows."""
+    D = cfg["hidden_size"]
+    block, _ = lm_weights(cfg)
+    x = torch.randn(256, D, device=device, dtype=dtype)
+    w_in = torch.randn(D, (block - 2 * D) // (2 * D), device=device, dtype=dtype) / D ** 0.5
+    w_out = torch.randn(w_in.shape[1], D, device=device, dtype=dtype)
+
+    def forward():  # as many weights as a block (q, k, v, o, gate, up, down), in two matmuls
+        (x @ w_in) @ w_out
+        sync(device)
+    lm_ms = timed_ms(forward) * LM_OVERHEAD / 256 / (block / 1e6)
+    torch.manual_seed(0)
+    sae = SAE(D, 8 * D, k=min(50, 8 * D)).to(device)
+    sae.compute_dtype = dtype
+    sae.set_norms_(torch.ones(1, D), torch.ones(1, D))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def step():
+        x_hat, _ = sae(x)
+        opt.zero_grad(set_to_none=True)
+        (x_hat - x).pow(2).mean().backward()
+        opt.step()
+        sync(device)
+    sae_ms = timed_ms(step) / 256 / (8 * D * D / 1e6)
+    return Costs(lm_ms, sae_ms, f"measured here ({torch.device(device).type}, "
+                                f"{str(dtype).replace('torch.', '')})")
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 @dataclasses.dataclass
@@ -94,7 +172,13 @@ class GroupPlan:
     places: list  # (layer, site) pairs, in the order given (the SAEs' init order)
     rows: int  # per buffer
     bytes: int = None  # estimated peak memory (None: no LM config to estimate from)
-    minutes: float = None  # estimated time on 2 CPU cores
+    lm_work: float = 0.0  # tokens x millions of weights each goes through, for the LM
+    sae_work: float = 0.0  # rows served x millions of weights, for every SAE's steps
+
+    def minutes(self, unit):
+        """The estimated time at costs `unit`: the LM pass (with the held-out check) and the
+        SAE steps; the check's SAE forwards and the first fill's wait are not counted."""
+        return (self.lm_work * unit.lm + self.sae_work * unit.sae) / 6e4
 
 
 def groups(cfg, places, args, steps, batch, dtype_bytes):
@@ -134,12 +218,12 @@ def groups(cfg, places, args, steps, batch, dtype_bytes):
 
 
 def plan_group(places, memory, wanted, args, steps):
-    """The GroupPlan of places: buffer rows (at most wanted), peak memory, time."""
+    """The GroupPlan of places: buffer rows (at most wanted), peak memory, work."""
     rows = min(wanted, memory.rows_that_fit(places, args.max_memory * GIB))
-    lm_ms, sae_ms, _ = costs(memory.cfg, places, memory.widths)
     lm_tokens = args.total_tokens + args.eval_tokens  # the LM also runs the held-out check
-    minutes = (lm_tokens * lm_ms + steps * args.batch_size * sae_ms) / 6e4
-    return GroupPlan(places, rows, memory.bytes(places, rows), minutes)
+    lm_work = lm_tokens * lm_mweights(memory.cfg, places)
+    sae_work = steps * args.batch_size * sae_mweights(memory.cfg, places, memory.widths)
+    return GroupPlan(places, rows, memory.bytes(places, rows), lm_work, sae_work)
 
 
 def buffer_rows(buffer_size, batch, steps, passes):
@@ -151,24 +235,29 @@ def buffer_rows(buffer_size, batch, steps, passes):
 
 # ----------------------------------------------------------------------------- what is printed
 
-def describe_groups(plans, max_memory):
+def describe_groups(plans, args, cfg, dtype):
     """The plan of a scope as printed before the first fill: per group its places, buffer rows,
-    estimated peak memory and time (2 CPU cores, float32), and the totals."""
+    estimated peak memory and time on this machine (`measure_costs`), and the totals."""
     n_places = sum(len(plan.places) for plan in plans)
     lines = [f"plan: {n_places} site(s) in {len(plans)} group(s) under --max-memory "
-             f"{max_memory:g} GiB, each group one LM pass:"]
+             f"{args.max_memory:g} GiB, each group one LM pass:"]
+    unit = REFERENCE
+    if plans[0].bytes is not None:  # an LM's config to time its shapes with
+        unit = measure_costs(cfg, args.device, dtype)
     for i, plan in enumerate(plans):
         names = [formats.place_name(place) for place in plan.places]
         shown = ", ".join(names) if len(names) <= 6 else f"{names[0]} ... {names[-1]}"
         estimate = ""
         if plan.bytes is not None:
-            estimate = f"; ~{plan.bytes / GIB:.1f} GiB, ~{plan.minutes:.0f} min on 2 CPU cores"
+            estimate = f"; ~{plan.bytes / GIB:.1f} GiB, ~{plan.minutes(unit):.0f} min"
         lines.append(f"  group {i}: {len(names)} site(s) {shown}; {plan.rows:,} buffer rows "
                      f"per site{estimate}")
     if plans[0].bytes is not None:
-        hours = sum(plan.minutes for plan in plans) / 60
+        hours = sum(plan.minutes(unit) for plan in plans) / 60
         peak = max(plan.bytes for plan in plans) / GIB
-        lines.append(f"  in all ~{hours:.1f} h, peak ~{peak:.1f} GiB")
+        lines.append(f"  in all ~{hours:.1f} h, peak ~{peak:.1f} GiB (time at the costs "
+                     f"{unit.where}: LM {unit.lm:.4f} ms per token, SAE step {unit.sae:.4f} ms "
+                     f"per row, per million weights)")
     return "\n".join(lines)
 
 

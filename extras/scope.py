@@ -24,7 +24,7 @@ import formats
 import inference
 import metrics
 import model
-from extras import plots
+from extras import noise, plots
 
 SHOWN = [("l0", "L0", "{:.1f}"), ("explained_variance", "EV", "{:.3f}"),
          ("delta_lm_loss", "dLM loss", "{:.4f}"), ("dead_frac", "never fired", "{:.1%}")]
@@ -54,7 +54,7 @@ def load(folder, model_name=None, device=None, dtype=None):
 
     def order(name):
         sae, config = saes[name]
-        return config["layer"], config["site"], sae.n_features, name
+        return config["layer"], model.SITES.index(config["site"]), sae.n_features, name
     return {name: saes[name] for name in sorted(saes, key=order)}, placed
 
 
@@ -78,24 +78,31 @@ class CleanBatch:
     input_ids: torch.Tensor  # (B, T)
     mask: torch.Tensor  # (B, T)
     acts: dict  # (layer, site) -> [x_in, x_out]; ("resid", L) -> [the stream entering block L]
-    target: torch.Tensor  # (B, T-1) the next tokens
-    ce: torch.Tensor  # (B, T-1) clean CE
-    p: torch.Tensor  # (B, T-1, V) the clean distribution
-    h: torch.Tensor  # (B, T-1) sum p log p
+    target: torch.Tensor = None  # (B, T-1) the next tokens; None: the LM ran only to the sites
+    ce: torch.Tensor = None  # (B, T-1) clean CE
+    p: torch.Tensor = None  # (B, T-1, V) the clean distribution
+    h: torch.Tensor = None  # (B, T-1) sum p log p
     ablated: dict = dataclasses.field(default_factory=dict)  # shared ablations: `score_batch`
 
 
 @dataclasses.dataclass
 class Scores:
-    """What one SAE has scored so far: its rows' Metrics, summed CE and KL, predictions."""
+    """One SAE of the scope and what it has scored so far."""
+    sae: object  # in inference form, as it reads the LM
+    config: dict
     metrics: metrics.Metrics
-    sums: dict
-    n_predictions: int = 0
+    seconds: float = 0.0  # its own passes and its share of the clean ones
+
+    def place(self):
+        return self.config["layer"], self.config["site"]
 
 
-def clean_pass(lm, input_ids, mask, places):
-    """The CleanBatch of token batch (input_ids, mask): one full forward recording every place
-    and the residual stream entering each of their blocks."""
+def clean_pass(lm, input_ids, mask, places, with_lm):
+    """The CleanBatch of token batch (input_ids, mask): one forward recording every place, and
+    with_lm: run through the LM head, with the residual stream entering each place's block;
+    else stopped after the deepest place (model.capture)."""
+    if not with_lm:
+        return CleanBatch(input_ids, mask, model.capture(lm, input_ids, mask, places))
     layers = sorted({layer for layer, _ in places})
     with model.recording(lm, places, layers) as acts:
         logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
@@ -105,61 +112,78 @@ def clean_pass(lm, input_ids, mask, places):
 
 
 @torch.no_grad()
-def evaluate(lm, tok, saes, batches, n_tokens):
+def evaluate(lm, tok, saes, batches, budget):
     """metrics.lm_metrics for many SAEs {name: (sae, config)} from one pass over token batches.
-    Each SAE reads batches until it has n_tokens scored rows, as alone, so its numbers are those
-    lm_metrics gives it. Returns {name: metrics}."""
-    places = sorted({(config["layer"], config["site"]) for _, config in saes.values()})
-    scores = {name: Scores(metrics.Metrics(sae), dict.fromkeys(metrics.CE_PASSES +
-                                                                 metrics.KL_KEYS, 0.0))
-              for name, (sae, _) in saes.items()}
-    bar = data.progress(n_tokens * len(saes), "evaluate scope")
+    Each SAE reads batches until it has budget.rows scored rows, the first budget.lm_rows of
+    them also through the LM, as alone, so its numbers are those lm_metrics gives it. Returns
+    {name: metrics}."""
+    scores = {name: Scores(sae, config, metrics.Metrics(sae))
+              for name, (sae, config) in saes.items()}
+    bar = data.progress(budget.rows * len(saes), "evaluate scope")
+    checked = False
     for input_ids, mask in batches:
-        active = [name for name, s in scores.items() if s.metrics.n < n_tokens]
+        active = [s for s in scores.values() if s.metrics.n < budget.rows]
         if not active:
             break
-        batch = clean_pass(lm, input_ids.to(lm.device), mask.to(lm.device), places)
-        for name in active:
-            before = scores[name].metrics.n
-            score_batch(scores[name], *saes[name], lm, tok, batch)
-            bar.update(min(scores[name].metrics.n, n_tokens) - min(before, n_tokens))
+        with_lm = any(s.metrics.n < budget.lm_rows for s in active)
+        started = time.time()
+        places = sorted({s.place() for s in active})
+        batch = clean_pass(lm, input_ids.to(lm.device), mask.to(lm.device), places, with_lm)
+        if with_lm and not checked:
+            check_from_layer(lm, batch, places)
+            checked = True
+        share = (time.time() - started) / len(active)
+        for s in active:
+            started = time.time()
+            before = s.metrics.n
+            score_batch(s, lm, tok, batch, s.metrics.n < budget.lm_rows)
+            s.seconds += share + time.time() - started
+            bar.update(min(s.metrics.n, budget.rows) - min(before, budget.rows))
     bar.close()
-    out = {}
+    results = {}
     for name, s in scores.items():
-        out[name] = s.metrics.result()
-        out[name].update({key: total / max(s.n_predictions, 1) for key, total in s.sums.items()})
-        out[name]["delta_lm_loss"] = out[name]["ce_loss_with_sae"] - out[name]["ce_loss"]
-    return out
+        results[name] = s.metrics.result()
+        results[name]["time_s"] = s.seconds
+    return results
 
 
-def score_batch(scores, sae, config, lm, tok, batch):
-    """One SAE's share of a CleanBatch: its rows, its CE and KL spliced and ablated, into
-    scores (exactly what metrics.three_passes computes for it alone)."""
-    place = (config["layer"], config["site"])
-    limit = config.get("outlier_norm_limit")
+def score_batch(scores, lm, tok, batch, with_lm):
+    """One SAE's share of a CleanBatch into its scores: its rows and, with_lm, its CE and KL
+    spliced and ablated (exactly what metrics.three_passes computes for it alone)."""
+    place = scores.place()
     x_in, x_out = batch.acts[place]
     # 1. the positions this SAE replaces (its own outlier norm limit) and the predictions scored
-    keep = data.scored_positions(batch.input_ids, batch.mask, tok, x_in, x_out, limit)  # (B, T)
-    ok = keep[:, :-1] & batch.mask[:, 1:].bool()  # position t scored, predicting t+1
-    # 2. clean: the shared pass
-    scores.sums["ce_loss"] += batch.ce[ok].sum().item()
-    # 3. spliced: this SAE's reconstruction in place of the site, from its block on
-    spliced, zeroed = metrics.patches(sae, keep)
-    ce, kl = from_block_on(lm, batch, place, spliced)
-    scores.sums["ce_loss_with_sae"] += ce[ok].sum().item()
-    scores.sums["kl_div_with_sae"] += kl[ok].sum().item()
-    # 4. ablated: the site zeroed at the same positions, so shared by the SAEs of this place
-    #    with this limit (the other widths), run once per batch
-    shared = (place, str(limit))
-    if shared not in batch.ablated:
-        batch.ablated[shared] = from_block_on(lm, batch, place, zeroed)
-    ce, kl = batch.ablated[shared]
-    scores.sums["ce_loss_ablated"] += ce[ok].sum().item()
-    scores.sums["kl_div_ablated"] += kl[ok].sum().item()
+    keep = data.scored_positions(batch.input_ids, batch.mask, tok, x_in, x_out,
+                                 scores.config.get("outlier_norm_limit"))  # (B, T)
+    if with_lm:
+        ok = keep[:, :-1] & batch.mask[:, 1:].bool()  # position t scored, predicting t+1
+        spliced, zeroed = metrics.patches(scores.sae, keep)
+        per_position = {"ce_loss": batch.ce}  # 2. clean: the shared pass
+        # 3. spliced: this SAE's reconstruction in place of the site, from its block on
+        ce, kl = from_block_on(lm, batch, place, spliced)
+        per_position["ce_loss_with_sae"] = ce
+        per_position["kl_div_with_sae"] = kl
+        # 4. ablated: the site's output zeroed at the same positions
+        ce, kl = ablated(lm, batch, place, keep, zeroed)
+        per_position["ce_loss_ablated"] = ce
+        per_position["kl_div_ablated"] = kl
+        scores.metrics.add_losses(per_position, ok)
     # 5. the rows themselves: EV, L0, firing
-    scores.n_predictions += int(ok.sum())
-    s_out = math.sqrt(sae.d_model) / config["dataset_average_activation_norm"]["out"]
-    scores.metrics.add(x_in[keep], x_out[keep], s_out)
+    s_out = math.sqrt(scores.sae.d_model) / scores.config["dataset_average_activation_norm"]["out"]
+    scores.metrics.add(x_in[keep], x_out[keep], s_out, docs=metrics.documents_of(keep))
+
+
+def ablated(lm, batch, place, keep, zeroed):
+    """(CE, KL) with the place's output zeroed at keep, run once per batch for every SAE that
+    zeroes the same output at the same positions: the other widths of a place, and M and TC of
+    a layer (both replace the MLP's output) when their token rules keep the same positions."""
+    output = model.hook_names(*place)[1]
+    for other_keep, result in batch.ablated.get(output, []):
+        if torch.equal(other_keep, keep):
+            return result
+    result = from_block_on(lm, batch, place, zeroed)
+    batch.ablated.setdefault(output, []).append((keep, result))
+    return result
 
 
 def from_block_on(lm, batch, place, patch):
@@ -171,6 +195,24 @@ def from_block_on(lm, batch, place, patch):
     with model.splice(lm, layer, site, patch), model.from_layer(lm, layer):
         logits = lm(inputs_embeds=resid, attention_mask=batch.mask, use_cache=False).logits
     return metrics.ce_and_kl(logits[:, :-1], batch.target, batch.p, batch.h)
+
+
+def unchanged(x_in, x_out):
+    return x_out
+
+
+def check_from_layer(lm, batch, places):
+    """On the first batch, run clean from the shallowest and the deepest place's block on: the
+    predictions must be the full forward's. A model whose forward rescales its input embeddings
+    or indexes settings by a block's position would break model.from_layer silently."""
+    for place in sorted({min(places), max(places)}):
+        ce, kl = from_block_on(lm, batch, place, unchanged)
+        scored = batch.mask[:, 1:].bool()
+        gap = (ce - batch.ce)[scored].abs().max().item()
+        if gap > 1e-3 or kl[scored].abs().max().item() > 1e-3:
+            raise ValueError(f"{lm.config.model_type}: running it from block {place[0]} on does "
+                             f"not give the full forward's predictions (CE differs by {gap:.2g}); "
+                             f"evaluate each checkpoint alone")
 
 
 def evaluate_folder(args):
@@ -194,15 +236,21 @@ def evaluate_folder(args):
     lm, tok = model.load_model(config["model_name"], args.device, getattr(torch, args.dtype))
     adapted, token_rules = for_lm(saes, lm, tok, args.max_norm_ratio, args.dataset)
     batches = data.heldout_batches(tok, dataset, config["context_size"], 8)
-    results = evaluate(lm, tok, adapted, batches, args.tokens)
+    results = evaluate(lm, tok, adapted, batches, metrics.Budget(args.tokens, args.lm_tokens))
     for name, m in results.items():  # the keys of a single evaluation
         m.pop("freq")
+        noise.with_standard_errors(m)
         m.update(data=f"held-out {dataset}", token_rule=token_rules[name],
-                 time_s=time.time() - t0, mode=saes[name][0].act, device=args.device,
-                 dtype=args.dtype, checkpoint=os.path.join(args.checkpoint, f"{name}.safetensors"))
-    print(f"{len(saes)} SAEs of {args.checkpoint}, {args.tokens:,} held-out tokens each "
-          f"({time.time() - t0:.0f}s):")
+                 mode=saes[name][0].act, device=args.device, dtype=args.dtype,
+                 checkpoint=os.path.join(args.checkpoint, f"{name}.safetensors"))
+    print(f"{len(saes)} SAEs of {args.checkpoint} in {time.time() - t0:.0f}s, "
+          f"{reading(results)}:")
     print("\n".join(table(results)))
+    places = {name: (c["layer"], c["site"]) for name, (_, c) in saes.items()}
+    paired = noise.pairs(results, places.get)
+    if paired:
+        print("paired differences over the same documents (+- a standard error):")
+        print("\n".join(paired))
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
         path = os.path.join(args.plot, "scope.png")
@@ -213,11 +261,31 @@ def evaluate_folder(args):
     return results
 
 
+def reading(results):
+    """What the SAEs of a scope's evaluation scored, as a phrase: a range over SAEs."""
+    def spread(key):
+        values = [m[key] for m in results.values() if key in m]
+        if not values:
+            return "none"
+        low = min(values)
+        high = max(values)
+        return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+    return (f"each SAE {spread('n_tokens')} rows (EV, L0, firing: never fired = on none of "
+            f"them), {spread('n_predictions')} predictions (CE, KL) of "
+            f"{spread('n_documents')} held-out documents")
+
+
 def table(results):
-    """Lines of the scope's table: one row per SAE {name: metrics}, in the given order."""
+    """Lines of the scope's table: one row per SAE {name: metrics}, in the given order; +- a
+    standard error over documents (extras/noise.py)."""
     width = max(len(name) for name in results)
-    lines = [f"  {'SAE':<{width}}" + "".join(f"{label:>13}" for _, label, _ in SHOWN)]
+    lines = [f"  {'SAE':<{width}}" + "".join(f"{label:>17}" for _, label, _ in SHOWN)]
     for name, m in results.items():
-        values = "".join(f"{fmt.format(m[key]):>13}" for key, _, fmt in SHOWN)
-        lines.append(f"  {name:<{width}}{values}")
+        cells = []
+        for key, _, fmt in SHOWN:
+            cell = fmt.format(m[key]) if key in m else "-"
+            if f"{key}_se" in m:
+                cell += " +-" + fmt.format(m[f"{key}_se"])
+            cells.append(f"{cell:>17}")
+        lines.append(f"  {name:<{width}}" + "".join(cells))
     return lines
