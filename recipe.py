@@ -26,6 +26,7 @@ SHORT_RUN = 50_000_000  # tokens per SAE: a shorter run reuses its rows (the pap
 MAX_PASSES = 8  # a short run serves each LM row up to this many times
 STEPS_PER_BATCH_SIZE = 16_384  # batch <= rows served / this, within 256..2048
 DEAD_WINDOW = 100_000  # rows served: a feature silent for this many is counted dead (§4.4)
+RECENT_WINDOW = 4096  # rows served: the window of `recent`, which features fire now (Fig. 12)
 
 
 def budget_rule(total_tokens, passes=None, batch_size=None, init_bias=None, cost_ratio=None):
@@ -214,12 +215,13 @@ class Trainer:
     def summary(self, served):
         """The numbers of a log line, over every rank, and a fresh start for the next: means of
         loss, mse, ev, l0 since the last line, the share of features dead (silent for the last
-        DEAD_WINDOW rows served) and of those that ever fired."""
+        DEAD_WINDOW rows served), of those that ever fired and of those that fired in the last
+        RECENT_WINDOW rows."""
         mse, ev, l1, l0 = self._running_means()
         for values in self.running.values():
             values.clear()
-        dead, fired = self._firing_shares(served)
-        return dict(loss=mse + l1, mse=mse, ev=ev, l0=l0, dead=dead, fired=fired)
+        dead, fired, recent = self._firing_shares(served)
+        return dict(loss=mse + l1, mse=mse, ev=ev, l0=l0, dead=dead, fired=fired, recent=recent)
 
     def _running_means(self):
         """(mse, ev, l1, l0) since the last line, over every rank: mse and ev are the same within
@@ -231,13 +233,16 @@ class Trainer:
         return (c.sum_(torch.tensor(means, device=c.device)) / ranks).tolist()
 
     def _firing_shares(self, served):
-        """(dead, ever fired): shares of all F features (every shard), as of the latest replica."""
+        """(dead, ever fired, fired in the last RECENT_WINDOW rows): shares of all F features
+        (every shard), as of the latest replica."""
         c = self.comms
         last_fired = c.sum_(self.last_fired.clone(), c.dp_group, parallel.MAX)  # (F/tp,)
         n_features = self.sae.n_features * c.tp
         dead = c.sum_((served - last_fired >= DEAD_WINDOW).sum(), c.tp_group).item()
         fired = c.sum_((last_fired > 0).sum(), c.tp_group).item()
-        return dead / n_features, fired / n_features
+        now = (last_fired > 0) & (served - last_fired < RECENT_WINDOW)
+        recent = c.sum_(now.sum(), c.tp_group).item()
+        return dead / n_features, fired / n_features, recent / n_features
 
     def state_dict(self):
         return {"sae": self.sae.state_dict(), "adam": self.opt.state_dict(),

@@ -809,7 +809,7 @@ def test_bf16_runs_keep_float32_weights_that_learn_where_bf16_weights_stall():
 def test_a_log_lines_numbers_are_the_means_since_the_last_line():
     """Trainer.summary: loss, EV and L0 averaged over the steps since the last line (then a
     fresh start); dead: the share of features silent for the last DEAD_WINDOW rows served;
-    fired: the share that ever fired."""
+    fired: the share that ever fired; recent: that fired in the last RECENT_WINDOW rows."""
     torch.manual_seed(0)
     sae = SAE(8, 32, k=2)
     x = torch.randn(4, 64, 8)
@@ -822,10 +822,14 @@ def test_a_log_lines_numbers_are_the_means_since_the_last_line():
     assert all(values == [] for values in trainer.running.values())
     fired_before = trainer.last_fired > 0
     assert first["fired"] == pytest.approx(fired_before.float().mean().item())
+    assert first["recent"] == first["fired"]  # all of it within the last RECENT_WINDOW rows
     served = 192 + recipe.DEAD_WINDOW
     trainer.step(x[3], 2, 1e-3, 0.0, served)
     fired_now = trainer.last_fired == served
-    assert trainer.summary(served)["dead"] == pytest.approx(1 - fired_now.float().mean().item())
+    later = trainer.summary(served)
+    assert later["dead"] == pytest.approx(1 - fired_now.float().mean().item())
+    assert later["recent"] == pytest.approx(fired_now.float().mean().item())
+    assert later["recent"] < later["fired"]
 
 
 def test_vanilla_warms_its_l1_weight_up_linearly(tmp_path, monkeypatch):

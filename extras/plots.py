@@ -7,6 +7,8 @@ import json
 
 import torch
 
+from recipe import RECENT_WINDOW
+
 LABELS = {"topk": "TopK", "relu": "Vanilla", "jumprelu": "JumpReLU"}  # config["act_fn"] -> name
 
 
@@ -49,19 +51,24 @@ def plot_firing(freq, path, title):
 
 
 def plot_training(runs, path, title):
-    """Fig. 12: loss and the share of features that ever fired against rows served, one line
-    per run x SAE. runs: {label: a train.py --log-file}."""
+    """Fig. 12: loss and the share of features that fired in the last RECENT_WINDOW rows (a log
+    without it: that ever fired) against rows served, one line per run x SAE. runs: {label: a
+    train.py --log-file}."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    firing = "fired"
     for label, log in runs.items():
         with open(log) as f:
             lines = [json.loads(line) for line in f]
         for name in sorted({k.rsplit("/", 1)[0] for k in lines[0] if "/" in k}):
-            for ax, key in zip(axes, ("loss", "fired")):
+            firing = "recent" if f"{name}/recent" in lines[0] else "fired"
+            for ax, key in zip(axes, ("loss", firing)):
                 ax.plot([x["tokens"] for x in lines], [x[f"{name}/{key}"] for x in lines],
                         label=f"{label} {name}" if len(runs) > 1 else name)
     axes[0].set(yscale="log", xlabel="rows served", ylabel="loss (normalized MSE)", title=title)
-    axes[1].set(xlabel="rows served", ylabel="share of features that ever fired", ylim=(0, 1.02))
+    shown = {"recent": f"share of features firing (last {RECENT_WINDOW:,} rows)",
+             "fired": "share of features that ever fired"}[firing]
+    axes[1].set(xlabel="rows served", ylabel=shown, ylim=(0, 1.02))
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
