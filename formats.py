@@ -159,17 +159,22 @@ def save_state(path, state):
     file: each tensor under its dotted path, the rest as JSON with {"tensor": path} in its
     place."""
     tensors = {}
+    tree = _split(state, "state", tensors)
+    atomic_save_file(tensors, path, {"state": json.dumps(tree)})
 
-    def split(x, at):
-        if isinstance(x, torch.Tensor):
-            tensors[at] = x.detach().contiguous().cpu()
-            return {"tensor": at}
-        if isinstance(x, dict):
-            return {str(k): split(v, f"{at}.{k}") for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [split(v, f"{at}.{i}") for i, v in enumerate(x)]
-        return x
-    atomic_save_file(tensors, path, {"state": json.dumps(split(state, "state"))})
+
+def _split(x, at, tensors):
+    """x with each tensor moved into tensors under its dotted path. (Module-level, not a
+    closure: a closure that calls itself is a reference cycle, which would hold every saved
+    tensor, old buffers included, until Python's cyclic GC happens to run: 8 GB in a scope.)"""
+    if isinstance(x, torch.Tensor):
+        tensors[at] = x.detach().contiguous().cpu()
+        return {"tensor": at}
+    if isinstance(x, dict):
+        return {str(k): _split(v, f"{at}.{k}", tensors) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_split(v, f"{at}.{i}", tensors) for i, v in enumerate(x)]
+    return x
 
 
 def load_state(path):
@@ -181,16 +186,18 @@ def load_state(path):
     except Exception as e:
         raise ValueError(f"--resume {path}: not a resumable checkpoint "
                          f"({type(e).__name__}: {e})") from None
+    return _join(tree, tensors)
 
-    def join(x):
-        if isinstance(x, dict) and set(x) == {"tensor"}:
-            return tensors[x["tensor"]]
-        if isinstance(x, dict):
-            return {k: join(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [join(v) for v in x]
-        return x
-    return join(tree)
+
+def _join(x, tensors):
+    """The inverse of _split."""
+    if isinstance(x, dict) and set(x) == {"tensor"}:
+        return tensors[x["tensor"]]
+    if isinstance(x, dict):
+        return {k: _join(v, tensors) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_join(v, tensors) for v in x]
+    return x
 
 
 def run_flags(args):
