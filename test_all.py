@@ -1391,7 +1391,7 @@ def test_evaluate_reports_every_key(embedded_ckpt, tmp_path, capsys):
     assert 0 < m["explained_variance"] < 1 and m["l0"] == pytest.approx(50, abs=1e-6)
     printed = capsys.readouterr().out
     assert m["kl_div_ablated"] > m["kl_div_with_sae"] > 0 and "kl_div_with_sae" in printed
-    assert "never fired on any of these tokens" in printed and "§4.4: over 100K" not in printed
+    assert "never fired on any of the n_tokens rows" in printed and "§4.4: over 100K" not in printed
     c = json.load(open(core))  # the SAEBench file, from a pass of its own protocol
     assert c["eval_type_id"] == "core" and c["eval_result_details"] == []
     kl = c["eval_result_metrics"]["model_behavior_preservation"]
@@ -1743,6 +1743,20 @@ def test_plan_only_prints_the_scope_from_the_config_alone(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "plan: 120 site(s) in " in out and "under --max-memory 8 GiB" in out
     assert "group 0: " in out and "buffer rows per site" in out and " h, peak ~" in out
+
+
+def test_measuring_costs_leaves_the_random_state_as_it_was():
+    """The plan times a real SAE step on random data; a run that plans must then initialize its
+    SAEs as one that never planned (training from a cache, which plans no time, is compared
+    bit for bit with training from the LM)."""
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=1000)
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    costs = plan.measure_costs(cfg, "cpu", torch.float32)
+    assert costs.lm > 0 and costs.sae > 0
+    assert torch.equal(torch.rand(4), expected)
 
 
 @pytest.mark.parametrize("passes,steps", [(1, 10), (8, 10), (8, 10_000)])

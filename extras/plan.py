@@ -102,7 +102,15 @@ def timed_ms(fn, repeat=3):
 def measure_costs(cfg, device, dtype):
     """Costs on the machine at hand, in a fraction of a second: one block's matmuls at cfg's
     shapes on 256 tokens (x LM_OVERHEAD for the rest of the block), and one step of an 8x SAE
-    (sae.py, K 50, Adam) on 256 rows."""
+    (sae.py, K 50, Adam) on 256 rows. The random state is left as it was, so that a run plans
+    and then trains as one that never planned (the SAEs' initialization must not move)."""
+    cuda = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(0)
+        return timed_costs(cfg, device, dtype)
+
+
+def timed_costs(cfg, device, dtype):
     D = cfg["hidden_size"]
     block, _ = lm_weights(cfg)
     x = torch.randn(256, D, device=device, dtype=dtype)
@@ -113,7 +121,6 @@ def measure_costs(cfg, device, dtype):
         (x @ w_in) @ w_out
         sync(device)
     lm_ms = timed_ms(forward) * LM_OVERHEAD / 256 / (block / 1e6)
-    torch.manual_seed(0)
     sae = SAE(D, 8 * D, k=min(50, 8 * D)).to(device)
     sae.compute_dtype = dtype
     sae.set_norms_(torch.ones(1, D), torch.ones(1, D))
