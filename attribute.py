@@ -32,7 +32,7 @@ RANGES = {"max_feature_nodes": "[1, inf)", "node_threshold": "(0, 1]",
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("folder", help="a folder with a transcoder (site TC) for every layer")
     p.add_argument("prompt", help="the text; BOS is put in front")
     p.add_argument("--json", default=None, help="write circuit-tracer's graph JSON here")
@@ -134,13 +134,17 @@ def check_faithfulness(args, lm, graph, names):
     of N features is ablated in the real model and the graph's prediction (None when off)."""
     if not args.faithfulness or args.target:
         return None
-    rho, pairs = influence.faithfulness(lm, graph, args.faithfulness)
-    print(f"faithfulness: Spearman {rho:.3f} between the top logit's change in the real model "
-          f"and the graph's prediction, ablating each of {len(pairs)} features:")
-    for node, predicted, measured in pairs:
-        print(f"  {names[node]:<16} predicted {predicted:+.4f}  measured {measured:+.4f}")
-    return {"spearman": rho, "ablations": [
-        {"node": names[node], "predicted": p, "measured": m} for node, p, m in pairs]}
+    held, live, rows = influence.faithfulness(lm, graph, args.faithfulness)
+    print(f"faithfulness: Spearman {held:.3f} between the top logit's change in the real model "
+          f"(attention and MLPs live; the last norm's scale held, as in the graph) and the "
+          f"graph's prediction, ablating each of {len(rows)} features; {live:.3f} with that "
+          f"scale live too:")
+    for node, predicted, measured, measured_live in rows:
+        print(f"  {names[node]:<16} predicted {predicted:+.4f}  measured {measured:+.4f}  "
+              f"(scale live {measured_live:+.4f})")
+    return {"spearman": held, "spearman_final_norm_live": live, "ablations": [
+        {"node": names[node], "predicted": p, "measured": m, "measured_final_norm_live": m_live}
+        for node, p, m, m_live in rows]}
 
 
 def slug_of(prompt):

@@ -3074,6 +3074,29 @@ def test_the_graph_predicts_what_removing_a_feature_does(tiny_circuit, tiny_grap
         assert predicted == pytest.approx(measured, rel=1e-9, abs=1e-9)
 
 
+def test_the_real_models_ablation_holds_the_last_norms_scale_as_the_graph_does(tiny_circuit,
+                                                                              tiny_graph):
+    """In the real model (attention, norms and MLPs live), removing a last-layer feature at the
+    last position moves the top logit exactly as the graph predicts once the last RMSNorm's
+    scale is held (nothing else lies downstream), and otherwise when that scale moves with it;
+    faithfulness reports both rank correlations."""
+    lm, _, _, s = tiny_circuit
+    graph = tiny_graph
+    ids = graph.node_ids()
+    last = [node for node in range(graph.n_features())
+            if s.features[ids[node], 0] == s.n_layers - 1
+            and s.features[ids[node], 1] == s.n_positions - 1]
+    assert len(last) >= 3
+    for node in last[:5]:
+        held, live = influence.measured_ablation(lm, graph, node)
+        predicted = influence.predicted_ablation(graph, node)
+        assert held == pytest.approx(predicted, rel=1e-9, abs=1e-12)
+        assert live != pytest.approx(held, rel=1e-6, abs=1e-12)
+    rho, rho_live, rows = influence.faithfulness(lm, graph, n=8)
+    assert len(rows) == 8 and -1 <= rho <= 1 and -1 <= rho_live <= 1
+    assert rho == pytest.approx(influence.spearman([r[1] for r in rows], [r[2] for r in rows]))
+
+
 # ==================================================================================== attribute.py
 # attribute.py: a scope's transcoders, a prompt, a graph in circuit-tracer's schema and a page
 # that opens from disk; bad input is one line before the LM loads.
@@ -3097,7 +3120,8 @@ def test_attribute_writes_circuit_tracers_json_and_a_page(tiny_transcoder_scope,
     path = str(tmp_path / "g.json")
     page = str(tmp_path / "g.html")
     out = attribute.main([folder, "The cat sat on the mat because the cat", "--json", path,
-                          "--html", page, "--contexts", "300"])
+                          "--html", page, "--contexts", "300",
+                          "--node-threshold", "1.0"])  # keep every node with influence
     printed = capsys.readouterr().out
     saved = json.load(open(path))
     assert saved == json.loads(json.dumps(out))
@@ -3116,6 +3140,9 @@ def test_attribute_writes_circuit_tracers_json_and_a_page(tiny_transcoder_scope,
     assert all(link["source"] in ids and link["target"] in ids for link in saved["links"])
     logits = [n for n in saved["nodes"] if n["feature_type"] == "logit"]
     assert sum(n["is_target_logit"] for n in logits) == 1 and logits[0]["layer"] == "4"
+    features = [n for n in saved["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    # every kept feature is named by where it fires highest (Neuronpedia's clerp)
+    assert features and all(n["clerp"].startswith(f"L{n['layer']}#") for n in features)
     assert "replacement score" in printed and "strongest paths" in printed
     html_text = open(page).read()
     assert "http" not in html_text.replace("http-equiv", "") and " src=" not in html_text

@@ -19,7 +19,7 @@ SCHEMA_VERSION = 1
 
 def node_entries(graph, pruned, tok, labels):
     """The JSON node of every graph node kept by pruning, in graph order (None for the others);
-    labels: {graph node: a short text} for features."""
+    labels: {JSON node id: a short text} for features (their clerp)."""
     s = graph.setup
     kinds = graph.kinds()
     ids = graph.node_ids().tolist()
@@ -31,7 +31,7 @@ def node_entries(graph, pruned, tok, labels):
             continue
         entry = {"node_id": "", "feature": 0, "layer": "", "ctx_idx": 0, "feature_type": "",
                  "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
-                 "reverse_ctx_idx": 0, "jsNodeId": "", "clerp": labels.get(node, ""),
+                 "reverse_ctx_idx": 0, "jsNodeId": "", "clerp": "",
                  "influence": pruned.cumulative[node].item(), "activation": None}
         if kind == "feature" or (kind == "target" and setup_node < s.first_error()):
             layer, pos, feature = s.features[setup_node].tolist()
@@ -39,6 +39,7 @@ def node_entries(graph, pruned, tok, labels):
                          feature=(layer + feature) * (layer + feature + 1) // 2 + feature,
                          feature_type="cross layer transcoder", jsNodeId=f"{layer}_{feature}-0",
                          activation=s.activations[setup_node].item())
+            entry["clerp"] = labels.get(entry["node_id"], "")
         elif kind == "error":
             layer, pos = divmod(setup_node - s.first_error(), T)
             entry.update(node_id=f"0_{layer}_{pos}", feature=-1, layer=str(layer), ctx_idx=pos,

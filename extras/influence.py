@@ -6,11 +6,13 @@ Influence is circuit-tracer's: with An = |A| normalized so that each target's in
 a node's influence is w^T (An + An^2 + ...), w the targets' weights (their probabilities).
 Shapes: N graph nodes.
 """
+import contextlib
 import dataclasses
 
 import torch
 
 import model
+from extras import replacement
 
 
 def normalized(adjacency):
@@ -157,9 +159,12 @@ def predicted_ablation(graph, node, turn_off=True):
 
 @torch.no_grad()
 def measured_ablation(lm, graph, node):
-    """The change of the top logit (demeaned) in the real model, attention, norms and every MLP
-    live, when feature `node`'s output a_s W_dec[s] is taken out of its layer's MLP output at
-    its position."""
+    """(held, live): the change of the top logit (demeaned) in the real model, attention, norms
+    and every MLP live, when feature `node`'s output a_s W_dec[s] is taken out of its layer's
+    MLP output at its position. `held` keeps the last RMSNorm's scale at the clean forward's,
+    as the graph does: the change with the common factor every logit shares taken out (at the
+    last layers, where MLP outputs are large, that factor alone can outweigh the feature's own
+    effect); `live` lets that scale move too."""
     s = graph.setup
     setup_node = int(graph.node_ids()[node])
     layer, pos, _ = s.features[setup_node].tolist()
@@ -173,10 +178,32 @@ def measured_ablation(lm, graph, node):
 
     def top_logit(logits):
         return (logits[0, -1, token] - logits[0, -1].mean()).item()
-    before = top_logit(lm(input_ids=ids).logits)
-    with model.splice(lm, layer, "TC", removed):
-        after = top_logit(lm(input_ids=ids).logits)
-    return after - before
+    changes = []
+    for hold in (True, False):
+        with final_scale_held(lm, s.frozen.final_scale if hold else None):
+            before = top_logit(lm(input_ids=ids).logits)
+            with model.splice(lm, layer, "TC", removed):
+                after = top_logit(lm(input_ids=ids).logits)
+        changes.append(after - before)
+    return tuple(changes)
+
+
+@contextlib.contextmanager
+def final_scale_held(lm, scale):
+    """The LM's last RMSNorm with its scale 1 / rms fixed at `scale` (T, 1) (None: as it is)."""
+    if scale is None:
+        yield
+        return
+    norm = lm.model.norm
+
+    def held(module, inputs, output):
+        x = inputs[0]
+        return replacement.normed(norm, x, scale.to(x.device)).to(output.dtype)
+    handle = norm.register_forward_hook(held)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def spearman(a, b):
@@ -187,12 +214,15 @@ def spearman(a, b):
 
 
 def faithfulness(lm, graph, n=20):
-    """(Spearman's rank correlation, [(graph node, predicted, measured)]) over the n features of
-    the graph with the most influence on its top logit."""
+    """(Spearman's rank correlation with the last norm's scale held, the same with it live,
+    [(graph node, predicted, measured held, measured live)]) over the n features of the graph
+    with the most influence on its top logit."""
     infl = influence(graph.adjacency, graph.weights)
     n_features = graph.n_features()
     chosen = infl[:n_features].topk(min(n, n_features)).indices.tolist()
-    pairs = [(node, predicted_ablation(graph, node), measured_ablation(lm, graph, node))
-             for node in chosen]
-    rho = spearman([p for _, p, _ in pairs], [m for _, _, m in pairs])
-    return rho, pairs
+    rows = [(node, predicted_ablation(graph, node), *measured_ablation(lm, graph, node))
+            for node in chosen]
+    predicted = [row[1] for row in rows]
+    held = spearman(predicted, [row[2] for row in rows])
+    live = spearman(predicted, [row[3] for row in rows])
+    return held, live, rows
