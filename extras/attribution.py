@@ -25,7 +25,9 @@ from extras.influence import normalized
 
 MAX_LOGITS = 10  # logit targets: the top tokens up to LOGIT_PROB of probability, at most this many
 LOGIT_PROB = 0.95
-BATCH = 128  # targets per backward pass
+ROUND = 128  # features taken per round of the greedy selection
+BATCH = 32  # targets per backward pass: its autograd graph holds ~20 MB per target through
+#             SmolLM2's 30 layers in float64, so memory, not time, sets it
 PRECISION = torch.float64  # of the local replacement model: its nodes sum back exactly
 
 
@@ -142,9 +144,15 @@ def logit_targets(lm, last_logits):
 
 
 def rows(lm, s, targets):
-    """A[t, :] (B, N) for a batch of target nodes (node indices: features or logits): one
-    backward pass through the local replacement model gives each target's gradient at every
-    point a node writes to, and its dot product with the node's output is the edge."""
+    """A[t, :] (len(targets), N) for target nodes (node indices: features or logits), BATCH of
+    them per backward pass."""
+    return torch.cat([batch_rows(lm, s, batch) for batch in targets.split(BATCH)])
+
+
+def batch_rows(lm, s, targets):
+    """A[t, :] (B, N) for a batch of target nodes: one backward pass through the local
+    replacement model gives each target's gradient at every point a node writes to, and its dot
+    product with the node's output is the edge."""
     B = len(targets)
     T = s.n_positions
     D = s.errors.shape[-1]
@@ -216,7 +224,7 @@ class Graph:
 
 def attribute(lm, s, max_feature_nodes, feature_target=None):
     """The Graph of Setup s: the targets' rows first (the logits, or the feature node
-    feature_target: a local circuit), then, in rounds, the rows of the BATCH unvisited features
+    feature_target: a local circuit), then, in rounds, the rows of the ROUND unvisited features
     with the most influence on the targets so far (circuit-tracer's greedy order), until
     max_feature_nodes features have rows or none has any influence left."""
     if feature_target is None:
@@ -225,30 +233,33 @@ def attribute(lm, s, max_feature_nodes, feature_target=None):
     else:
         targets = torch.tensor([feature_target])
         weights = torch.ones(1, dtype=s.errors.dtype)
-    computed = rows(lm, s, targets)  # (R, N): a row per node visited so far
-    row_nodes = targets.clone()
-    row_weights = weights.clone()
     visited = torch.zeros(len(s.features), dtype=torch.bool)
     if feature_target is not None:
         visited[feature_target] = True  # a target is not its own source
-    n_selected = 0
     budget = min(max_feature_nodes, len(s.features) - int(visited.sum()))
-    while n_selected < budget:
-        influence = node_influence(computed, row_nodes, row_weights)[:len(s.features)]
+    # the rows (R, N) of the nodes visited so far, targets first, filled in place round by round
+    computed = torch.zeros(len(targets) + budget, s.n_nodes(), dtype=s.errors.dtype)
+    computed[:len(targets)] = rows(lm, s, targets)
+    row_nodes = torch.cat([targets, torch.zeros(budget, dtype=torch.long)])
+    row_weights = torch.cat([weights, torch.zeros(budget, dtype=weights.dtype)])
+    n_rows = len(targets)
+    while n_rows < len(computed):
+        known = slice(0, n_rows)
+        influence = node_influence(computed[known], row_nodes[known], row_weights[known])
+        influence = influence[:len(s.features)]
         influence[visited] = -1
-        best = influence.topk(min(BATCH, budget - n_selected))
+        best = influence.topk(min(ROUND, len(computed) - n_rows))
         chosen = best.indices[best.values > 0]
         if len(chosen) == 0:  # nothing left reaches the targets
             break
         visited[chosen] = True
-        n_selected += len(chosen)
-        computed = torch.cat([computed, rows(lm, s, chosen)])
-        row_nodes = torch.cat([row_nodes, chosen])
-        row_weights = torch.cat([row_weights, torch.zeros(len(chosen), dtype=row_weights.dtype)])
+        computed[n_rows:n_rows + len(chosen)] = rows(lm, s, chosen)
+        row_nodes[n_rows:n_rows + len(chosen)] = chosen
+        n_rows += len(chosen)
     if feature_target is not None:
         visited[feature_target] = False
     selected = visited.nonzero(as_tuple=True)[0]
-    return assemble(s, selected, targets, (computed, row_nodes), weights)
+    return assemble(s, selected, targets, (computed[:n_rows], row_nodes[:n_rows]), weights)
 
 
 def assemble(s, selected, targets, computed, weights):

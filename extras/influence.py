@@ -18,7 +18,8 @@ from extras import replacement
 def normalized(adjacency):
     """|A| with each target's incoming weights summing to 1."""
     a = adjacency.abs()
-    return a / a.sum(1, keepdim=True).clamp(min=1e-10)
+    a /= a.sum(1, keepdim=True).clamp(min=1e-10)  # in place: one copy of a large matrix
+    return a
 
 
 def influence(adjacency, weights, max_iter=1000):
