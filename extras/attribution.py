@@ -226,7 +226,8 @@ def attribute(lm, s, max_feature_nodes, feature_target=None):
     """The Graph of Setup s: the targets' rows first (the logits, or the feature node
     feature_target: a local circuit), then, in rounds, the rows of the ROUND unvisited features
     with the most influence on the targets so far (circuit-tracer's greedy order), until
-    max_feature_nodes features have rows or none has any influence left."""
+    max_feature_nodes features have rows or none has any influence left. A logit graph whose
+    budget holds every active feature takes them all at once: there is no order to find."""
     if feature_target is None:
         targets = torch.arange(s.first_logit(), s.n_nodes())
         weights = s.logit_probs.to(s.errors.dtype)
@@ -243,6 +244,12 @@ def attribute(lm, s, max_feature_nodes, feature_target=None):
     row_nodes = torch.cat([targets, torch.zeros(budget, dtype=torch.long)])
     row_weights = torch.cat([weights, torch.zeros(budget, dtype=weights.dtype)])
     n_rows = len(targets)
+    if feature_target is None and budget == len(s.features):  # all (each reaches the logits)
+        chosen = (~visited).nonzero(as_tuple=True)[0]
+        visited[chosen] = True
+        computed[n_rows:] = rows(lm, s, chosen)
+        row_nodes[n_rows:] = chosen
+        n_rows += len(chosen)
     while n_rows < len(computed):
         known = slice(0, n_rows)
         influence = node_influence(computed[known], row_nodes[known], row_weights[known])
