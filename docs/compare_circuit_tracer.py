@@ -6,12 +6,15 @@ environment has a newer one):
     python3 -m venv ct && . ct/bin/activate
     pip install torch==2.13.0 && pip install torch==2.13.0 circuit-tracer==0.5.0
     python postprocess.py TC_FOLDER --export-circuit-tracer CT_FOLDER     # in this project's env
-    python docs/compare_circuit_tracer.py TC_FOLDER CT_FOLDER MODEL_FOLDER "PROMPT"
+    python docs/compare_circuit_tracer.py TC_FOLDER CT_FOLDER MODEL_FOLDER "PROMPT" [MAX_NODES]
 
 TC_FOLDER: our transcoders (one per layer), CT_FOLDER: their circuit-tracer export, MODEL_FOLDER:
 the LM as a transformers folder (for the embedded SmolLM2: ~/.cache/llama_scope/smollm2-135m-
-instruct). Both build the whole graph (every active feature a node) and the script prints the
-largest difference of their adjacency matrices over the nodes both have. circuit-tracer sets the
+instruct). Both build the whole graph (every active feature a node), or with MAX_NODES each its
+greedy choice of that many features, and the script prints the largest difference of their
+adjacency matrices over the nodes both have (the features both chose, every error, token and
+logit). circuit-tracer's whole graph of 8 tokens through SmolLM2's 30 transcoders did not fit in
+24 GB; MAX_NODES 500 does. circuit-tracer sets the
 first position's features and error nodes to 0 (the BOS position), so edges from or to nodes at
 position 0 are left out of the comparison.
 """
@@ -33,7 +36,7 @@ import model  # noqa: E402
 from extras import attribution, replacement  # noqa: E402
 
 
-def ours(tc_folder, ct_folder, model_folder, tokens):
+def ours(tc_folder, ct_folder, model_folder, tokens, max_nodes):
     """{(kind, key): node index}, adjacency of our whole graph, each transcoder run as the
     export runs it (JumpReLU at the threshold the export holds)."""
     transcoders, _, _ = replacement.load_transcoders(tc_folder, "cpu", "float32")
@@ -45,7 +48,7 @@ def ours(tc_folder, ct_folder, model_folder, tokens):
         sae.act = "jumprelu"
         saes[layer] = inference.for_lm(sae, config, lm)
     s = attribution.setup(lm, saes, tokens)
-    graph = attribution.attribute(lm, s, 10**9)
+    graph = attribution.attribute(lm, s, max_nodes or 10**9)
     index = {}
     for i, (node, kind) in enumerate(zip(graph.node_ids().tolist(), graph.kinds())):
         if node < s.first_error() and kind in ("feature", "target"):
@@ -59,13 +62,13 @@ def ours(tc_folder, ct_folder, model_folder, tokens):
     return index, graph.adjacency
 
 
-def theirs(ct_folder, model_folder, tokens):
+def theirs(ct_folder, model_folder, tokens, max_nodes):
     """{(kind, key): node index}, adjacency of circuit-tracer's whole graph."""
     transcoders, _ = load_transcoder_from_hub(os.path.abspath(ct_folder), device="cpu",
                                               dtype=torch.float32)
     replacement_model = ReplacementModel.from_pretrained_and_transcoders(
         model_folder, transcoders, backend="nnsight", device="cpu", dtype=torch.float32)
-    graph = ct_attribute(tokens.tolist(), replacement_model, max_feature_nodes=None,
+    graph = ct_attribute(tokens.tolist(), replacement_model, max_feature_nodes=max_nodes,
                          batch_size=64)
     features = graph.active_features[graph.selected_features].tolist()  # (layer, pos, feature)
     n_layers = len(transcoders)
@@ -107,12 +110,13 @@ def older_tokenizer_config(model_folder):
     return copy
 
 
-def main(tc_folder, ct_folder, model_folder, prompt):
+def main(tc_folder, ct_folder, model_folder, prompt, max_nodes=None):
+    max_nodes = int(max_nodes) if max_nodes else None
     model_folder = older_tokenizer_config(model_folder)
     tok = model.load_tokenizer(model_folder)
     tokens = torch.tensor(data.encode_documents(tok, [prompt])[0])
-    mine, a = ours(tc_folder, ct_folder, model_folder, tokens)
-    other, b = theirs(ct_folder, model_folder, tokens)
+    mine, a = ours(tc_folder, ct_folder, model_folder, tokens, max_nodes)
+    other, b = theirs(ct_folder, model_folder, tokens, max_nodes)
     common = [key for key in mine if key in other and position(key) != 0]
     rows_a = torch.tensor([mine[key] for key in common])
     rows_b = torch.tensor([other[key] for key in common])
@@ -130,4 +134,4 @@ def main(tc_folder, ct_folder, model_folder, prompt):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
