@@ -32,8 +32,10 @@ GIB = 2 ** 30
 # estimate measures the machine at hand instead (`measure_costs`).
 LM_MS_PER_MWEIGHT = 0.4 / (16 * 3.540096)  # the LM per token: 0.4 ms to SmolLM2's L15
 SAE_MS_PER_MWEIGHT = 0.1 / (4608 * 576 / 1e6)  # one SAE step per row: 0.1 ms at D 576, F 4608
-LM_OVERHEAD = 1.6  # a forward's time over its block matmuls' (norms, attention, rotary, ...):
-#                    bench.py's LM against measure_costs' matmuls on this 2-core machine
+LM_OVERHEAD = 1.25  # a forward's time over its block matmuls' (norms, attention, rotary, ...):
+#                     SmolLM2's forward to L15 (bench.lm_speed, 30K tokens) against
+#                     measure_costs' matmuls, both on 2 CPU cores in float32 (0.0142 against
+#                     0.0114 ms per token per million weights)
 # Memory beyond what the estimate counts (Python, torch, tokenizer, allocator slack): measured
 # as the default run's peak minus its estimate.
 RUNTIME_BYTES = int(1.0 * GIB)
