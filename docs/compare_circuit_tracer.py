@@ -13,10 +13,10 @@ the LM as a transformers folder (for the embedded SmolLM2: ~/.cache/llama_scope/
 instruct). Both build the whole graph (every active feature a node), or with MAX_NODES each its
 greedy choice of that many features, and the script prints the largest difference of their
 adjacency matrices over the nodes both have (the features both chose, every error, token and
-logit). circuit-tracer's whole graph of 8 tokens through SmolLM2's 30 transcoders did not fit in
-24 GB; MAX_NODES 500 does. circuit-tracer sets the
-first position's features and error nodes to 0 (the BOS position), so edges from or to nodes at
-position 0 are left out of the comparison.
+logit). circuit-tracer's whole graph of 9 tokens (BOS included) through SmolLM2's 30
+transcoders did not fit in 24 GB; MAX_NODES 500 does. circuit-tracer sets the first position's
+features and error nodes to 0 (the BOS position), so edges from or to nodes at position 0 are
+left out of the comparison.
 """
 import json
 import os
