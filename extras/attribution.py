@@ -244,21 +244,19 @@ def attribute(lm, s, max_feature_nodes, feature_target=None):
     row_nodes = torch.cat([targets, torch.zeros(budget, dtype=torch.long)])
     row_weights = torch.cat([weights, torch.zeros(budget, dtype=weights.dtype)])
     n_rows = len(targets)
-    if feature_target is None and budget == len(s.features):  # all (each reaches the logits)
-        chosen = (~visited).nonzero(as_tuple=True)[0]
-        visited[chosen] = True
-        computed[n_rows:] = rows(lm, s, chosen)
-        row_nodes[n_rows:] = chosen
-        n_rows += len(chosen)
+    take_all = feature_target is None and budget == len(s.features)  # each reaches the logits
     while n_rows < len(computed):
-        known = slice(0, n_rows)
-        influence = node_influence(computed[known], row_nodes[known], row_weights[known])
-        influence = influence[:len(s.features)]
-        influence[visited] = -1
-        best = influence.topk(min(ROUND, len(computed) - n_rows))
-        chosen = best.indices[best.values > 0]
-        if len(chosen) == 0:  # nothing left reaches the targets
-            break
+        if take_all:  # no order to find
+            chosen = (~visited).nonzero(as_tuple=True)[0]
+        else:
+            known = slice(0, n_rows)
+            influence = node_influence(computed[known], row_nodes[known], row_weights[known])
+            influence = influence[:len(s.features)]
+            influence[visited] = -1
+            best = influence.topk(min(ROUND, len(computed) - n_rows))
+            chosen = best.indices[best.values > 0]
+            if len(chosen) == 0:  # nothing left reaches the targets
+                break
         visited[chosen] = True
         computed[n_rows:n_rows + len(chosen)] = rows(lm, s, chosen)
         row_nodes[n_rows:n_rows + len(chosen)] = chosen

@@ -181,7 +181,7 @@ def measured_ablation(lm, graph, node):
         return (logits[0, -1, token] - logits[0, -1].mean()).item()
     changes = []
     for hold in (True, False):
-        with final_scale_held(lm, s.frozen.final_scale if hold else None):
+        with final_scale_held(lm, s.frozen.final_scale) if hold else contextlib.nullcontext():
             before = top_logit(lm(input_ids=ids).logits)
             with model.splice(lm, layer, "TC", removed):
                 after = top_logit(lm(input_ids=ids).logits)
@@ -191,10 +191,7 @@ def measured_ablation(lm, graph, node):
 
 @contextlib.contextmanager
 def final_scale_held(lm, scale):
-    """The LM's last RMSNorm with its scale 1 / rms fixed at `scale` (T, 1) (None: as it is)."""
-    if scale is None:
-        yield
-        return
+    """The LM's last RMSNorm with its scale 1 / rms fixed at `scale` (T, 1)."""
     norm = lm.model.norm
 
     def held(module, inputs, output):

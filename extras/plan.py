@@ -113,6 +113,7 @@ def measure_costs(cfg, device, dtype):
 
 
 def timed_costs(cfg, device, dtype):
+    """measure_costs' timing, on whatever random state it is given."""
     D = cfg["hidden_size"]
     block, _ = lm_weights(cfg)
     x = torch.randn(256, D, device=device, dtype=dtype)
