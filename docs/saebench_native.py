@@ -45,12 +45,13 @@ def hooked_smollm(lm, tok):
     """TransformerLens's HookedTransformer of a transformers Llama, as from_pretrained would
     build and process it (SmolLM2 is not in its list of official models)."""
     c = lm.config
+    rope = getattr(c, "rope_parameters", None) or {"rope_theta": c.rope_theta}  # transformers 5, 4
     cfg = HookedTransformerConfig(
         d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
         d_head=c.hidden_size // c.num_attention_heads, n_key_value_heads=c.num_key_value_heads,
         d_mlp=c.intermediate_size, d_vocab=c.vocab_size, n_ctx=2048, act_fn="silu",
         normalization_type="RMS", positional_embedding_type="rotary",
-        rotary_dim=c.hidden_size // c.num_attention_heads, rotary_base=c.rope_theta,
+        rotary_dim=c.hidden_size // c.num_attention_heads, rotary_base=rope["rope_theta"],
         gated_mlp=True, final_rms=True, eps=c.rms_norm_eps, rotary_adjacent_pairs=False,
         original_architecture="LlamaForCausalLM", default_prepend_bos=False,
         tokenizer_prepends_bos=False)
