@@ -45,14 +45,14 @@ def main(path, n_batches=4):
     rows = per_token(sae, config, lm, tok, int(n_batches))
     ratio = rows["x"].norm(dim=-1) / rows["x"].norm(dim=-1).median()
     print(f"{path}: theta {sae.threshold:.4f}, {len(ratio):,} held-out tokens")
-    print("  norm / median   tokens   JumpReLU L0 (mean, max)   share of the error: JumpReLU, TopK")
+    print("  norm / median   tokens   JumpReLU L0 (mean, max)   error share: JumpReLU, TopK")
     for low, high in BANDS:
         band = (ratio >= low) & (ratio < high)
         if band.any():
             l0 = rows["l0"][band]
             shares = [rows[act][band].sum() / rows[act].sum() for act in ("jumprelu", "topk")]
-            print(f"  {low:>4}-{high:<6} {int(band.sum()):>9,}   {l0.mean():>10.1f} {l0.max():>6.0f}"
-                  f"   {shares[0]:>18.3f} {shares[1]:>6.3f}")
+            print(f"  {low:>4}-{high:<6} {int(band.sum()):>9,}   {l0.mean():>10.1f} "
+                  f"{l0.max():>6.0f}   {shares[0]:>18.3f} {shares[1]:>6.3f}")
     for cut in (2, 5, 8):
         kept = ratio < cut
         x = rows["x"][kept]
