@@ -68,7 +68,7 @@ def native(checkpoint, ours):
     lm, tok = model.load_model(config["model_name"], "cpu", torch.float32)
     hooked = hooked_smollm(lm, tok)
     folder = tempfile.mkdtemp()
-    interop.export_saelens(sae, config, folder, "topk")
+    interop.export_saelens(sae, dict(config, folded=True), folder, "topk")  # load_sae folded it
     theirs_sae = load_and_format_sae("ours", SAE.load_from_disk(folder), "cpu")[1]
     texts = list(data.iter_documents(config["dataset_path"], "eval", epochs=1))
     store = ActivationsStore(
