@@ -1734,6 +1734,21 @@ def test_memory_planning_splits_a_scope_into_groups_that_fit():
         plan.groups(cfg, places, plan_flags(max_memory=0.5), steps, 256, 4)
 
 
+def test_only_a_run_of_several_places_serves_large_blocks_by_mmap(monkeypatch):
+    """glibc's mmap threshold is lowered for a scope (its row tensors fragment the heap) and left
+    alone for one place, whose every step would otherwise get fresh pages for its temporaries."""
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+    monkeypatch.setattr(plan.ctypes, "CDLL", lambda name: Libc())
+    plan.return_freed_memory(places=1)
+    assert calls == []
+    plan.return_freed_memory(places=2)
+    assert calls == [(-3, 1 << 20)]
+
+
 def test_plan_only_prints_the_scope_from_the_config_alone(capsys, monkeypatch):
     """--plan-only sizes a whole scope (here SmolLM2's 120 SAEs at 4x under 8 GiB) and exits
     without loading weights: groups, buffer rows, memory and time, then each group's arithmetic

@@ -190,7 +190,7 @@ def setup(args):
     args.device = comms.device
     logger = tracking.make_logger(args.wandb_project, vars(args), args.log_file, comms.rank)
     torch.manual_seed(args.seed)
-    plan.return_freed_memory()
+    plan.return_freed_memory(places=len(args.layer) * len(args.site))
     batch = args.batch_size // comms.world  # a tensor-parallel group gathers its ranks' rows
     run = Run(args, comms, logger, checks.schedule_for(args), getattr(torch, args.dtype), batch)
     return run, cfg
