@@ -30,12 +30,13 @@ def per_token(sae, config, lm, tok, n_batches):
     for _, (ids, mask) in zip(range(n_batches), batches):
         x_in, _ = model.capture(lm, ids, mask, [place])[place]
         x = x_in[data.scored_positions(ids, mask, tok)]
-        for act in ("jumprelu", "topk"):
-            sae.act = act
-            parts[act].append(((sae(x)[0] - x) ** 2).sum(-1))
-        parts["l0"].append((sae.pre_acts(x, full=True) > sae.threshold).sum(-1).float())
+        sae.act = "topk"
+        parts["topk"].append(((sae(x)[0] - x) ** 2).sum(-1))
+        sae.act = "jumprelu"
+        x_hat, f = sae(x)  # f dense (N, F): h where h > theta
+        parts["jumprelu"].append(((x_hat - x) ** 2).sum(-1))
+        parts["l0"].append((f != 0).sum(-1).float())
         parts["x"].append(x)
-    sae.act = "jumprelu"
     return {name: torch.cat(rows) for name, rows in parts.items()}
 
 
@@ -43,7 +44,8 @@ def main(path, n_batches=4):
     sae, config, _ = inference.load_sae(path, None, "cpu", "float32")
     lm, tok = model.load_model(config["model_name"], "cpu", torch.float32)
     rows = per_token(sae, config, lm, tok, int(n_batches))
-    ratio = rows["x"].norm(dim=-1) / rows["x"].norm(dim=-1).median()
+    norms = rows["x"].norm(dim=-1)
+    ratio = norms / norms.median()
     print(f"{path}: theta {sae.threshold:.4f}, {len(ratio):,} held-out tokens")
     print("  norm / median   tokens   JumpReLU L0 (mean, max)   error share: JumpReLU, TopK")
     for low, high in BANDS:
